@@ -1,0 +1,20 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tests share 2 cores with whatever else runs; one thread keeps timings predictable.
+torch.set_num_threads(1)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = (REPO / ".." / "shared").resolve()
+LFW = SHARED / "datasets" / "lfw"
+
+
+@pytest.fixture
+def lfw_root() -> Path:
+    if not (LFW / "private").is_dir():
+        pytest.skip(f"real-face data not found at {LFW} (../shared beside the repository)")
+    return LFW

@@ -1,0 +1,205 @@
+"""Reading shared LoRA files safely, and checking that one belongs to a given base model.
+
+A LoRA downloaded from a model hub is untrusted input. Pickle files (`.bin`, `.pt`, `.ckpt`) can
+run code when loaded, so only safetensors files are read; anything else is refused before a single
+byte of it is deserialised. Files in diffusers format (what `save_lora_weights` writes:
+`unet.<module>.lora.down.weight`, `...lora_linear_layer.up.weight`) and PEFT format
+(`<module>.lora_A.weight`) are both understood.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+
+from ..errors import InputError
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # where diffusers stores the LoraConfig (alpha...)
+COMPONENTS = ("unet", "text_encoder")
+
+# Key suffix -> which LoRA factor it holds: "down" = A (rank x in), "up" = B (out x rank).
+_FACTOR_SUFFIXES = {
+    ".lora.down.weight": "down", ".lora.up.weight": "up",
+    ".lora_linear_layer.down.weight": "down", ".lora_linear_layer.up.weight": "up",
+    ".lora_A.weight": "down", ".lora_B.weight": "up",
+}
+_MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+
+
+def _refusal(path: Path) -> InputError:
+    return InputError(f"{path} is not a safetensors file; refusing to unpickle untrusted LoRA weights")
+
+
+def resolve_lora_file(path: str | Path) -> Path:
+    """A `.safetensors` LoRA file, or a directory holding `pytorch_lora_weights.safetensors`.
+
+    The suffix matters beyond taste: diffusers' loader unpickles any weight file whose name does
+    not end in `.safetensors`, so a safe file must also be named like one.
+    """
+    path = Path(path)
+    if path.is_dir():
+        pickles = sorted(p for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        if not (path / LORA_WEIGHT_NAME).is_file() and pickles:
+            raise _refusal(pickles[0])
+        path = path / LORA_WEIGHT_NAME
+    if not path.is_file():
+        raise InputError(f"LoRA file not found: {path}")
+    if path.suffix != ".safetensors":
+        raise _refusal(path)
+    return path
+
+
+def _check_safetensors_header(path: Path) -> None:
+    """Refuse anything whose first bytes are not a safetensors header (length + JSON object)."""
+    refuse = _refusal(path)
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise refuse
+        header_len = int.from_bytes(prefix, "little")
+        if not 2 <= header_len <= min(size - 8, _MAX_HEADER_BYTES):
+            raise refuse
+        header = f.read(header_len)
+    try:
+        parsed = json.loads(header)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise refuse from None
+    if not isinstance(parsed, dict):
+        raise refuse
+
+
+def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load a LoRA's tensors and its safetensors metadata (safetensors only, never pickle)."""
+    path = resolve_lora_file(path)
+    _check_safetensors_header(path)
+    try:
+        state_dict = load_file(path)
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise InputError(f"{path} is a corrupt safetensors file: {e}") from None
+    if not state_dict:
+        raise InputError(f"{path} holds no tensors")
+    return state_dict, metadata
+
+
+def lora_factors(state_dict: dict[str, torch.Tensor],
+                 component: str = "unet") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Module path -> (down A: rank x in, up B: out x rank) for one component's LoRA matrices.
+
+    Keys without a component prefix count as UNet keys, as diffusers reads them.
+    """
+    halves: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        owner, _, rest = key.partition(".")
+        if owner not in COMPONENTS:
+            owner, rest = "unet", key
+        if owner != component or key.endswith(".alpha"):  # kohya-style network alphas carry no factor
+            continue
+        for suffix, factor in _FACTOR_SUFFIXES.items():
+            if rest.endswith(suffix):
+                halves.setdefault(rest[: -len(suffix)], {})[factor] = tensor
+                break
+        else:
+            raise InputError(f"unrecognised LoRA key {key!r}: not a diffusers- or PEFT-format LoRA")
+    unpaired = sorted(module for module, h in halves.items() if len(h) != 2)
+    if unpaired:
+        raise InputError(f"LoRA module {unpaired[0]!r} has only one of its two factors (down/up)")
+    return {module: (h["down"], h["up"]) for module, h in sorted(halves.items())}
+
+
+def _target_name(module_path: str) -> str:
+    """The LoRA target a module path was matched by: `...attn1.to_q` -> `to_q`, `...to_out.0` -> `to_out.0`."""
+    parts = module_path.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+
+
+def adapter_metadata(metadata: dict[str, str]) -> dict[str, Any]:
+    """The LoraConfig fields diffusers stored in the file (`unet.lora_alpha`, `unet.r`, ...), if any."""
+    raw = metadata.get(ADAPTER_METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        parsed = json.loads(raw)
+    except json.JSONDecodeError:
+        raise InputError(f"LoRA metadata {ADAPTER_METADATA_KEY!r} is not valid JSON") from None
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def lora_summary(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> dict[str, Any]:
+    """Rank, alpha (when recorded), targets and which UNet modules a LoRA adapts."""
+    unet = lora_factors(state_dict, "unet")
+    text = lora_factors(state_dict, "text_encoder")
+    if not unet and not text:
+        raise InputError("the LoRA holds no UNet or text-encoder LoRA matrices")
+    ranks = Counter(down.shape[0] for down, _ in unet.values())
+    stored = adapter_metadata(metadata or {})
+    return {
+        "rank": ranks.most_common(1)[0][0] if ranks else None,
+        "ranks": sorted(ranks),
+        "alpha": stored.get("unet.lora_alpha"),
+        "targets": sorted({_target_name(m) for m in unet}),
+        "num_matrices": 2 * len(unet),
+        "num_parameters": sum(d.numel() + u.numel() for d, u in unet.values()),
+        "unet_modules": list(unet),
+        "text_encoder_modules": list(text),
+    }
+
+
+def loaded_adapters(pipe: Any) -> list[str]:
+    """Names of the LoRA adapters currently loaded into any component of the pipeline."""
+    return sorted({name for names in pipe.get_list_adapters().values() for name in names})
+
+
+def _factor_mismatch(module: torch.nn.Module, down: torch.Tensor, up: torch.Tensor) -> str | None:
+    """Why (down, up) cannot adapt `module`, or None when the shapes fit."""
+    layer = getattr(module, "base_layer", module)  # a module that already carries a PEFT adapter
+    if isinstance(layer, torch.nn.Linear):
+        fits = down.ndim == 2 and up.ndim == 2 and down.shape[1] == layer.in_features \
+            and up.shape[0] == layer.out_features and up.shape[1] == down.shape[0]
+        expected = f"in={layer.in_features}, out={layer.out_features}"
+    elif isinstance(layer, torch.nn.Conv2d):
+        fits = down.ndim == 4 and up.ndim == 4 and down.shape[1] == layer.in_channels \
+            and up.shape[0] == layer.out_channels and up.shape[1] == down.shape[0]
+        expected = f"in={layer.in_channels}, out={layer.out_channels}"
+    else:
+        return f"is a {type(layer).__name__}, which LoRA cannot adapt"
+    if fits:
+        return None
+    return f"has {expected} but the LoRA factors are {tuple(down.shape)} and {tuple(up.shape)}"
+
+
+def check_lora_fits(state_dict: dict[str, torch.Tensor], pipe: Any) -> None:
+    """Raise InputError when the LoRA names modules the pipeline lacks or shapes differ (another base)."""
+    factors_by_component = {c: lora_factors(state_dict, c) for c in COMPONENTS}
+    if not any(factors_by_component.values()):
+        raise InputError("the LoRA holds no UNet or text-encoder LoRA matrices")
+    problems: list[str] = []
+    for component, factors in factors_by_component.items():
+        model = getattr(pipe, component, None)
+        if factors and model is None:
+            problems.append(f"the pipeline has no {component}")
+            continue
+        for module_path, (down, up) in factors.items():
+            if component == "text_encoder" and not hasattr(model, "text_model"):
+                # transformers 5 flattened CLIPTextModel; LoRAs made before still say "text_model."
+                module_path = module_path.removeprefix("text_model.")
+            try:
+                module = model.get_submodule(module_path)
+            except AttributeError:
+                problems.append(f"{component} has no module {module_path!r}")
+                continue
+            why = _factor_mismatch(module, down, up)
+            if why:
+                problems.append(f"{component}.{module_path} {why}")
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise InputError(f"LoRA does not fit this base model, it was trained for another one: {problems[0]}{more}")

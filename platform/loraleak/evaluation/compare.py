@@ -1,0 +1,145 @@
+"""Side-by-side numbers of several MLflow runs: what `loraleak compare RUN...` prints.
+
+A run is named by its id or by its run name (the newest run of that name, in any experiment). The
+table has one row per run: id, name, experiment, status, the params that differ between the runs
+(or the ones asked for) as `params.<key>`, and every metric's latest value as `metrics.<key>`,
+the column names `mlflow.search_runs` uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from ..errors import LoraleakError
+from ..tracking import check_reachable
+
+log = logging.getLogger(__name__)
+
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+INTERVAL_SUFFIXES = ("_lo", "_hi")  # how ConditionMetrics.flat names an interval's ends
+
+
+def compare_runs(runs: Sequence[str], tracking_uri: str,
+                 params: Sequence[str] | None = None) -> pd.DataFrame:
+    """Metrics and key params of `runs` (ids or names) in the store at `tracking_uri`.
+
+    params: the param keys to show; by default those whose values differ between the runs.
+    """
+    if not runs:
+        raise LoraleakError("name at least one MLflow run (id or run name) to compare")
+    client = _client(tracking_uri)
+    try:
+        found = [_find_run(client, ref, tracking_uri) for ref in runs]
+        experiments = {r.info.experiment_id: client.get_experiment(r.info.experiment_id).name for r in found}
+    except LoraleakError:
+        raise
+    except Exception as e:  # MLflow raises many kinds; the user needs one line
+        raise LoraleakError(f"reading MLflow store {tracking_uri} failed: {_first_line(e)}") from None
+
+    if params is None:
+        keys = sorted({k for r in found for k in r.data.params})
+        params = [k for k in keys if len({r.data.params.get(k) for r in found}) > 1]
+    metric_keys = sorted({k for r in found for k in r.data.metrics})
+    rows = []
+    for r in found:
+        row = {"run_id": r.info.run_id, "run_name": r.info.run_name,
+               "experiment": experiments[r.info.experiment_id], "status": r.info.status}
+        row.update({f"params.{k}": r.data.params.get(k) for k in params})
+        row.update({f"metrics.{k}": r.data.metrics.get(k, math.nan) for k in metric_keys})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _client(tracking_uri: str):
+    """An MlflowClient for a store that exists and answers; LoraleakError otherwise."""
+    if tracking_uri.startswith("sqlite:///"):
+        # Opening a missing sqlite file would silently create an empty store.
+        db = Path(tracking_uri.removeprefix("sqlite:///"))
+        if not db.is_file():
+            raise LoraleakError(f"no MLflow store at {tracking_uri} ({db} does not exist)")
+    check_reachable(tracking_uri)
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return MlflowClient(tracking_uri=tracking_uri)
+    except Exception as e:
+        raise LoraleakError(f"cannot open MLflow store {tracking_uri}: {_first_line(e)}") from None
+
+
+def _find_run(client, ref: str, tracking_uri: str):
+    from mlflow.exceptions import MlflowException
+
+    if RUN_ID.match(ref):
+        try:
+            return client.get_run(ref)
+        except MlflowException:
+            pass  # not an id after all: try it as a name
+    quote = "'" if "'" not in ref else '"'
+    experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    matches = client.search_runs(experiment_ids, filter_string=f"attributes.run_name = {quote}{ref}{quote}",
+                                 order_by=["attributes.start_time DESC"], max_results=100) if experiment_ids else []
+    if not matches:
+        raise LoraleakError(f"no MLflow run with id or name {ref!r} in {tracking_uri}")
+    if len(matches) > 1:
+        log.info("%d runs are named %r; comparing the newest (%s)", len(matches), ref, matches[0].info.run_id)
+    return matches[0]
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
+
+
+def format_table(df: pd.DataFrame, digits: int = 3) -> str:
+    """`compare_runs`' table as text, one column per run (headed by its name): with dozens of
+    metrics, runs side by side read better than one wide row per run.
+
+    A metric `x` with `x_lo` / `x_hi` columns is shown as one row "value [lo, hi]"; missing
+    values as "-".
+    """
+    if df.empty:
+        return "(no runs)"
+    columns = [c for c in df.columns if not _is_interval_end(c, df.columns)]
+    header = [name if isinstance(name, str) and name else run_id[:8]
+              for name, run_id in zip(df["run_name"], df["run_id"])]
+    table = {col: [_cell(df, i, col, digits) for i in range(len(df))] for col in columns if col != "run_name"}
+    return pd.DataFrame.from_dict(table, orient="index", columns=_unique(header)).to_string()
+
+
+def _is_interval_end(col: str, columns) -> bool:
+    return any(col.endswith(s) and col[: -len(s)] in columns for s in INTERVAL_SUFFIXES)
+
+
+def _cell(df: pd.DataFrame, i: int, col: str, digits: int) -> str:
+    value = df[col].iloc[i]
+    text = _number(value, digits)
+    lo, hi = f"{col}_lo", f"{col}_hi"
+    if text != "-" and lo in df.columns and hi in df.columns:
+        low, high = _number(df[lo].iloc[i], digits), _number(df[hi].iloc[i], digits)
+        if low != "-" and high != "-":
+            text += f" [{low}, {high}]"
+    return text
+
+
+def _number(value, digits: int) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _unique(names: list[str]) -> list[str]:
+    """Column headers, with repeated run names told apart by a counter."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name} ({seen[name]})")
+    return out

@@ -1,0 +1,89 @@
+"""`compare_runs` / `format_table` on a real sqlite MLflow store."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from loraleak.errors import LoraleakError
+from loraleak.evaluation.compare import compare_runs, format_table
+from loraleak.evaluation.metrics import score_embeddings, summarise
+from loraleak.tracking import default_tracking_uri, mlflow_run
+
+
+class L1Scorer:
+    name, threshold = "l1-test", 1.0
+
+    def distance(self, a, b):
+        return float(np.abs(a - b).sum())
+
+    def similarity(self, a, b):
+        return max(0.0, 1 - self.distance(a, b) / 2)
+
+
+def rec_metrics(offset: float):
+    refs = {"A": [np.zeros(2)], "B": [np.full(2, 3.0)]}
+    scores = [score_embeddings(L1Scorer(), [np.full(2, offset), np.full(2, 2 * offset)], refs, "A")]
+    return summarise(scores, n_boot=50).flat("rec/")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("mlflow")
+    uri = default_tracking_uri(workdir)
+    ids = {}
+    for name, rank, offset in [("attack-r4", 4, 0.2), ("attack-r8", 8, 0.4), ("attack-r8", 16, 0.1)]:
+        with mlflow_run("attack", name, tracking_uri=uri, workdir=workdir) as run:
+            run.log_params({"lora": {"rank": rank}, "lr": 1e-3})
+            run.log_metrics(rec_metrics(offset))
+        ids.setdefault(name, []).append(run.run_id)
+        time.sleep(0.01)  # distinct start times: "newest of a name" must be well defined
+    return uri, ids
+
+
+def test_compare_by_id_and_name(store):
+    uri, ids = store
+    df = compare_runs([ids["attack-r4"][0], "attack-r8"], uri)
+    assert list(df["run_name"]) == ["attack-r4", "attack-r8"]
+    assert df["run_id"].iloc[1] == ids["attack-r8"][-1]  # a repeated name means its newest run
+    assert list(df["params.lora.rank"]) == ["4", "16"]
+    assert "params.lr" not in df.columns  # equal in both runs: not a key param
+    assert df["metrics.rec/verified"].tolist() == [rec_metrics(0.2)["rec/verified"], rec_metrics(0.1)["rec/verified"]]
+    assert df["metrics.rec/similarity"].iloc[0] == pytest.approx(rec_metrics(0.2)["rec/similarity"])
+    assert set(df["experiment"]) == {"attack"} and set(df["status"]) == {"FINISHED"}
+
+    chosen = compare_runs(ids["attack-r8"], uri, params=["lr"])
+    assert list(chosen.filter(like="params.").columns) == ["params.lr"]
+
+
+def test_format_table_puts_runs_side_by_side_with_intervals(store):
+    uri, ids = store
+    df = compare_runs([ids["attack-r4"][0], *ids["attack-r8"]], uri)
+    text = format_table(df)
+    header = text.splitlines()[0]
+    assert "attack-r4" in header and "attack-r8" in header and "attack-r8 (2)" in header
+    sim = next(line for line in text.splitlines() if line.startswith("metrics.rec/similarity "))
+    m = rec_metrics(0.2)
+    assert f"{m['rec/similarity']:.3f} [{m['rec/similarity_lo']:.3f}, {m['rec/similarity_hi']:.3f}]" in sim
+    assert "_lo" not in text and "_hi" not in text  # folded into their metric's row
+    assert "params.lora.rank" in text
+
+
+def test_unknown_runs_and_unreachable_stores_fail_in_one_line(store, tmp_path):
+    uri, _ = store
+    with pytest.raises(LoraleakError, match="no MLflow run with id or name 'nope'") as e:
+        compare_runs(["nope"], uri)
+    assert "\n" not in str(e.value)
+    with pytest.raises(LoraleakError, match="no MLflow run"):
+        compare_runs(["0" * 32], uri)  # shaped like an id, but no such run
+    missing = tmp_path / "absent" / "mlflow.db"
+    with pytest.raises(LoraleakError, match="no MLflow store"):
+        compare_runs(["x"], f"sqlite:///{missing}")
+    assert not missing.exists()  # nothing created as a side effect
+    with pytest.raises(LoraleakError, match="unreachable") as e:
+        compare_runs(["x"], "http://127.0.0.1:9")
+    assert "\n" not in str(e.value)
+    with pytest.raises(LoraleakError, match="at least one"):
+        compare_runs([], uri)

@@ -1,0 +1,335 @@
+"""Building a zoo with Ray Data: planned fine-tunes -> fine-tune actors -> LoRA files + manifest.
+
+    ray.data.from_items(pending fine-tunes)
+        .map_batches(FineTuneWorker, batch_size=1, compute=ActorPoolStrategy(size=workers),
+                     num_cpus=..., num_gpus=...)
+
+Each `FineTuneWorker` actor loads the base pipeline once and keeps it. For every fine-tune it
+writes the LoRA snapshots (staged, then published whole) and only then that fine-tune's manifest
+part, itself: work that finished survives a dead driver, and a rerun skips it. A fine-tune that
+fails (unreadable image, NaN loss, out of memory) becomes a failed row and the build goes on; a
+worker process that dies is restarted by Ray and its fine-tune retried (`max_retries`).
+
+Runs on a local `ray.init()` and unchanged on a cluster: `RAY_ADDRESS` or `ray job submit`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import statistics
+import time
+import warnings
+from contextlib import nullcontext
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+from tqdm.auto import tqdm
+
+from ..config import from_dict, to_dict
+from ..errors import InputError, LoraleakError
+from .config import ZooConfig
+from .manifest import (DONE, FAILED, NO_DEFENSE, compact_manifest, delete_part, finished_lora_ids,
+                       write_part)
+from .plan import PlannedFineTune, ZooPlan, plan_zoo
+from .storage import ZooStore
+
+logger = logging.getLogger(__name__)
+
+RESULT_SCHEMA = pa.schema([("lora_id", pa.string()), ("identity_id", pa.string()), ("status", pa.string()),
+                           ("error", pa.string()), ("final_loss", pa.float64()), ("wall_time_s", pa.float64())])
+
+
+def fine_tune_record(ft: PlannedFineTune) -> dict[str, Any]:
+    """A planned fine-tune as a Ray Data row: plain columns, the identity (its loader) pickled."""
+    from ray import cloudpickle
+
+    return {"lora_id": ft.lora_id, "identity_id": ft.identity_id, "split": ft.split, "variant": ft.variant,
+            "finetune": json.dumps(to_dict(ft.finetune)), "image_keys": list(ft.image_keys),
+            "image_hashes": list(ft.image_hashes), "identity": cloudpickle.dumps(ft.identity)}
+
+
+def _first_line(error: BaseException, limit: int = 500) -> str:
+    text = " ".join(str(error).split()) or "(no message)"
+    text = f"{type(error).__name__}: {text}"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _loss_before(losses: list[float], step: int) -> float | None:
+    """Mean loss over the last tenth of the steps up to `step` (one step's loss is noise)."""
+    if step < 1 or not losses:
+        return None
+    window = losses[max(0, step - max(1, step // 10)):step]
+    return sum(window) / len(window)
+
+
+class FineTuneWorker:
+    """A Ray Data actor: holds the base pipeline, runs one planned fine-tune per row."""
+
+    def __init__(self, cfg: ZooConfig, base_hash: str, own_process: bool = True):
+        from ..base.loading import base_fingerprint, load_base_pipeline
+        from ..finetune.class_images import pipeline_resolution
+
+        if own_process:  # a Ray actor's process is the worker's alone to configure
+            import diffusers
+            import torch
+
+            torch.set_num_threads(max(1, int(cfg.num_cpus_per_worker)))
+            diffusers.utils.logging.disable_progress_bar()  # it loads the base once, then only fine-tunes
+        self.cfg, self.base_hash = cfg, base_hash
+        self.store = ZooStore(cfg.root)
+        # Ray gives a GPU worker its device(s) through CUDA_VISIBLE_DEVICES; "cuda" is the first.
+        self.device = "cuda" if cfg.num_gpus_per_worker > 0 else cfg.finetune.device
+        if base_fingerprint(cfg.base) != base_hash:  # this node holds another copy of the base
+            raise LoraleakError(f"base {cfg.base!r} on {socket.gethostname()} differs from the planned base "
+                                f"{base_hash}")
+        self.pipe = load_base_pipeline(cfg.base, device=self.device)
+        self.resolution = pipeline_resolution(self.pipe)
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self._class_images: dict[tuple, list] = {}
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return pa.Table.from_pylist([self.fine_tune(row) for row in batch.to_pylist()], schema=RESULT_SCHEMA)
+
+    def _class_images_for(self, ft: Any) -> list | None:
+        """Prior-preservation images, sampled (or read from the cache) once per worker and setting."""
+        from ..finetune.class_images import load_or_sample_class_images
+
+        if not ft.prior_preservation:
+            return None
+        key = (ft.class_prompt, ft.num_class_images, ft.class_images_seed, ft.class_inference_steps,
+               ft.class_guidance_scale)
+        if key not in self._class_images:
+            cache = self.cfg.finetune.class_images_dir or (
+                Path(self.store.path) / "class_images" if self.store.is_local
+                else Path.home() / ".cache" / "loraleak" / "class_images")
+            self._class_images[key], _ = load_or_sample_class_images(
+                self.pipe, cache, prompt=ft.class_prompt, count=ft.num_class_images, seed=ft.class_images_seed,
+                num_inference_steps=ft.class_inference_steps, guidance_scale=ft.class_guidance_scale,
+                base_fingerprint=self.base_hash, show_progress=False)
+        return self._class_images[key]
+
+    def _run(self, row: dict[str, Any], ft: Any, identity: Any) -> list[dict[str, Any]]:
+        """Fine-tune, publish the snapshots, return their rows (fields besides the common ones)."""
+        from ..finetune.dreambooth_lora import finetune_lora
+        from ..identities import image_sha256
+
+        images = identity.load(self.resolution)
+        if [image_sha256(im) for im in images] != row["image_hashes"]:
+            raise InputError(f"the images of {row['identity_id']} changed or became unreadable since the zoo was "
+                             f"planned ({len(images)} of {len(row['image_hashes'])} load, hashes differ); "
+                             "rerun the build to plan them afresh")
+        relative_dir = self.store.lora_relative_dir(row["lora_id"])
+        with self.store.staging_dir(row["lora_id"]) as stage:
+            result = finetune_lora(self.pipe, images, ft, stage, base_ref=self.cfg.base,
+                                   base_fingerprint=self.base_hash, class_images=self._class_images_for(ft),
+                                   show_progress=False)
+            snapshots = []
+            for step, path in result.snapshots:
+                data = path.read_bytes()
+                snapshots.append({"snapshot_step": step,
+                                  "lora_path": f"{relative_dir}/{path.relative_to(stage).as_posix()}",
+                                  "lora_bytes": len(data), "lora_sha256": hashlib.sha256(data).hexdigest(),
+                                  "loss_at_snapshot": _loss_before(result.losses, step)})
+            self.store.publish_dir(stage, relative_dir)
+        return [{**s, "final_loss": result.final_loss} for s in snapshots]
+
+    def _recover(self) -> None:
+        """Leave the pipeline clean for the next fine-tune after one failed midway."""
+        import torch
+
+        from ..base.loading import load_base_pipeline
+        from ..finetune.lora_io import loaded_adapters
+
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        if loaded_adapters(self.pipe):
+            self.pipe = load_base_pipeline(self.cfg.base, device=self.device)
+
+    def fine_tune(self, row: dict[str, Any]) -> dict[str, Any]:
+        from dataclasses import replace
+
+        from ray import cloudpickle
+
+        from ..finetune.config import FinetuneConfig
+
+        started_at = datetime.now(timezone.utc)
+        t0 = time.perf_counter()
+        ft = replace(from_dict(FinetuneConfig, json.loads(row["finetune"])), device=self.device)
+        # The old part (failed, or pointing at files that went missing) goes first: while this
+        # fine-tune replaces the files, no row lists them.
+        delete_part(self.store, row["lora_id"])
+        try:
+            rows, error = self._run(row, ft, cloudpickle.loads(row["identity"])), None
+        except Exception as e:  # one fine-tune's failure is a failed row, not a failed build
+            rows, error = [{}], _first_line(e)
+            logger.warning("fine-tune %s of %s failed: %s", row["lora_id"], row["identity_id"], error)
+            self._recover()
+        common = {
+            "lora_id": row["lora_id"], "identity_id": row["identity_id"], "split": row["split"],
+            "variant": row["variant"], "base_id": self.cfg.base, "base_hash": self.base_hash, "rank": ft.rank,
+            "alpha": ft.alpha, "targets": list(ft.targets), "lr": ft.lr, "seed": ft.seed, "steps": ft.steps,
+            "trigger": ft.trigger_word, "instance_prompt": ft.instance_prompt_text, "class_prompt": ft.class_prompt,
+            "defense": NO_DEFENSE, "num_images": len(row["image_hashes"]), "image_keys": row["image_keys"],
+            "image_hashes": row["image_hashes"], "finetune_config": json.dumps(to_dict(ft)),
+            "status": FAILED if error else DONE, "error": error, "started_at": started_at,
+            "wall_time_s": time.perf_counter() - t0, "worker": self.name,
+        }
+        write_part(self.store, row["lora_id"], [{**common, **r} for r in rows])
+        return {"lora_id": row["lora_id"], "identity_id": row["identity_id"], "status": common["status"],
+                "error": error, "final_loss": rows[0].get("final_loss"), "wall_time_s": common["wall_time_s"]}
+
+
+def connect_ray() -> None:
+    """Join the running Ray (a `ray job submit` driver, `RAY_ADDRESS`) or start a local one."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()  # reads RAY_ADDRESS itself; without it, starts a local Ray on this machine
+
+
+def _warn_if_short_of_resources(cfg: ZooConfig, workers: int) -> None:
+    """A worker pool the cluster cannot place waits silently; say why (autoscalers add nodes)."""
+    import ray
+
+    have = ray.cluster_resources()
+    need = {"CPU": workers * cfg.num_cpus_per_worker, "GPU": workers * cfg.num_gpus_per_worker}
+    short = [f"{need[k]:g} {k} (cluster has {have.get(k, 0):g})" for k in need if need[k] > have.get(k, 0)]
+    if short:
+        logger.warning("zoo: %d worker(s) need %s; they start as the cluster gains resources",
+                       workers, ", ".join(short))
+
+
+def _ray_results(cfg: ZooConfig, plan: ZooPlan, pending: list[PlannedFineTune]) -> Iterator[dict[str, Any]]:
+    import ray
+    import ray.data
+
+    connect_ray()
+    workers = min(cfg.workers, len(pending))
+    _warn_if_short_of_resources(cfg, workers)
+    ds = ray.data.from_items([fine_tune_record(ft) for ft in pending], override_num_blocks=len(pending))
+    with warnings.catch_warnings():
+        # Ray 2.60 has no named parameter for actor fault tolerance: max_restarts and
+        # max_task_retries still travel as (deprecated) extra remote args.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        results = ds.map_batches(
+            FineTuneWorker, batch_size=1, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=workers),
+            fn_constructor_kwargs={"cfg": cfg, "base_hash": plan.base_hash},
+            num_cpus=cfg.num_cpus_per_worker, num_gpus=cfg.num_gpus_per_worker or None,
+            max_restarts=cfg.max_retries, max_task_retries=cfg.max_retries)
+    results.context.enable_progress_bars = False  # the build shows its own (done / failed / left, rate)
+    return results.iter_rows()
+
+
+def _local_results(cfg: ZooConfig, plan: ZooPlan, pending: list[PlannedFineTune]) -> Iterator[dict[str, Any]]:
+    worker = FineTuneWorker(cfg, plan.base_hash, own_process=False)
+    for ft in pending:
+        yield worker.fine_tune(fine_tune_record(ft))
+
+
+def run_fine_tunes(cfg: ZooConfig, plan: ZooPlan, pending: list[PlannedFineTune],
+                   show_progress: bool = True) -> Iterator[dict[str, Any]]:
+    """Run `pending` on Ray actors (or here, with workers 0); yield one result per fine-tune as it ends."""
+    import ray
+    from ray.data.exceptions import SystemException
+
+    counts = {DONE: 0, FAILED: 0}
+    started = time.perf_counter()
+    progress = tqdm(total=len(pending), desc="zoo", unit="fine-tune", disable=not show_progress)
+    try:
+        results = _ray_results(cfg, plan, pending) if cfg.workers else _local_results(cfg, plan, pending)
+        for row in results:
+            counts[row["status"]] += 1
+            finished = counts[DONE] + counts[FAILED]
+            per_minute = finished / max(time.perf_counter() - started, 1e-9) * 60
+            progress.update()
+            progress.set_postfix(done=counts[DONE], failed=counts[FAILED], left=len(pending) - finished,
+                                 per_min=f"{per_minute:.1f}")
+            yield row
+    except (ray.exceptions.RayError, SystemException) as e:
+        raise LoraleakError(f"zoo build stopped: {_first_line(e, 300)} ({counts[DONE] + counts[FAILED]} "
+                            "fine-tunes finished and are kept; rerun the build to resume)") from e
+    finally:
+        progress.close()
+
+
+def _loss_stats(losses: list[float]) -> dict[str, float]:
+    if not losses:
+        return {}
+    return {"final_loss_mean": statistics.fmean(losses), "final_loss_min": min(losses),
+            "final_loss_max": max(losses), "final_loss_std": statistics.pstdev(losses)}
+
+
+def run_plan(cfg: ZooConfig, plan: ZooPlan, show_progress: bool = True) -> dict[str, Any]:
+    """Run what the plan still lacks, compact the manifest, and summarise the build."""
+    store = ZooStore(cfg.root)
+    finished = finished_lora_ids(store)
+    pending = [ft for ft in plan.fine_tunes if ft.lora_id not in finished]
+    logger.info("zoo %s: %d fine-tunes planned, %d already done, %d to run %s", store.uri, len(plan.fine_tunes),
+                len(plan.fine_tunes) - len(pending), len(pending),
+                f"on {cfg.workers} Ray worker(s)" if cfg.workers else "in this process")
+    started = time.perf_counter()
+    if pending:
+        # One build per root at a time: what a killed one left half-written is removed, never resumed.
+        if removed := store.remove_leftovers():
+            logger.info("zoo %s: removed %d half-written file(s) of an interrupted build", store.uri, removed)
+        store.delete_file(store.manifest_path)  # the compaction is stale from the first new part on
+        for _ in run_fine_tunes(cfg, plan, pending, show_progress):
+            pass
+    run_s = time.perf_counter() - started
+    table = compact_manifest(store)
+
+    planned = {ft.lora_id for ft in plan.fine_tunes}
+    by_id: dict[str, dict[str, Any]] = {}
+    for row in table.select(["lora_id", "identity_id", "status", "error", "final_loss"]).to_pylist():
+        if row["lora_id"] in planned:
+            by_id.setdefault(row["lora_id"], row)
+    done = [r for r in by_id.values() if r["status"] == DONE]
+    failed = [r for r in by_id.values() if r["status"] == FAILED]
+    return {
+        "root": store.uri,
+        "planned": len(plan.fine_tunes),
+        "already_done": len(plan.fine_tunes) - len(pending),
+        "ran": len(pending),
+        "done": len(done),
+        "failed": len(failed),
+        "skipped_identities": [{"identity_id": i, "reason": why} for i, why in plan.skipped_identities],
+        "run_time_s": run_s,
+        "fine_tunes_per_minute": len(pending) / run_s * 60 if pending else None,
+        **_loss_stats([r["final_loss"] for r in done]),
+        "manifest_rows": table.num_rows,
+        "zoo_fine_tunes": len(set(table["lora_id"].to_pylist())),
+        "failures": [{"lora_id": r["lora_id"], "identity_id": r["identity_id"], "error": r["error"]}
+                     for r in failed[:20]],
+    }
+
+
+def build_zoo(cfg: ZooConfig, show_progress: bool = True) -> dict[str, Any]:
+    """Plan the zoo, run every fine-tune not yet done, compact the manifest; tracked in MLflow."""
+    from ..tracking import mlflow_run
+    from .inspect import zoo_info
+
+    started = time.perf_counter()
+    tracked = mlflow_run(cfg.experiment, f"zoo {cfg.root}", cfg.tracking_uri, cfg.workdir) \
+        if cfg.tracking else nullcontext()
+    with tracked as run:
+        if run is not None:
+            run.log_params(to_dict(cfg))
+        plan = plan_zoo(cfg, show_progress)
+        summary = run_plan(cfg, plan, show_progress)
+        summary["wall_time_s"] = time.perf_counter() - started
+        if run is not None:
+            run.log_metrics({k: v for k, v in summary.items()
+                             if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            run.log_dict(summary, "build_summary.json")
+            run.log_dict(zoo_info(cfg.root), "zoo_summary.json")
+    logger.info("zoo %s: %d done, %d failed of %d planned (%d ran, %s fine-tunes/min)", summary["root"],
+                summary["done"], summary["failed"], summary["planned"], summary["ran"],
+                f"{summary['fine_tunes_per_minute']:.1f}" if summary["fine_tunes_per_minute"] else "-")
+    return summary

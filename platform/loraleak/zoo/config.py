@@ -1,0 +1,85 @@
+"""Settings of a LoRA zoo build: which identities, which base, how each victim fine-tunes, how the
+fine-tunes vary, and how many Ray workers run them.
+
+Each identity gets `fine_tunes_per_identity` fine-tunes (more with a grid). Every fine-tune draws
+its own seed (hence its own trigger word and LoRA initialisation) from (finetune.seed, identity,
+variant), and optionally its own values of the `vary` fields:
+
+    vary: {rank: [4, 8, 16], lr: [1.0e-4, 3.0e-4], steps: [200, 400]}
+
+`vary_mode: random` draws one value per field for each fine-tune (seeded by the identity, so adding
+identities never changes another's draws), as the CelebA-LoRA set randomises its settings;
+`vary_mode: grid` runs every combination, `fine_tunes_per_identity` times each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..config import from_dict
+from ..finetune.config import FinetuneConfig
+from ..identities import IdentitiesConfig
+
+# Fields a variant may not set: seeds and triggers are drawn per fine-tune, snapshots come from
+# `num_snapshots`, and the device and class-image cache are properties of the worker, not the LoRA.
+FIXED_FIELDS = ("seed", "trigger", "snapshot_steps", "device", "class_images_dir")
+
+
+@dataclass(frozen=True)
+class ZooConfig:
+    root: str  # local path or pyarrow filesystem URI (s3://bucket/zoo, gs://...)
+    base: str = "tiny"  # "tiny", "tiny-lfw", a pipeline directory or a hub id
+    identities: IdentitiesConfig = field(default_factory=IdentitiesConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    # Only the first N identities of the source (by id): a small zoo from a big folder. Their
+    # attack_train / heldout split is the one they have in the whole source, whatever N is.
+    max_identities: int | None = None
+    # Trajectory: this many snapshots evenly spaced up to each fine-tune's last step, plus step 0
+    # (the initial LoRA θ_0, kept so that Δθ_r = θ_r - θ_0 can be read back). None: the
+    # finetune.snapshot_steps as given (plus 0 and the last step).
+    num_snapshots: int | None = 5
+    fine_tunes_per_identity: int = 1
+    vary: dict[str, list[Any]] = field(default_factory=dict)
+    vary_mode: Literal["random", "grid"] = "random"
+    # Ray: one actor per worker holds the base pipeline; GPUs may be fractional (0.25 = 4 per GPU).
+    # workers 0 runs the fine-tunes one by one in this process, without Ray (for debugging).
+    workers: int = 2
+    num_cpus_per_worker: float = 1.0
+    num_gpus_per_worker: float = 0.0
+    max_retries: int = 3  # restarts of a dead worker, and retries of the fine-tune it was running
+    # MLflow: tracking_uri None -> $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db
+    tracking: bool = True
+    tracking_uri: str | None = None
+    experiment: str = "loraleak-zoo"
+    workdir: Path = Path("runs")
+
+    def __post_init__(self) -> None:
+        if not self.root.strip():
+            raise ValueError("root must not be empty")
+        if self.max_identities is not None and self.max_identities < 1:
+            raise ValueError(f"max_identities must be >= 1 (or null), got {self.max_identities}")
+        if self.num_snapshots is not None and self.num_snapshots < 1:
+            raise ValueError(f"num_snapshots must be >= 1 (or null), got {self.num_snapshots}")
+        if self.fine_tunes_per_identity < 1:
+            raise ValueError(f"fine_tunes_per_identity must be >= 1, got {self.fine_tunes_per_identity}")
+        if self.workers < 0 or self.max_retries < 0:
+            raise ValueError(f"workers and max_retries must be >= 0, got {self.workers}, {self.max_retries}")
+        if self.num_cpus_per_worker <= 0 or self.num_gpus_per_worker < 0:
+            raise ValueError("num_cpus_per_worker must be > 0 and num_gpus_per_worker >= 0")
+        if self.num_gpus_per_worker > 1 and self.num_gpus_per_worker != int(self.num_gpus_per_worker):
+            raise ValueError(f"num_gpus_per_worker above 1 must be whole, got {self.num_gpus_per_worker}")
+        if not self.experiment:
+            raise ValueError("experiment must not be empty")
+        known = {f.name for f in dataclasses.fields(FinetuneConfig)}
+        for name, values in self.vary.items():
+            if name not in known:
+                raise ValueError(f"vary: {name!r} is not a finetune setting (known: {', '.join(sorted(known))})")
+            if name in FIXED_FIELDS:
+                raise ValueError(f"vary: {name!r} cannot vary ({', '.join(FIXED_FIELDS)} are set per fine-tune)")
+            if not values:
+                raise ValueError(f"vary: {name!r} needs at least one value")
+            for i, value in enumerate(values):  # each value must be a valid setting on its own
+                from_dict(FinetuneConfig, {name: value}, where=f"vary.{name}[{i}]")

@@ -1,0 +1,367 @@
+"""The LoRA zoo: Ray Data build, resume, failed rows, manifest schema, verify, info, reader, MLflow.
+
+One local Ray (2 CPUs) and one randomly initialised tiny base serve the whole module; the zoo is
+3 synthetic identities x 4-step fine-tunes with snapshots at r = 0, 2, 4. The reference zoo and the
+killed build run through Ray Data; the rerun and failure tests run their fine-tunes in-process
+(`workers: 0`, the same worker code), since each Ray actor pool costs ~10 s of imports here.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from loraleak.base.tiny import TinyBaseConfig, build_tiny_pipeline
+from loraleak.config import from_dict, to_dict
+from loraleak.errors import ConfigError, LoraleakError
+from loraleak.finetune.lora_io import read_lora
+from loraleak.identities import SyntheticFaces
+from loraleak.tracking import mlflow_run
+from loraleak.zoo.build import FineTuneWorker, build_zoo, fine_tune_record, run_plan
+from loraleak.zoo.cli import zoo_main
+from loraleak.zoo.config import ZooConfig
+from loraleak.zoo.inspect import verify_zoo, zoo_info
+from loraleak.zoo.manifest import SCHEMA, finished_lora_ids, read_manifest, read_parts, to_table
+from loraleak.zoo.plan import plan_zoo
+from loraleak.zoo.reader import DELTA_PREFIX, delta_from_row, iter_zoo_samples, zoo_dataset
+from loraleak.zoo.storage import ZooStore
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = TinyBaseConfig(resolution=16, unet_channels=(32, 32), attention_levels=1, text_width=32,
+                      text_layers=1, text_heads=1, vae_channels=(32,))
+# Differ between two builds of the same zoo. The file hash too: diffusers writes peft's
+# target_modules, a set, into the file's metadata in a per-process order; `same_loras` compares tensors.
+RUN_COLUMNS = ("started_at", "wall_time_s", "worker", "lora_sha256")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("base")
+    build_tiny_pipeline(TINY).save_pretrained(path, safe_serialization=True)
+    return str(path)
+
+
+def zoo_config(root, base, **overrides) -> ZooConfig:
+    data = {
+        "root": str(root), "base": base,
+        "identities": {"kind": "synthetic", "num_identities": 3, "images_per_identity": 3},
+        "finetune": {"rank": 2, "alpha": 2, "steps": 4, "prior_preservation": False},
+        "num_snapshots": 2, "workers": 2, "tracking": False,
+    }
+    return from_dict(ZooConfig, {**data, **overrides})
+
+
+@pytest.fixture(scope="module")
+def reference(ray_local, tiny_base, tmp_path_factory):
+    """An uninterrupted build, logged to a local MLflow store."""
+    work = tmp_path_factory.mktemp("reference")
+    # One worker: each actor costs ~8 s of imports on this 2-core machine (two workers: the slow test).
+    cfg = zoo_config(work / "zoo", tiny_base, tracking=True, workdir=str(work / "mlflow"), workers=1)
+    summary = build_zoo(cfg, show_progress=False)
+    return cfg, summary
+
+
+def comparable(table) -> list[dict]:
+    return table.drop_columns(list(RUN_COLUMNS)).to_pylist()
+
+
+def same_loras(root_a: str, root_b: str) -> bool:
+    paths = read_manifest(root_a)["lora_path"].to_pylist()
+    assert paths == read_manifest(root_b)["lora_path"].to_pylist()
+    for path in paths:
+        a, b = read_lora(Path(root_a) / path)[0], read_lora(Path(root_b) / path)[0]
+        if a.keys() != b.keys() or not all(torch.equal(a[k], b[k]) for k in a):
+            return False
+    return True
+
+
+def copy_zoo(cfg: ZooConfig, dest: Path) -> ZooConfig:
+    shutil.copytree(cfg.root, dest)
+    return dataclasses.replace(cfg, root=str(dest), tracking=False, workers=0)
+
+
+# --- config -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("vary, message", [
+    ({"ranks": [4]}, "not a finetune setting"),
+    ({"seed": [1, 2]}, "cannot vary"),
+    ({"rank": []}, "at least one value"),
+    ({"lr": ["fast"]}, "vary.lr[0]"),
+])
+def test_config_rejects_bad_variations(vary, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        from_dict(ZooConfig, {"root": "zoo", "vary": vary})
+
+
+def test_variants_are_deterministic_and_give_distinct_ids(tiny_base, tmp_path):
+    grid = zoo_config(tmp_path, tiny_base, vary={"rank": [2, 4], "steps": [4, 6]}, vary_mode="grid")
+    plan = plan_zoo(grid, show_progress=False)
+    assert len(plan.fine_tunes) == 3 * 4
+    assert len({ft.lora_id for ft in plan.fine_tunes}) == 12
+    first = [ft for ft in plan.fine_tunes if ft.identity_id == plan.fine_tunes[0].identity_id]
+    assert sorted((ft.finetune.rank, ft.finetune.steps) for ft in first) == [(2, 4), (2, 6), (4, 4), (4, 6)]
+    # Snapshots follow each fine-tune's own length, always with step 0.
+    assert {ft.finetune.steps: ft.finetune.snapshot_steps for ft in first} == {4: (0, 2, 4), 6: (0, 3, 6)}
+
+    drawn = zoo_config(tmp_path, tiny_base, vary={"lr": [1e-4, 2e-4, 3e-4]}, fine_tunes_per_identity=2)
+    ids = [ft.lora_id for ft in plan_zoo(drawn, show_progress=False).fine_tunes]
+    assert ids == [ft.lora_id for ft in plan_zoo(drawn, show_progress=False).fine_tunes]
+    assert len(set(ids)) == 6
+    # Every fine-tune draws its own seed, hence its own trigger word.
+    assert len({ft.finetune.trigger_word for ft in plan.fine_tunes}) == 12
+
+    # A subset of the identities keeps each one's split and id.
+    some = plan_zoo(dataclasses.replace(grid, max_identities=2), show_progress=False).fine_tunes
+    assert {(ft.identity_id, ft.split, ft.lora_id) for ft in some} < {(ft.identity_id, ft.split, ft.lora_id)
+                                                                     for ft in plan.fine_tunes}
+    assert len({ft.identity_id for ft in some}) == 2
+
+
+# --- build, manifest, tracking ------------------------------------------------------------------
+
+def test_build_writes_the_manifest_schema(reference):
+    cfg, summary = reference
+    assert (summary["planned"], summary["ran"], summary["done"], summary["failed"]) == (3, 3, 3, 0)
+    assert summary["fine_tunes_per_minute"] > 0
+    table = pq.read_table(Path(cfg.root) / "manifest.parquet")
+    assert table.schema.equals(SCHEMA, check_metadata=True)
+    rows = table.to_pylist()
+    assert len(rows) == 3 * 3 and {r["status"] for r in rows} == {"done"}
+    assert sorted({r["snapshot_step"] for r in rows}) == [0, 2, 4]
+    assert {r["split"] for r in rows} == {"attack_train", "heldout"}
+    for row in rows:
+        assert (row["rank"], row["alpha"], row["targets"], row["steps"]) == (2, 2, ["to_q", "to_v"], 4)
+        assert row["instance_prompt"] == f"A face of {row['trigger']}." and row["defense"] == "none"
+        assert len(row["image_hashes"]) == row["num_images"] == 3
+        assert (Path(cfg.root) / row["lora_path"]).stat().st_size == row["lora_bytes"]
+    # Deterministic ids: planning the same config again names the same fine-tunes.
+    assert {ft.lora_id for ft in plan_zoo(cfg, show_progress=False).fine_tunes} == {r["lora_id"] for r in rows}
+    # The manifest is the union of the per-fine-tune parts.
+    assert comparable(read_parts(ZooStore(cfg.root)).sort_by([("lora_id", "ascending"),
+                                                              ("snapshot_step", "ascending")])) == comparable(table)
+
+
+def test_manifest_rejects_unknown_columns():
+    with pytest.raises(ValueError, match="unknown columns"):
+        to_table([{"lora_id": "x", "rank_typo": 4}])
+
+
+def test_build_is_an_mlflow_run(reference):
+    from mlflow.tracking import MlflowClient
+
+    cfg, _ = reference
+    client = MlflowClient(tracking_uri=f"sqlite:///{Path(cfg.workdir).resolve() / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name(cfg.experiment).experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["finetune.rank"] == "2" and run.data.params["workers"] == "1"
+    assert run.data.metrics["done"] == 3 and run.data.metrics["fine_tunes_per_minute"] > 0
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"zoo_summary.json", "build_summary.json"}
+
+
+def test_unreachable_tracking_server_is_one_line_error(tmp_path):
+    started = time.perf_counter()
+    with pytest.raises(LoraleakError, match="unreachable"):
+        with mlflow_run("x", "y", tracking_uri="http://127.0.0.1:9", workdir=tmp_path):
+            pass
+    assert time.perf_counter() - started < 10
+
+
+def test_info_summarises(reference, capsys):
+    cfg, _ = reference
+    assert zoo_main(["info", cfg.root]) == 0
+    assert "3 fine-tunes of 3 identities, 9 snapshot files" in capsys.readouterr().out
+    info = zoo_info(cfg.root)
+    assert (info["fine_tunes"], info["identities"], info["snapshot_files"]) == (3, 3, 9)
+    assert info["status"] == {"done": 3} and info["rank"] == {"2": 3} and info["steps"] == {"4": 3}
+    assert sum(info["split"].values()) == 3 and info["snapshots_per_fine_tune"] == {"3": 3}
+
+
+# --- resume -------------------------------------------------------------------------------------
+
+def test_rerun_redoes_only_missing_and_failed(reference, tmp_path):
+    ref_cfg, _ = reference
+    cfg = copy_zoo(ref_cfg, tmp_path / "zoo")
+    store = ZooStore(cfg.root)
+    parts = sorted(Path(store.parts_dir).glob("*.parquet"))
+    deleted, failed, untouched = parts
+    deleted.unlink()
+    rows = pq.read_table(failed).to_pylist()[:1]
+    rows[0].update(status="failed", error="RuntimeError: simulated", snapshot_step=None, lora_path=None)
+    pq.write_table(to_table(rows), failed)
+    before = untouched.read_bytes()
+    # What a killed build leaves half-written: a staged fine-tune and a part being written.
+    leftovers = [Path(cfg.root) / "loras" / ".stage-x-1-abcd", Path(store.parts_dir) / ".x.parquet.tmp-1-abcd"]
+    leftovers[0].mkdir()
+    leftovers[1].write_bytes(b"half a parquet file")
+
+    assert finished_lora_ids(store) == {untouched.stem}
+    summary = run_plan(cfg, plan_zoo(cfg, show_progress=False), show_progress=False)
+    assert (summary["already_done"], summary["ran"], summary["done"], summary["failed"]) == (1, 2, 3, 0)
+    assert untouched.read_bytes() == before  # the finished fine-tune was not run again
+    assert not any(p.exists() for p in leftovers)
+    # Same ids, same settings, same LoRAs as the uninterrupted build.
+    assert comparable(read_manifest(store)) == comparable(read_manifest(ref_cfg.root))
+    assert same_loras(cfg.root, ref_cfg.root)
+
+
+# --- failed rows --------------------------------------------------------------------------------
+
+def _photo_folder(root: Path) -> Path:
+    faces = SyntheticFaces(2, 3, seed=7)
+    for name, i in (("alice", 0), ("carol", 1)):
+        (root / name).mkdir(parents=True)
+        for j in range(3):
+            faces.render(i, j, size=24).save(root / name / f"{j}.png")
+    (root / "bob").mkdir()
+    for j in range(3):  # every file of bob is garbage named like a photo
+        (root / "bob" / f"{j}.jpg").write_bytes(b"not a jpeg at all")
+    return root
+
+
+def test_corrupt_images_skip_an_identity_or_fail_a_fine_tune(tiny_base, tmp_path):
+    photos = _photo_folder(tmp_path / "photos")
+    cfg = zoo_config(tmp_path / "zoo", tiny_base, workers=0,
+                     identities={"kind": "folder", "root": str(photos), "min_images": 3})
+    plan = plan_zoo(cfg, show_progress=False)
+    # Unreadable at listing time: the identity is skipped, with its reason.
+    assert [name for name, _ in plan.skipped_identities] == ["bob"]
+    alice, carol = sorted(plan.fine_tunes, key=lambda ft: ft.identity_id)
+    # Unreadable at fine-tune time: that fine-tune is a failed row, and the worker goes on.
+    (photos / "carol" / "0.png").write_bytes(b"\x89PNG truncated")
+    diverging = dataclasses.replace(alice, finetune=dataclasses.replace(alice.finetune, lr=1e30))
+    worker = FineTuneWorker(cfg, plan.base_hash, own_process=False)
+    results = [worker.fine_tune(fine_tune_record(ft)) for ft in (carol, diverging)]
+    assert [r["status"] for r in results] == ["failed", "failed"]
+    assert "unreadable since the zoo was planned" in results[0]["error"]
+    assert "diverged" in results[1]["error"]
+    assert worker.fine_tune(fine_tune_record(alice))["status"] == "done"
+
+    rows = {r["identity_id"]: r for r in read_parts(ZooStore(cfg.root)).to_pylist() if r["status"] == "failed"}
+    assert list(rows) == ["carol"] and rows["carol"]["lora_path"] is None
+    assert rows["carol"]["snapshot_step"] is None and rows["carol"]["trigger"] == carol.finetune.trigger_word
+    assert finished_lora_ids(ZooStore(cfg.root)) == {alice.lora_id}
+
+
+@pytest.mark.lfw
+def test_zoo_of_real_faces(lfw_root, tiny_base, tmp_path):
+    cfg = zoo_config(tmp_path / "zoo", tiny_base, workers=0, max_identities=2,
+                     identities={"kind": "folder", "root": str(lfw_root / "private"), "crop_fraction": 0.48,
+                                 "max_images": 5})
+    summary = run_plan(cfg, plan_zoo(cfg, show_progress=False), show_progress=False)
+    assert (summary["done"], summary["failed"]) == (2, 0)
+    assert verify_zoo(cfg.root, show_progress=False).files_checked == 2 * 3
+    assert all(r["num_images"] == 5 for r in read_manifest(cfg.root).to_pylist())
+
+
+# --- verify -------------------------------------------------------------------------------------
+
+def test_verify_catches_a_truncated_lora(reference, tmp_path, capsys):
+    cfg = copy_zoo(reference[0], tmp_path / "zoo")
+    assert verify_zoo(cfg.root, show_progress=False).files_checked == 9
+    assert zoo_main(["verify", cfg.root]) == 0
+
+    row = read_manifest(cfg.root).to_pylist()[4]
+    path = Path(cfg.root) / row["lora_path"]
+    path.write_bytes(path.read_bytes()[: row["lora_bytes"] // 2])
+    report = verify_zoo(cfg.root, show_progress=False)
+    assert not report.ok
+    [problem] = report.problems
+    assert (problem.lora_id, problem.snapshot_step) == (row["lora_id"], row["snapshot_step"])
+    assert "truncated" in problem.message
+    assert zoo_main(["verify", cfg.root]) == 2
+    assert "1 problem(s)" in capsys.readouterr().err
+    # A rerun would redo that fine-tune: a truncated file does not count as finished.
+    assert row["lora_id"] not in finished_lora_ids(ZooStore(cfg.root))
+
+
+# --- reader -------------------------------------------------------------------------------------
+
+def test_reader_streams_deltas(reference):
+    cfg, _ = reference
+    samples = list(iter_zoo_samples(cfg.root))
+    assert len(samples) == 3 * 2  # snapshots r = 2, 4 of each fine-tune (r = 0 is the reference)
+    assert sorted({s.step for s in samples}) == [2, 4]
+    heldout = list(iter_zoo_samples(cfg.root, split="heldout"))
+    assert 0 < len(heldout) < len(samples) and {s.split for s in heldout} == {"heldout"}
+
+    sample = samples[1]
+    rows = {r["snapshot_step"]: r for r in read_manifest(cfg.root).to_pylist() if r["lora_id"] == sample.lora_id}
+    theta_r, _ = read_lora(Path(cfg.root) / rows[sample.step]["lora_path"])
+    theta_0, _ = read_lora(Path(cfg.root) / rows[0]["lora_path"])
+    assert sample.delta.keys() == theta_r.keys()
+    for key, delta in sample.delta.items():
+        assert torch.equal(delta, theta_r[key] - theta_0[key])
+    assert any(delta.abs().sum() > 0 for delta in sample.delta.values())
+    assert sample.image_keys == rows[0]["image_keys"]
+
+    dataset_rows = zoo_dataset(cfg.root, split="attack_train").take_all()
+    assert len(dataset_rows) == len(samples) - len(heldout)
+    row = dataset_rows[0]
+    [match] = [s for s in samples if (s.lora_id, s.step) == (row["lora_id"], row["snapshot_step"])]
+    delta = delta_from_row(row)
+    assert delta.keys() == match.delta.keys()
+    assert all(torch.equal(delta[k], match.delta[k]) for k in delta)
+    assert sum(k.startswith(DELTA_PREFIX) for k in row) == len(match.delta)
+    assert row["split"] == "attack_train" and list(row["image_keys"]) == match.image_keys
+
+
+# --- a killed build -----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_killed_build_resumes_to_the_same_manifest(ray_local, tiny_base, tmp_path):
+    """Kill `jobs/build_zoo.py` (driver, local Ray and workers) after its first parts, rerun it:
+    the manifest equals an uninterrupted build's and no finished fine-tune ran again."""
+    settings = {"identities": {"kind": "synthetic", "num_identities": 6, "images_per_identity": 3},
+                "finetune": {"rank": 2, "alpha": 2, "steps": 60, "prior_preservation": False}, "workers": 1}
+    cfg = zoo_config(tmp_path / "killed", tiny_base, **settings)
+    config_file = tmp_path / "zoo.yaml"
+    config_file.write_text(yaml.safe_dump(to_dict(cfg)))
+    command = [sys.executable, str(REPO / "jobs" / "build_zoo.py"), str(config_file)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, not this test's
+
+    parts = Path(cfg.root) / "parts"
+    job = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                           stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not list(parts.glob("*.parquet")) and time.time() < deadline and job.poll() is None:
+            time.sleep(0.2)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)  # the whole session this test started: driver, Ray, workers
+        job.wait()
+    before = {p.name: p.read_bytes() for p in parts.glob("*.parquet")}
+    assert 0 < len(before) < 6, "the build was not killed midway"
+
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    summary = json.loads(rerun.stdout[rerun.stdout.index("{"):])
+    assert summary["already_done"] >= len(before) and summary["done"] == 6
+    for name, data in before.items():  # finished fine-tunes were not run again
+        assert (parts / name).read_bytes() == data
+    assert not list(Path(cfg.root).rglob(".*"))  # nothing half-written is left
+
+    uninterrupted = zoo_config(tmp_path / "uninterrupted", tiny_base, **{**settings, "workers": 2})
+    build_zoo(uninterrupted, show_progress=False)
+    assert comparable(read_manifest(cfg.root)) == comparable(read_manifest(uninterrupted.root))
+    assert same_loras(cfg.root, uninterrupted.root)

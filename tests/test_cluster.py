@@ -1,0 +1,188 @@
+"""cluster.yaml passes Ray's own launcher validation, and a job submitted with `ray job submit` to a
+token-auth head runs and logs its MLflow run.
+
+The local head is started with `ray start --block` and stopped by signalling that one process (and
+then any process still running under its own temp dir): `ray stop` would stop every Ray process of
+this user on the machine, other people's included.
+"""
+
+import copy
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import jsonschema
+import psutil
+import pytest
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER_YAML = REPO / "cluster.yaml"
+BIN = Path(sys.executable).parent
+RAY = str(BIN / "ray")
+
+
+def prepared_cluster_config(config: dict) -> dict:
+    """What `ray up` does to a config before it calls the cloud: fill defaults, then validate."""
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    return prepared
+
+
+# --- cluster.yaml ------------------------------------------------------------------------------
+
+def test_cluster_yaml_passes_rays_validation():
+    config = prepared_cluster_config(yaml.safe_load(CLUSTER_YAML.read_text()))
+
+    assert config["provider"]["type"] == "aws"
+    head = config["available_node_types"][config["head_node_type"]]
+    workers = [t for name, t in config["available_node_types"].items() if name != config["head_node_type"]]
+    assert head["resources"]["CPU"] == 0  # work scales out to the GPU workers
+    gpu = [t for t in workers if t["resources"].get("GPU", 0) >= 1]
+    assert gpu and gpu[0]["min_workers"] == 0 and gpu[0]["max_workers"] >= 1  # autoscaling from zero
+    assert gpu[0]["max_workers"] <= config["max_workers"]
+    # The repository is copied (without the local venv) and installed with the lock.
+    assert config["file_mounts"]["~/loraleak"] == "."
+    assert ".venv" in config["rsync_exclude"]
+    setup = " ".join(config["setup_commands"])
+    assert "pip install" in setup and "-c ~/loraleak/constraints.txt" in setup and "[dlib,dp]" in setup
+    # One auth mode everywhere: every `ray start` runs with token auth and the user's token is shipped.
+    starts = [c for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2 and all("RAY_AUTH_MODE=token" in c for c in starts)
+    assert "~/.ray/auth_token" in config["file_mounts"]
+    # MLflow: a server on the head, and every node pointed at it.
+    assert any("mlflow server" in c for c in config["head_start_ray_commands"])
+    assert all("MLFLOW_TRACKING_URI=http://" in c for c in starts)
+
+
+def test_rays_validation_rejects_a_broken_cluster_config():
+    config = yaml.safe_load(CLUSTER_YAML.read_text())
+    config["available_node_types"]["gpu_worker"]["max_wrokers"] = 4  # a typo Ray must catch
+    with pytest.raises(jsonschema.ValidationError, match="max_wrokers"):
+        prepared_cluster_config(config)
+    config = yaml.safe_load(CLUSTER_YAML.read_text())
+    config["head_node_type"] = "no_such_type"
+    with pytest.raises(ValueError, match="head_node_type"):
+        prepared_cluster_config(config)
+
+
+# --- a local head and `ray job submit` ------------------------------------------------------------
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _processes_under(temp_dir: str) -> list[psutil.Process]:
+    """Processes of this head: Ray passes its temp/session dir to everything it starts."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(temp_dir in arg for arg in p.info["cmdline"] or ()):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def _ray(args: list[str], env: dict, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([RAY, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def local_head(tmp_path):
+    """A one-node Ray cluster with token auth; yields (dashboard address, env that reaches it)."""
+    gcs, dashboard, client, agent, agent_grpc, runtime_env, metrics, node_manager, object_manager = _free_ports(9)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
+    # The same mode and token for start and submit, set explicitly: with RAY_AUTH_MODE unset, Ray
+    # 2.60 decides per process from whether ~/.ray/auth_token exists. The token lives in the
+    # environment, so ~/.ray is neither read nor written.
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
+               PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")  # `python` in a job = this venv's
+    # Short on purpose: Ray's unix socket paths under it must stay below 108 characters.
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    log = (tmp_path / "ray-start.log").open("w")
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2", "--num-gpus=0",
+         "--disable-usage-stats", f"--temp-dir={temp_dir}", "--include-dashboard=true",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
+         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
+         f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:  # ready when the jobs API answers an authenticated request
+            if head.poll() is not None:
+                pytest.fail(f"ray start exited with {head.returncode}:\n{(tmp_path / 'ray-start.log').read_text()}")
+            if _ray(["job", "list", "--address", address], env).returncode == 0:
+                break
+            if time.monotonic() > deadline:
+                pytest.fail("the local Ray head did not come up within 180 s")
+            time.sleep(2)
+        yield address, env
+    finally:
+        head.send_signal(signal.SIGTERM)  # --block: ray start shuts down what it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        deadline = time.monotonic() + 30
+        while (leftovers := _processes_under(temp_dir)) and time.monotonic() < deadline:
+            time.sleep(1)
+        for p in leftovers:
+            p.kill()
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_the_job_and_logs_its_mlflow_run(local_head, tmp_path):
+    address, env = local_head
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_name = f"smoke-{uuid.uuid4().hex[:8]}"
+
+    # The auth is real: the same request with another token is refused.
+    wrong = {**env, "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    refused = _ray(["job", "list", "--address", address], wrong)
+    assert refused.returncode != 0
+    assert "auth" in (refused.stdout + refused.stderr).lower()
+
+    submitted = _ray(
+        ["job", "submit", "--address", address, "--working-dir", str(REPO),
+         "--runtime-env-json", json.dumps({"excludes": [".git", ".venv", "runs"]}),
+         "--", "python", "jobs/hello_tracking.py", "--tracking-uri", tracking_uri, "--run-name", run_name],
+        env, timeout=300)
+    output = submitted.stdout + submitted.stderr
+    assert submitted.returncode == 0, output  # `ray job submit` waits, and exits 1 when the job fails
+    assert "succeeded" in output.lower(), output
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name("loraleak-smoke")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"attributes.run_name = '{run_name}'")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["task_host"] == socket.gethostname()  # the Ray task ran on this head
+    assert run.data.metrics["cluster_cpus"] == 2.0  # the job saw the cluster it was submitted to
+    assert run.info.run_id in output  # the job's own log reached the submitter

@@ -216,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(p, prompt_default=None)
     p.set_defaults(func=cmd_generate)
 
+    from .zoo.cli import add_zoo_commands
+
+    add_zoo_commands(sub)
+
     p = sub.add_parser("run", help="the main job on the embedded default (see README)")
     p.add_argument("--config", type=Path, help="YAML VictimConfig (default: the packaged quick profile)")
     p.add_argument("--out", type=Path, help="output directory")

@@ -180,6 +180,13 @@ def _add_loras(pipe: Any, cfg: FinetuneConfig) -> list[torch.nn.Parameter]:
     return params
 
 
+def _adapter_metadata(model) -> dict:
+    """The adapter's LoraConfig as file metadata, with sets sorted: peft keeps target_modules as a
+    set, whose order changes per process, and identical LoRAs should be identical bytes."""
+    meta = model.peft_config[ADAPTER_NAME].to_dict()
+    return {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in meta.items()}
+
+
 def _save_snapshot(pipe: Any, out_dir: Path, step: int, with_text_encoder: bool) -> Path:
     """Write the current LoRA to out_dir/step-{step:06d}/ in diffusers format, atomically."""
     final = snapshot_dir(out_dir, step)
@@ -192,8 +199,8 @@ def _save_snapshot(pipe: Any, out_dir: Path, step: int, with_text_encoder: bool)
             text_encoder_lora_layers=(convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder))
                                       if text_encoder is not None else None),
             # The LoraConfig travels in the file's metadata: without it a loader assumes alpha = rank.
-            unet_lora_adapter_metadata=pipe.unet.peft_config[ADAPTER_NAME].to_dict(),
-            text_encoder_lora_adapter_metadata=(text_encoder.peft_config[ADAPTER_NAME].to_dict()
+            unet_lora_adapter_metadata=_adapter_metadata(pipe.unet),
+            text_encoder_lora_adapter_metadata=(_adapter_metadata(text_encoder)
                                                 if text_encoder is not None else None),
         )
         if final.exists():  # a rerun into the same directory replaces its snapshot

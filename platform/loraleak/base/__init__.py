@@ -1,0 +1,1 @@
+"""The base model: any Stable Diffusion pipeline, or the built-in `tiny` one pretrained here."""

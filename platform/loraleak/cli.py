@@ -237,10 +237,31 @@ def _add_generation_args(p: argparse.ArgumentParser, prompt_default: str | None)
     p.add_argument("--out", type=Path, required=True)
 
 
+def _configure_logging(verbose: bool) -> None:
+    """Our own progress at INFO; third-party libraries only when they have something serious to say
+    (their INFO chatter and optional-dependency notices would bury the one line that matters)."""
+    import warnings
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("loraleak").setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not verbose:
+        for noisy in ("transformers", "diffusers", "httpx", "httpx2", "huggingface_hub", "urllib3"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        try:
+            from transformers.utils import logging as hf_logging
+            from diffusers.utils import logging as df_logging
+
+            hf_logging.set_verbosity_error()
+            df_logging.set_verbosity_error()
+        except ImportError:  # pragma: no cover - both are hard dependencies
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    _configure_logging(args.verbose)
     try:
         args.func(args)
     except LoraleakError as e:

@@ -216,9 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(p, prompt_default=None)
     p.set_defaults(func=cmd_generate)
 
+    from .attack.cli import add_attack_commands
     from .zoo.cli import add_zoo_commands
 
     add_zoo_commands(sub)
+    add_attack_commands(sub)
 
     p = sub.add_parser("run", help="the main job on the embedded default (see README)")
     p.add_argument("--config", type=Path, help="YAML VictimConfig (default: the packaged quick profile)")

@@ -1,0 +1,153 @@
+"""The attack on one shared LoRA file: its weights in, the victim's face out.
+
+    z = μ(encoder(LoRA matrices, r))        r = the LoRA's fine-tuning steps
+    images = victim's model (base + that LoRA) sampled with prompt_embeds = z
+
+The LoRA is read from safetensors only and refused, in one line, when it does not fit the attack
+(other base, targets or rank). Classifier-free guidance contrasts z with the empty prompt's
+embedding, which the pipeline computes itself when given `prompt_embeds` without negatives: the
+same unconditional branch the victim's own prompts get.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from ..errors import InputError
+from ..finetune.lora_io import read_lora, resolve_lora_file
+from .lora_inputs import MatrixSpec, check_layout, collate_lora_matrices, lora_layout, lora_matrices
+from .model import CONFIG_NAME
+
+logger = logging.getLogger(__name__)
+
+SNAPSHOT_DIR = re.compile(r"step-(\d+)")  # how fine-tunes and zoos name a snapshot's folder
+FINETUNE_RECORD = "finetune.json"
+INITIAL_SNAPSHOT = "step-000000"
+
+
+@dataclass
+class Reconstruction:
+    out_dir: Path
+    grid: Path
+    images: list[Path]
+    z: Path  # the recovered prompt embedding (safetensors), for evaluation without re-encoding
+    step: int
+    step_source: str  # where r came from
+
+
+def read_attack_record(attack_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The saved model's config.json and (when trained by `train_attack`) its training record."""
+    from .train import TRAINING_RECORD
+
+    try:
+        config = json.loads((attack_dir / CONFIG_NAME).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"{attack_dir} is not a saved attack model: cannot read {CONFIG_NAME} ({e})") from None
+    record_path = attack_dir / TRAINING_RECORD
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    return config, record
+
+
+def _finetune_record(lora_path: Path) -> dict[str, Any] | None:
+    """finetune.json of the fine-tune that wrote this file: in its snapshot folder's parent, or beside it."""
+    for folder in (lora_path.parent, lora_path.parent.parent):
+        record = folder / FINETUNE_RECORD
+        if record.is_file():
+            try:
+                return json.loads(record.read_text())
+            except json.JSONDecodeError:
+                raise InputError(f"{record} is not valid JSON") from None
+    return None
+
+
+def lora_step(lora_path: Path, default: int | None) -> tuple[int, str]:
+    """The fine-tuning step r of a LoRA file: its snapshot folder, its finetune.json, else `default`."""
+    match = SNAPSHOT_DIR.fullmatch(lora_path.parent.name)
+    if match:
+        return int(match.group(1)), f"snapshot folder {lora_path.parent.name}"
+    record = _finetune_record(lora_path)
+    if record is not None and isinstance(record.get("config", {}).get("steps"), int):
+        return record["config"]["steps"], FINETUNE_RECORD
+    if default is None:
+        raise InputError(f"cannot tell how many steps {lora_path} was fine-tuned for; pass the step")
+    return default, "the attack's zoo (its usual fine-tune length)"
+
+
+def _initial_lora(lora_path: Path) -> dict[str, torch.Tensor] | None:
+    """θ_0 of the fine-tune, when its step-0 snapshot sits beside this one (a zoo or fine-tune folder)."""
+    candidate = lora_path.parent.parent / INITIAL_SNAPSHOT / lora_path.name
+    return read_lora(candidate)[0] if SNAPSHOT_DIR.fullmatch(lora_path.parent.name) and candidate.is_file() else None
+
+
+@torch.no_grad()
+def reconstruct(attack_dir: str | Path, lora_file: str | Path, base: str | None = None,
+                out_dir: str | Path = "runs/reconstruct", n: int = 8, seed: int = 0, step: int | None = None,
+                guidance_scale: float = 3.0, num_inference_steps: int = 25, device: str = "cpu",
+                scale: int = 4) -> Reconstruction:
+    """Images of the person a shared LoRA was fine-tuned on, from the LoRA's weights alone.
+
+    `base` defaults to the base the attack was trained with; `step` to the LoRA's own step count
+    (its snapshot folder or finetune.json), else the attack zoo's usual fine-tune length.
+    """
+    from ..base.loading import base_fingerprint, load_base_pipeline
+    from ..generate import generate_images
+    from ..imaging import save_grid
+    from .model import NetworkAutoencoder
+
+    attack_dir, out_dir = Path(attack_dir), Path(out_dir)
+    config, record = read_attack_record(attack_dir)
+    base = base or record.get("base")
+    if base is None:
+        raise InputError(f"{attack_dir} does not record its base model; pass the base")
+    lora_path = resolve_lora_file(lora_file)
+    state_dict, _ = read_lora(lora_path)
+
+    # Refuse before loading any model: the encoder has one token per matrix of the layout it was
+    # trained on, and decoding needs the base the LoRA was fine-tuned from.
+    layout = tuple(MatrixSpec.from_dict(spec) for spec in config["layout"])
+    check_layout(lora_layout(state_dict), layout, what=f"LoRA {lora_path}")
+    fingerprint = base_fingerprint(base)
+    if config.get("base_fingerprint") not in (None, fingerprint):
+        raise InputError(f"the attack in {attack_dir} was trained on another base (fingerprint "
+                         f"{config['base_fingerprint']}) than {base!r} ({fingerprint})")
+    finetune = _finetune_record(lora_path) or {}
+    lora_base = (finetune.get("base") or {}).get("fingerprint")
+    if lora_base not in (None, fingerprint):
+        raise InputError(f"LoRA {lora_path} was fine-tuned from another base (fingerprint {lora_base}) than "
+                         f"{base!r} ({fingerprint})")
+    r, step_source = (step, "given") if step is not None else lora_step(lora_path, record.get("lora_steps"))
+
+    pipe = load_base_pipeline(base, device=device)
+    model = NetworkAutoencoder.from_pretrained(attack_dir, pipe.text_encoder).to(device).eval()
+    initial = None
+    if model.config.input_mode == "delta" and record.get("use_initial_lora"):
+        initial = _initial_lora(lora_path)
+        if initial is None:
+            logger.warning("the attack was trained on Δθ = θ_r - θ_0, but %s comes without its θ_0: feeding A raw",
+                           lora_path)
+    matrices = collate_lora_matrices([lora_matrices(state_dict, model.config.input_mode, initial, layout)])
+    z = model.encode_mean(matrices, torch.tensor([r]) if model.config.step_embedding else None)[0]
+
+    images = generate_images(pipe, prompt_embeds=z, n=n, seed=seed, num_inference_steps=num_inference_steps,
+                             guidance_scale=guidance_scale, lora=lora_path, show_progress=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(out_dir / f"rec_{i:03d}.png")
+        image.save(paths[-1])
+    grid = save_grid(images, out_dir / "grid.png", scale=scale)
+    z_path = out_dir / "z.safetensors"
+    save_file({"z": z.detach().float().cpu().contiguous()}, str(z_path))
+    (out_dir / "reconstruct.json").write_text(json.dumps({
+        "attack": str(attack_dir), "lora": str(lora_path), "base": base, "base_fingerprint": fingerprint,
+        "step": r, "step_source": step_source, "n": n, "seed": seed, "guidance_scale": guidance_scale,
+        "num_inference_steps": num_inference_steps, "images": [p.name for p in paths]}, indent=1))
+    return Reconstruction(out_dir, grid, paths, z_path, r, step_source)

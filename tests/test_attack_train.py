@@ -1,0 +1,241 @@
+"""Attack training with Ray Train over a real (tiny) zoo, checkpoint resume, and reconstruction.
+
+One local Ray, one tiny base and one zoo (5 synthetic identities, rank-2 LoRAs on to_q/to_v, 5 steps
+with snapshots at r = 0, 2, 5) built by the zoo module serve the whole file. An untrained UNet
+barely reads its conditioning, so the base's cross-attention outputs are amplified: z then matters
+to the ε-loss, as it does in a trained base. Each TorchTrainer fit costs ~20-40 s of Ray start-up
+here: the default tests run two (a training run and its resumption).
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loraleak.attack.cli import attack_main
+from loraleak.attack.config import AttackTrainConfig
+from loraleak.attack.data import select_samples
+from loraleak.attack.model import NetworkAutoencoder
+from loraleak.attack.reconstruct import reconstruct
+from loraleak.attack.train import TRAINING_RECORD, train_attack
+from loraleak.base.loading import base_fingerprint, load_base_pipeline
+from loraleak.base.tiny import TinyBaseConfig, build_tiny_pipeline
+from loraleak.config import from_dict, to_dict
+from loraleak.errors import ConfigError, InputError
+from loraleak.finetune.config import FinetuneConfig
+from loraleak.finetune.dreambooth_lora import finetune_lora
+from loraleak.identities import SyntheticFaces
+from loraleak.zoo.build import build_zoo
+from loraleak.zoo.config import ZooConfig
+from loraleak.zoo.manifest import read_manifest
+
+TINY = TinyBaseConfig(resolution=16, unet_channels=(32, 32), attention_levels=1, text_width=32,
+                      text_layers=1, text_heads=1, vae_channels=(32,))
+IDENTITIES = {"kind": "synthetic", "num_identities": 5, "images_per_identity": 3}
+FINETUNE = {"rank": 2, "alpha": 2, "steps": 5, "prior_preservation": False, "lr": 1e-2}
+TRAIN_STEPS, RESUMED_STEPS = 16, 20
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    work = tmp_path_factory.mktemp("attack-zoo")
+    pipe = build_tiny_pipeline(TINY)
+    with torch.no_grad():
+        for name, module in pipe.unet.named_modules():
+            if name.endswith("attn2.to_out.0"):
+                module.weight.mul_(10.0)
+    pipe.save_pretrained(work / "base", safe_serialization=True)
+    cfg = from_dict(ZooConfig, {"root": str(work / "zoo"), "base": str(work / "base"), "identities": IDENTITIES,
+                                "finetune": FINETUNE, "num_snapshots": 2, "workers": 0, "tracking": False})
+    summary = build_zoo(cfg, show_progress=False)
+    assert summary["done"] == 5
+    return cfg
+
+
+def attack_config(zoo, out, **overrides) -> AttackTrainConfig:
+    data = {"zoo": zoo.root, "base": zoo.base, "identities": IDENTITIES, "batch_size": 4,
+            "max_steps": TRAIN_STEPS, "checkpoint_every": 8, "val_every": 8, "log_every": 4, "val_fraction": 0.25,
+            "out_dir": str(out), "workdir": str(out / "mlflow"), "resources_per_worker": {"CPU": 1}}
+    return from_dict(AttackTrainConfig, {**data, **overrides})
+
+
+@pytest.fixture(scope="module")
+def trained(ray_local, zoo, tmp_path_factory):
+    cfg = attack_config(zoo, tmp_path_factory.mktemp("attack-run"))
+    return cfg, train_attack(cfg, show_progress=False)
+
+
+def final_lora(zoo, split):
+    table = read_manifest(zoo.root).to_pylist()
+    row = next(r for r in table if r["split"] == split and r["snapshot_step"] == r["steps"])
+    return Path(zoo.root) / row["lora_path"], row
+
+
+# --- config and data selection (no Ray) ----------------------------------------------------------
+
+@pytest.mark.parametrize("change, message", [
+    ({"snapshots": "some"}, "snapshots"),
+    ({"batch_size": 0}, "batch_size must be >= 1"),
+    ({"val_fraction": 1.0}, "val_fraction"),
+    ({"model": {"input_mode": "weights"}}, "input_mode"),
+    ({"learning_rate": 1e-3}, "unknown key 'learning_rate'"),
+])
+def test_config_rejects_bad_settings(change, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(AttackTrainConfig, {"zoo": "zoo", **change})
+
+
+def test_selection_reads_attack_train_only_and_splits_validation_by_identity(zoo, tmp_path):
+    manifest = read_manifest(zoo.root).to_pylist()
+    heldout = {r["identity_id"] for r in manifest if r["split"] == "heldout"}
+    assert heldout
+    every = select_samples(attack_config(zoo, tmp_path), base_hash=base_fingerprint(zoo.base))
+    final = select_samples(attack_config(zoo, tmp_path, snapshots="final"))
+    train_ids = {r.identity_id for r in every.train}
+    val_ids = {r.identity_id for r in every.val}
+    assert not (train_ids | val_ids) & heldout and not train_ids & val_ids and val_ids
+    assert sorted({r.step for r in every.train}) == [2, 5]  # r = 0 is θ_0, never a sample
+    assert {r.step for r in final.train} == {5} and len(final.train) == len(train_ids)
+    assert all(r.step == r.steps for r in every.val) and every.lora_steps == 5
+    assert len(every.layout) == 4 * 2 * 2 * 2  # 4 transformer blocks x attn1/attn2 x to_q/to_v x A/B
+
+
+@pytest.fixture(scope="module")
+def other_base(tmp_path_factory) -> str:
+    """The same architecture with other weights: every LoRA fits it, none was made for it."""
+    path = tmp_path_factory.mktemp("other-base")
+    build_tiny_pipeline(TINY, seed=1).save_pretrained(path, safe_serialization=True)
+    return str(path)
+
+
+def test_training_refuses_another_base_or_other_identities_before_starting(zoo, other_base, tmp_path):
+    with pytest.raises(InputError, match="not the base the zoo was fine-tuned from"):
+        train_attack(attack_config(zoo, tmp_path, base=other_base))
+    with pytest.raises(InputError, match="differ from those its LoRA was fine-tuned on"):
+        train_attack(attack_config(zoo, tmp_path, identities={**IDENTITIES, "images_per_identity": 2}))
+    with pytest.raises(InputError, match="not in the configured identity source"):
+        train_attack(attack_config(zoo, tmp_path, identities={**IDENTITIES, "seed": 7}))
+
+
+# --- training through TorchTrainer --------------------------------------------------------------
+
+def test_training_lowers_the_loss_logs_every_step_and_exports_the_model(trained):
+    cfg, result = trained
+    assert result.start_step == 0 and result.step == TRAIN_STEPS and len(result.losses) == TRAIN_STEPS
+    assert sorted(result.evaluations) == [0, 8, 16]
+    start, end = result.evaluations[0], result.evaluations[TRAIN_STEPS]
+    # The same LoRAs, noise and timesteps at both ends: only the encoder changed.
+    assert end["train_eval_loss"] < start["train_eval_loss"] - 2e-3
+    assert set(end) == {"train_eval_loss", "val_loss"}
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{(cfg.workdir / 'mlflow.db').resolve()}")
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.data.params["snapshots"] == "all"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, TRAIN_STEPS + 1))
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [0, 8, 16]
+
+    record = json.loads((result.attack_dir / TRAINING_RECORD).read_text())
+    assert record["step"] == TRAIN_STEPS and record["lora_steps"] == 5 and record["base"] == cfg.base
+    pipe = load_base_pipeline(cfg.base)
+    model = NetworkAutoencoder.from_pretrained(result.attack_dir, pipe.text_encoder)
+    assert model.base_fingerprint == base_fingerprint(cfg.base)
+
+
+def resumed_config(cfg: AttackTrainConfig, tmp_path: Path, **overrides) -> AttackTrainConfig:
+    """The trained run's config with a later max_steps, on a copy of its Ray Train storage (same run
+    name: Ray Train finds the checkpoints there) and with another out_dir."""
+    storage = tmp_path / "ray"
+    shutil.copytree(cfg.storage, storage)
+    return from_dict(AttackTrainConfig, {**to_dict(cfg), "max_steps": RESUMED_STEPS, "storage_path": str(storage),
+                                         "out_dir": str(tmp_path / "resumed"), "tracking": False, **overrides})
+
+
+@pytest.mark.slow
+def test_a_rerun_resumes_from_the_latest_checkpoint(trained, tmp_path):
+    cfg, first = trained
+    resumed = train_attack(resumed_config(cfg, tmp_path), show_progress=False)
+    assert resumed.start_step == TRAIN_STEPS and resumed.step == RESUMED_STEPS
+    assert len(resumed.losses) == RESUMED_STEPS - TRAIN_STEPS
+    # Its first evaluation is of the restored encoder: the checkpoint's weights give the very
+    # losses the first run measured at that step.
+    assert resumed.evaluations[TRAIN_STEPS] == pytest.approx(first.evaluations[TRAIN_STEPS], abs=1e-6)
+    assert json.loads((resumed.attack_dir / TRAINING_RECORD).read_text())["step"] == RESUMED_STEPS
+
+
+@pytest.mark.slow
+def test_a_resumed_run_equals_an_uninterrupted_one(trained, tmp_path):
+    """Data order, noise and optimizer state all survive a resume: same losses, same weights."""
+    cfg, _ = trained
+    resumed = train_attack(resumed_config(cfg, tmp_path), show_progress=False)
+    straight = train_attack(from_dict(AttackTrainConfig, {**to_dict(cfg), "max_steps": RESUMED_STEPS, "tracking": False,
+                                                          "out_dir": str(tmp_path / "straight")}), show_progress=False)
+    assert resumed.start_step == TRAIN_STEPS and straight.start_step == 0
+    assert straight.losses[TRAIN_STEPS:] == pytest.approx(resumed.losses, abs=1e-6)
+    a = load_file(str(resumed.attack_dir / "model.safetensors"))
+    b = load_file(str(straight.attack_dir / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+# --- reconstruction -----------------------------------------------------------------------------
+
+def test_reconstruct_writes_images_of_a_heldout_lora(trained, zoo, tmp_path):
+    cfg, result = trained
+    lora, _ = final_lora(zoo, "heldout")
+    rec = reconstruct(result.attack_dir, lora, out_dir=tmp_path / "rec", n=2, num_inference_steps=2)
+    assert rec.step == 5 and "step-000005" in rec.step_source  # r from the snapshot's folder
+    assert [p.name for p in rec.images] == ["rec_000.png", "rec_001.png"] and rec.grid.is_file()
+    from PIL import Image
+
+    assert Image.open(rec.images[0]).size == (TINY.resolution, TINY.resolution)
+    z = load_file(str(rec.z))["z"]
+    assert z.shape == (77, TINY.text_width) and torch.isfinite(z).all()
+    record = json.loads((tmp_path / "rec" / "reconstruct.json").read_text())
+    assert record["base"] == cfg.base and record["step"] == 5
+    # A LoRA shared as a bare file says nothing of its steps: r is the attack zoo's fine-tune length.
+    shared = tmp_path / "shared" / "victim.safetensors"
+    shared.parent.mkdir()
+    shutil.copy(lora, shared)
+    bare = reconstruct(result.attack_dir, shared, out_dir=tmp_path / "bare", n=1, num_inference_steps=2)
+    assert bare.step == 5 and "zoo" in bare.step_source
+    torch.testing.assert_close(load_file(str(bare.z))["z"], z)
+
+
+@pytest.mark.parametrize("change", [{"rank": 4, "alpha": 4}, {"targets": ["to_k", "to_v"]}])
+def test_reconstruct_refuses_a_lora_that_does_not_fit_the_attack(trained, zoo, tmp_path, change, capsys):
+    _, result = trained
+    pipe = load_base_pipeline(zoo.base)
+    images = SyntheticFaces(1, 2, seed=3, namespace="other").identities()[0].load(TINY.resolution)
+    ft = from_dict(FinetuneConfig, {**FINETUNE, "steps": 1, **change})
+    finetune_lora(pipe, images, ft, tmp_path / "victim", base_ref=zoo.base, show_progress=False)
+    lora = tmp_path / "victim" / "step-000001"
+    with pytest.raises(InputError, match="does not fit the attack"):
+        reconstruct(result.attack_dir, lora, out_dir=tmp_path / "rec")
+    assert not (tmp_path / "rec").exists()
+    capsys.readouterr()
+    code = attack_main(["reconstruct", "--attack", str(result.attack_dir), "--lora", str(lora),
+                        "--out", str(tmp_path / "rec")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("loraleak: error: LoRA") and "\n" not in err
+
+
+def test_reconstruct_refuses_another_base(trained, zoo, other_base, tmp_path):
+    _, result = trained
+    lora, _ = final_lora(zoo, "heldout")
+    with pytest.raises(InputError, match="trained on another base"):
+        reconstruct(result.attack_dir, lora, base=other_base, out_dir=tmp_path / "rec")

@@ -1,0 +1,664 @@
+"""K DreamBooth-LoRA fine-tunes at once on one frozen base: one UNet pass per step for all of them.
+
+A zoo fine-tunes thousands of identities on the same base. One small fine-tune (batch 1 + 1 class
+image) leaves a GPU mostly idle; K of them side by side fill it. Every targeted Linear of the UNet
+becomes a `BatchedLoRALinear` whose factors are trainable parameters A (K, r, in) and B (K, out, r):
+sample j of the batch goes through LoRA j mod K, so the batch is laid out as
+
+    rows = [instance 0..B-1, class 0..B-1] of fine-tune 0, 1, ..., K-1, interleaved: row c·K + k
+
+and each fine-tune is exactly `finetune_lora` run alone, up to float rounding:
+
+  - initial factors: peft's own "gaussian" init under each fine-tune's seed (peft is called and
+    its adapter taken out again, so θ_0 is the single path's θ_0 by construction);
+  - data: each fine-tune has its own CPU generator seeded from its cfg.seed and draws batch order,
+    flips, VAE samples, noise and timesteps in the single path's order, with its helpers;
+  - loss: per fine-tune, instance MSE + prior_loss_weight · class MSE; the backward of their sum
+    gives every fine-tune the gradient of its own loss (no op of the UNet mixes samples: GroupNorm
+    and attention are per sample);
+  - gradient clipping: each fine-tune's gradient norm is clipped to its own grad_clip;
+  - AdamW: torch's update formulas applied per row with each fine-tune's lr, betas and weight decay.
+
+The fine-tunes must agree on what shapes the batch (rank, targets, steps, batch size, prior
+preservation, precision, device); they may differ in seed, trigger, prompts, alpha, lr, betas,
+weight decay, grad clip, prior loss weight, flips, class images and snapshot steps.
+
+Device options (`BatchedOptions`; they change speed and memory, not what is learned beyond float
+rounding): bf16 autocast comes from the configs' `mixed_precision="bf16"`; SDPA attention
+(diffusers' AttnProcessor2_0); `torch.compile` of the UNet; gradient checkpointing; channels-last
+convolutions. `find_max_k` finds the largest K that fits the GPU's memory.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import math
+import os
+import shutil
+import time
+import uuid
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from diffusers import DDPMScheduler
+from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from PIL import Image
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..attack.batched_lora import install_batched_lora
+from ..base.loading import base_fingerprint as fingerprint_of_base
+from ..config import to_dict
+from ..errors import ConfigError, InputError, LoraleakError
+from ..identities.base import image_sha256
+from .class_images import load_or_sample_class_images, pipeline_fingerprint, pipeline_resolution
+from .config import FinetuneConfig
+from .dreambooth_lora import (ADAPTER_NAME, AMP_DTYPES, LORA_WEIGHT_NAME, RECORD_NAME, FinetuneResult, _encode_tokens,
+                              _FrozenBase, _LatentBank, _shuffled_indices, _token_ids, _versions,
+                              _write_json_atomically, snapshot_dir)
+from .lora_io import loaded_adapters
+
+# What every fine-tune of one batch must share: it shapes the batch, the LoRA layout or the pass.
+SHARED_FIELDS = ("rank", "targets", "steps", "batch_size", "prior_preservation", "train_text_encoder",
+                 "mixed_precision", "device")
+ADAM_EPS = 1e-8  # torch.optim.AdamW's default, as the single path uses it
+CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s: coefficient = max_norm / (norm + 1e-6)
+
+
+@dataclass(frozen=True)
+class BatchedOptions:
+    """How the K fine-tunes run on the device. None of these change what a LoRA learns (beyond rounding).
+
+    sdpa: run attention with diffusers' AttnProcessor2_0 (PyTorch scaled_dot_product_attention:
+        flash / memory-efficient kernels on GPU); the UNet's own processors are put back afterwards.
+    compile: `torch.compile` the UNet's forward (first steps are slow while it compiles; worth it
+        for long fine-tunes on GPU). compile_mode: torch.compile's mode ("max-autotune", ...);
+        compile_backend: its backend ("inductor"; "aot_eager" traces without generating kernels).
+    gradient_checkpointing: recompute UNet block activations in the backward pass: less memory,
+        so a larger K fits, for ~30% more compute.
+    channels_last: NHWC convolutions (faster on tensor cores with bf16).
+    loss_sync_every: read the losses back from the device every this many steps (each read makes
+        the host wait for the device); also at every snapshot step and the last step. A diverged
+        fine-tune is found at the next read, and named with the step where its loss first went bad.
+    """
+
+    sdpa: bool = True
+    compile: bool = False
+    compile_mode: str | None = None
+    compile_backend: str = "inductor"
+    gradient_checkpointing: bool = False
+    channels_last: bool = False
+    loss_sync_every: int = 25
+
+    def __post_init__(self) -> None:
+        if self.loss_sync_every < 1:
+            raise ValueError(f"loss_sync_every must be >= 1, got {self.loss_sync_every}")
+
+
+# ---------------------------------------------------------------------------------------------
+# K LoRA factor sets as trainable parameters inside the UNet
+
+
+def peft_initial_lora(unet: nn.Module, cfg: FinetuneConfig) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]],
+                                                                      dict[str, Any]]:
+    """θ_0 of cfg's fine-tune exactly as `finetune_lora` draws it: module -> (A: r x in, B: out x r), fp32,
+    plus the LoraConfig that diffusers stores in the file's metadata. The UNet is left without adapters."""
+    config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
+                        target_modules=list(cfg.targets))
+    requires_grad = [(p, p.requires_grad) for p in unet.parameters()]  # peft freezes all but its adapter
+    with torch.random.fork_rng(devices=[]):  # as _add_loras: peft initialises on the CPU
+        torch.manual_seed(cfg.seed)
+        try:
+            unet.add_adapter(config)
+        except ValueError as e:  # peft: "Target modules {...} not found in the base model"
+            raise ConfigError(f"LoRA targets do not fit this base model: {e}") from None
+    try:
+        state_dict = get_peft_model_state_dict(unet)
+        metadata = unet.peft_config[ADAPTER_NAME].to_dict()
+        factors = {}
+        for key, tensor in state_dict.items():
+            if key.endswith(".lora_A.weight"):
+                module = key.removesuffix(".lora_A.weight")
+                factors[module] = (tensor.detach().float().clone(),
+                                   state_dict[f"{module}.lora_B.weight"].detach().float().clone())
+    finally:
+        unet.unload_lora()
+        for p, flag in requires_grad:
+            p.requires_grad_(flag)
+    if any(a.ndim != 2 for a, _ in factors.values()):
+        raise ConfigError(f"targets {list(cfg.targets)} include convolutions; batched fine-tuning adapts "
+                          "Linear layers only (use finetune_lora)")
+    return factors, metadata
+
+
+class BatchedLoRAFactors:
+    """K LoRAs of one layout as parameters A (K, r, in) and B (K, out, r) per UNet module."""
+
+    def __init__(self, initial: Sequence[dict[str, tuple[torch.Tensor, torch.Tensor]]], scales: Sequence[float],
+                 device: torch.device) -> None:
+        self.modules = list(initial[0])
+        if any(list(f) != self.modules for f in initial):
+            raise LoraleakError("the fine-tunes' LoRAs adapt different modules")
+        self.downs = [nn.Parameter(torch.stack([f[m][0] for f in initial]).to(device)) for m in self.modules]
+        self.ups = [nn.Parameter(torch.stack([f[m][1] for f in initial]).to(device)) for m in self.modules]
+        self.scale = torch.tensor(list(scales), dtype=torch.float32, device=device)
+
+    def __len__(self) -> int:
+        return self.scale.shape[0]
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for pair in zip(self.downs, self.ups) for p in pair]
+
+    @contextmanager
+    def installed(self, unet: nn.Module) -> Iterator[None]:
+        """Within the block the UNet routes sample j through LoRA j mod K, and trains these factors."""
+        handle = install_batched_lora(unet, self.modules)  # also freezes the UNet's own weights
+        try:
+            for module, down, up in zip(self.modules, self.downs, self.ups):
+                wrapper = unet.get_submodule(module)
+                # Registered as the wrapper's parameters (not set_factors, which casts to the base's dtype:
+                # a cast copy would neither train nor see the optimiser's updates); forward casts per call.
+                wrapper.down, wrapper.up, wrapper.scale = down, up, self.scale
+            yield
+        finally:
+            handle.remove()
+
+    def peft_state_dict(self, k: int) -> dict[str, torch.Tensor]:
+        """LoRA k with the keys `get_peft_model_state_dict` gives, on the CPU."""
+        state = {}
+        for module, down, up in zip(self.modules, self.downs, self.ups):
+            state[f"{module}.lora_A.weight"] = down[k].detach().cpu().contiguous()
+            state[f"{module}.lora_B.weight"] = up[k].detach().cpu().contiguous()
+        return state
+
+
+class PerRowAdamW:
+    """K independent AdamWs over stacked (K, ...) parameters: row k uses fine-tune k's lr, betas, weight decay.
+
+    The formulas are torch.optim.AdamW's (decoupled weight decay, bias-corrected moments, eps added
+    after the square root); one optimiser over the stack would force equal hyper-parameters.
+    """
+
+    def __init__(self, params: Sequence[nn.Parameter], lr: Sequence[float], betas: Sequence[tuple[float, float]],
+                 weight_decay: Sequence[float]) -> None:
+        self.params = list(params)
+        device = self.params[0].device
+
+        def column(values: Sequence[float]) -> torch.Tensor:  # float64: bias corrections as torch computes them
+            return torch.tensor(list(values), dtype=torch.float64, device=device)
+
+        self.lr, self.weight_decay = column(lr), column(weight_decay)
+        self.beta1, self.beta2 = column([b[0] for b in betas]), column([b[1] for b in betas])
+        self.exp_avg = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+        self.steps = 0
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.steps += 1
+        decay = (1 - self.lr * self.weight_decay).float()
+        step_size = (self.lr / (1 - self.beta1 ** self.steps)).float()
+        bias_correction2_sqrt = (1 - self.beta2 ** self.steps).sqrt().float()
+        beta1, beta2 = self.beta1.float(), self.beta2.float()
+        for p, exp_avg, exp_avg_sq in zip(self.params, self.exp_avg, self.exp_avg_sq):
+            if p.grad is None:
+                continue
+            view = (-1,) + (1,) * (p.ndim - 1)
+            grad = p.grad
+            p.mul_(decay.view(view))
+            exp_avg.lerp_(grad, (1 - beta1).view(view))
+            exp_avg_sq.mul_(beta2.view(view)).add_(grad * grad * (1 - beta2).view(view))
+            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt.view(view)).add_(ADAM_EPS)
+            p.sub_(step_size.view(view) * exp_avg / denom)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+
+@torch.no_grad()
+def clip_grad_norm_per_row_(params: Sequence[nn.Parameter], max_norm: torch.Tensor) -> torch.Tensor:
+    """clip_grad_norm_ for each row k of stacked (K, ...) parameters separately; returns the K norms."""
+    grads = [p.grad for p in params if p.grad is not None]
+    squares = torch.stack([g.float().pow(2).sum(dim=tuple(range(1, g.ndim))) for g in grads]).sum(dim=0)
+    norms = squares.sqrt()
+    coef = (max_norm / (norms + CLIP_EPS)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef.view((-1,) + (1,) * (g.ndim - 1)).to(g.dtype))
+    return norms
+
+
+# ---------------------------------------------------------------------------------------------
+# The UNet prepared for the run, and one training step
+
+
+@contextmanager
+def _device_setup(unet: nn.Module, options: BatchedOptions) -> Iterator[Callable[..., Any]]:
+    """Apply the options to the UNet for the block; yields the forward to call (compiled or not)."""
+    processors = unet.attn_processors
+    was_checkpointing = unet.is_gradient_checkpointing
+    try:
+        if options.sdpa:
+            unet.set_attn_processor(AttnProcessor2_0())
+        if options.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        if options.channels_last:
+            unet.to(memory_format=torch.channels_last)
+        yield torch.compile(unet, mode=options.compile_mode, backend=options.compile_backend) if options.compile \
+            else unet
+    finally:
+        if options.channels_last:
+            unet.to(memory_format=torch.contiguous_format)
+        if options.gradient_checkpointing and not was_checkpointing:
+            unet.disable_gradient_checkpointing()
+        unet.set_attn_processor(processors)
+
+
+class _BatchedStep:
+    """One optimisation step of all K fine-tunes: forward, per-fine-tune losses, backward, clip, AdamW."""
+
+    def __init__(self, forward: Callable[..., Any], factors: BatchedLoRAFactors, cfgs: Sequence[FinetuneConfig],
+                 device: torch.device) -> None:
+        self.forward, self.factors, self.device = forward, factors, device
+        self.batch_size = cfgs[0].batch_size
+        self.prior = cfgs[0].prior_preservation
+        self.amp_dtype = AMP_DTYPES[cfgs[0].mixed_precision]
+        self.prior_weight = torch.tensor([c.prior_loss_weight for c in cfgs], device=device)
+        self.max_norm = torch.tensor([c.grad_clip for c in cfgs], device=device)
+        self.optimizer = PerRowAdamW(factors.parameters(), [c.lr for c in cfgs], [c.adam_betas for c in cfgs],
+                                     [c.weight_decay for c in cfgs])
+
+    def __call__(self, noisy: torch.Tensor, timesteps: torch.Tensor, hidden: torch.Tensor,
+                 target: torch.Tensor) -> torch.Tensor:
+        """Inputs in batch layout (row c·K + k); returns the K total losses (on the device, detached)."""
+        k = len(self.factors)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            pred = self.forward(noisy, timesteps, hidden, return_dict=False)[0]
+        # Per-sample MSE, then per fine-tune: equal counts per sample, so this is F.mse_loss's mean.
+        per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1).view(-1, k)
+        b = self.batch_size
+        losses = per_sample[:b].mean(dim=0)
+        if self.prior:
+            losses = losses + self.prior_weight * per_sample[b:].mean(dim=0)
+        losses.sum().backward()
+        clip_grad_norm_per_row_(self.factors.parameters(), self.max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        return losses.detach()
+
+
+def _interleave(per_finetune: Sequence[torch.Tensor]) -> torch.Tensor:
+    """K tensors (rows, ...) -> one (rows·K, ...) with row c of fine-tune k at c·K + k."""
+    stacked = torch.stack(list(per_finetune), dim=1)
+    return stacked.reshape(-1, *stacked.shape[2:])
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":  # pinned memory copies without making the host wait for the device
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Each fine-tune's data, drawn as the single path draws it
+
+
+class _FinetuneStream:
+    """The random draws of one fine-tune, in `finetune_lora`'s order, from its own generator."""
+
+    def __init__(self, cfg: FinetuneConfig, instance_bank: _LatentBank, class_bank: _LatentBank | None,
+                 num_train_timesteps: int) -> None:
+        self.cfg, self.instance_bank, self.class_bank = cfg, instance_bank, class_bank
+        self.num_train_timesteps = num_train_timesteps
+        self.generator = torch.Generator("cpu").manual_seed(cfg.seed)
+        dataset_len = max(len(instance_bank), len(class_bank)) if class_bank else len(instance_bank)
+        self.order = _shuffled_indices(dataset_len, self.generator)
+
+    def draw(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Latents (2B or B, C, h, w), noise and timesteps of the next step, on the CPU."""
+        g = self.generator
+        rows = [next(self.order) for _ in range(self.cfg.batch_size)]
+        latents = self.instance_bank.sample([i % len(self.instance_bank) for i in rows], g)
+        if self.class_bank is not None:
+            latents = torch.cat([latents, self.class_bank.sample([i % len(self.class_bank) for i in rows], g)])
+        noise = torch.randn(latents.shape, generator=g)
+        timesteps = torch.randint(0, self.num_train_timesteps, (latents.shape[0],), generator=g)
+        return latents, noise, timesteps
+
+
+def _cpu_bank(vae: Any, images: list[Image.Image], resolution: int, device: torch.device, hflip: bool) -> _LatentBank:
+    """A latent bank encoded on the device but kept on the CPU: each step then moves K fine-tunes'
+    latents to the device in one copy, instead of one small blocking copy per draw."""
+    bank = _LatentBank(vae, images, resolution, device, hflip)
+    bank.mean, bank.std = bank.mean.cpu(), bank.std.cpu()
+    return bank
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks and records
+
+
+def check_batchable(cfgs: Sequence[FinetuneConfig]) -> None:
+    """ConfigError unless the fine-tunes agree on everything that shapes the shared batch."""
+    if not cfgs:
+        raise InputError("no fine-tunes to batch")
+    first = cfgs[0]
+    for name in SHARED_FIELDS:
+        for i, cfg in enumerate(cfgs[1:], start=1):
+            if getattr(cfg, name) != getattr(first, name):
+                raise ConfigError(f"batched fine-tunes must agree on {name}: fine-tune 0 has {getattr(first, name)!r}, "
+                                  f"fine-tune {i} has {getattr(cfg, name)!r}")
+    if first.train_text_encoder:
+        raise ConfigError("batched fine-tuning trains the UNet LoRA only; use finetune_lora for "
+                          "train_text_encoder=True")
+    if first.mixed_precision == "fp16":
+        raise ConfigError("batched fine-tuning supports mixed_precision 'no' or 'bf16' (fp16 needs a loss "
+                          "scaler per fine-tune); use 'bf16'")
+
+
+def _class_image_sets(pipe: Any, cfgs: Sequence[FinetuneConfig], given: Sequence[list[Image.Image] | None] | None,
+                      base_fingerprint: str | None, show_progress: bool
+                      ) -> tuple[list[list[Image.Image] | None], list[Path | None], str | None]:
+    """Each fine-tune's prior-preservation images (given, else loaded or sampled once per distinct
+    setting), the cache directories they came from, and the base fingerprint (hashed if a cache needs it)."""
+    k_count = len(cfgs)
+    if not cfgs[0].prior_preservation:
+        return [None] * k_count, [None] * k_count, base_fingerprint
+    sets: list[list[Image.Image] | None] = list(given) if given is not None else [None] * k_count
+    dirs: list[Path | None] = [None] * k_count
+    sampled: dict[tuple, tuple[list[Image.Image], Path | None]] = {}
+    for k, cfg in enumerate(cfgs):
+        if sets[k] is not None:
+            continue
+        if cfg.class_images_dir is not None and base_fingerprint is None:
+            base_fingerprint = pipeline_fingerprint(pipe)
+        key = (cfg.class_images_dir, cfg.class_prompt, cfg.num_class_images, cfg.class_images_seed,
+               cfg.class_inference_steps, cfg.class_guidance_scale)
+        if key not in sampled:
+            sampled[key] = load_or_sample_class_images(
+                pipe, cfg.class_images_dir, prompt=cfg.class_prompt, count=cfg.num_class_images,
+                seed=cfg.class_images_seed, num_inference_steps=cfg.class_inference_steps,
+                guidance_scale=cfg.class_guidance_scale, base_fingerprint=base_fingerprint,
+                show_progress=show_progress)
+        sets[k], dirs[k] = sampled[key]
+    if any(not images for images in sets):
+        raise InputError("prior preservation needs class images for every fine-tune")
+    return sets, dirs, base_fingerprint
+
+
+def _save_lora(pipe: Any, out_dir: Path, step: int, state_dict: dict[str, torch.Tensor],
+               metadata: dict[str, Any]) -> Path:
+    """What `finetune_lora` writes at a snapshot: out_dir/step-{step:06d}/, diffusers format, atomically."""
+    final = snapshot_dir(out_dir, step)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        type(pipe).save_lora_weights(tmp, unet_lora_layers=convert_state_dict_to_diffusers(state_dict),
+                                     unet_lora_adapter_metadata=metadata)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final / LORA_WEIGHT_NAME
+
+
+def _first_bad_step(losses: list[float]) -> int | None:
+    for step, value in enumerate(losses, start=1):
+        if not math.isfinite(value):
+            return step
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The batched fine-tune
+
+
+def finetune_lora_batched(pipe: Any, image_sets: Sequence[list[Image.Image]], cfgs: Sequence[FinetuneConfig],
+                          out_dirs: Sequence[str | Path], *, options: BatchedOptions = BatchedOptions(),
+                          base_ref: str | None = None, base_fingerprint: str | None = None,
+                          class_images: Sequence[list[Image.Image] | None] | None = None,
+                          return_exceptions: bool = False,
+                          show_progress: bool = True) -> list[FinetuneResult | LoraleakError]:
+    """Fine-tune K = len(cfgs) LoRAs at once: image_sets[k] with cfgs[k] into out_dirs[k].
+
+    Each out_dir gets what `finetune_lora` would write there (snapshots, finetune.json) and each
+    result equals its result up to float rounding. `class_images[k]` are fine-tune k's prior-
+    preservation images (pass the same list to share them; None: load or sample per cfg).
+    A fine-tune whose loss becomes non-finite raises LoraleakError, or, with return_exceptions,
+    becomes that error in its slot of the result while the others carry on (no finetune.json for it).
+    """
+    k_count = len(cfgs)
+    if len(image_sets) != k_count or len(out_dirs) != k_count:
+        raise InputError(f"got {len(image_sets)} image sets, {k_count} configs and {len(out_dirs)} output "
+                         "directories; one of each per fine-tune")
+    check_batchable(cfgs)
+    for k, images in enumerate(image_sets):
+        if not images:
+            raise InputError(f"fine-tune {k} has no instance images")
+    out_dirs = [Path(d) for d in out_dirs]
+    if len({d.resolve() for d in out_dirs}) != k_count:
+        raise InputError("every fine-tune of a batch needs its own output directory")
+    if class_images is not None and len(class_images) != k_count:
+        raise InputError(f"got {len(class_images)} class image lists for {k_count} fine-tunes")
+    if loaded_adapters(pipe):
+        raise LoraleakError(f"the pipeline already carries LoRA adapters {loaded_adapters(pipe)}; "
+                            "fine-tune from a clean base")
+    started = time.perf_counter()
+    for d in out_dirs:
+        d.mkdir(parents=True, exist_ok=True)
+    first = cfgs[0]
+    device = torch.device(first.device)
+    pipe.to(device)
+    resolution = pipeline_resolution(pipe)
+    if base_fingerprint is None and base_ref is not None:
+        base_fingerprint = fingerprint_of_base(base_ref)
+
+    class_sets, class_dirs, base_fingerprint = _class_image_sets(pipe, cfgs, class_images, base_fingerprint,
+                                                                 show_progress)
+    class_images_s = time.perf_counter() - started
+
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ConfigError(f"cannot fine-tune a base that predicts {prediction_type!r} (only epsilon or v)")
+    num_train_timesteps = noise_scheduler.config.num_train_timesteps
+
+    class_banks: dict[tuple[int, bool], _LatentBank] = {}  # by (id of the image list, flips)
+    streams = []
+    for cfg, images, class_set in zip(cfgs, image_sets, class_sets):
+        class_bank = None
+        if class_set is not None:
+            key = (id(class_set), cfg.hflip)
+            if key not in class_banks:
+                class_banks[key] = _cpu_bank(pipe.vae, class_set, resolution, device, cfg.hflip)
+            class_bank = class_banks[key]
+        streams.append(_FinetuneStream(cfg, _cpu_bank(pipe.vae, images, resolution, device, cfg.hflip), class_bank,
+                                       num_train_timesteps))
+    triggers = [cfg.trigger_word for cfg in cfgs]
+    instance_prompts = [cfg.instance_prompt_text for cfg in cfgs]
+    with torch.no_grad():  # the text encoder is frozen: embed every fine-tune's prompts once
+        hidden = _interleave([
+            _encode_tokens(pipe.text_encoder, torch.cat([
+                _token_ids(pipe.tokenizer, p)
+                for p in [prompt] * first.batch_size + ([cfg.class_prompt] * first.batch_size
+                                                         if first.prior_preservation else [])]))
+            for cfg, prompt in zip(cfgs, instance_prompts)])
+
+    losses: list[list[float]] = [[] for _ in cfgs]
+    snapshots: list[list[tuple[int, Path]]] = [[] for _ in cfgs]
+    errors: list[LoraleakError | None] = [None] * k_count
+    pending: list[torch.Tensor] = []  # per-step loss rows not yet read back from the device
+    sync_steps = set().union(*(cfg.save_steps for cfg in cfgs)) | {first.steps}
+
+    def read_losses() -> None:
+        if not pending:
+            return
+        rows = torch.stack(pending).cpu().tolist()
+        pending.clear()
+        for row in rows:
+            for k, value in enumerate(row):
+                losses[k].append(value)
+        for k, cfg in enumerate(cfgs):
+            bad = _first_bad_step(losses[k]) if errors[k] is None else None
+            if bad is None:
+                continue
+            errors[k] = LoraleakError(
+                f"fine-tune {k} of the batch ({triggers[k]}, {out_dirs[k]}) diverged: loss is {losses[k][bad - 1]} "
+                f"at step {bad} of {cfg.steps} (lr={cfg.lr}, mixed_precision={cfg.mixed_precision})")
+            if not return_exceptions:
+                raise errors[k]
+
+    def save(step: int) -> None:
+        for k, cfg in enumerate(cfgs):
+            if step in cfg.save_steps and errors[k] is None:
+                snapshots[k].append((step, _save_lora(pipe, out_dirs[k], step, factors.peft_state_dict(k),
+                                                      metadata[k])))
+
+    with ExitStack() as stack:
+        stack.enter_context(_FrozenBase(pipe))
+        initial, metadata = zip(*(peft_initial_lora(pipe.unet, cfg) for cfg in cfgs))
+        factors = BatchedLoRAFactors(initial, [cfg.alpha / cfg.rank for cfg in cfgs], device)
+        stack.enter_context(factors.installed(pipe.unet))
+        forward = stack.enter_context(_device_setup(pipe.unet, options))
+        train_step = _BatchedStep(forward, factors, cfgs, device)
+        pipe.unet.train()
+        save(0)
+
+        train_started = time.perf_counter()
+        progress = tqdm(range(1, first.steps + 1), desc=f"fine-tune x{k_count}", disable=not show_progress)
+        for step in progress:
+            draws = [stream.draw() for stream in streams]
+            latents, noise, timesteps = (_to_device(_interleave(part), device) for part in zip(*draws))
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
+            pending.append(train_step(noisy, timesteps, hidden, target))
+            if step % options.loss_sync_every == 0 or step in sync_steps:
+                read_losses()
+                alive = [losses[k][-1] for k in range(k_count) if errors[k] is None]
+                if alive:
+                    progress.set_postfix(mean_loss=f"{sum(alive) / len(alive):.4f}")
+                save(step)
+        train_s = time.perf_counter() - train_started
+        trainable = sum(p[0].numel() for p in factors.parameters())
+
+    wall_time_s = time.perf_counter() - started
+    results: list[FinetuneResult | LoraleakError] = []
+    for k, cfg in enumerate(cfgs):
+        if errors[k] is not None:
+            results.append(errors[k])
+            continue
+        tail = losses[k][-max(1, len(losses[k]) // 10):]
+        final_loss = sum(tail) / len(tail)
+        class_set = class_sets[k]
+        settings = {
+            "config": to_dict(cfg),
+            "trigger": triggers[k],
+            "instance_prompt": instance_prompts[k],
+            "class_prompt": cfg.class_prompt,
+            "resolution": resolution,
+            "base": {"ref": base_ref, "fingerprint": base_fingerprint, "pipeline": type(pipe).__name__},
+            "noise_scheduler": {"class": type(noise_scheduler).__name__, "prediction_type": prediction_type,
+                                "num_train_timesteps": num_train_timesteps,
+                                "beta_schedule": noise_scheduler.config.beta_schedule},
+            "lora": {"init": "gaussian", "trainable_parameters": trainable},
+            "instance_images": {"count": len(image_sets[k]), "sha256": [image_sha256(im) for im in image_sets[k]]},
+            "class_images": None if not class_set else {
+                "count": len(class_set), "cache_dir": str(class_dirs[k]) if class_dirs[k] else None,
+                "sha256_of_all": hashlib.sha256("".join(image_sha256(im) for im in class_set).encode()).hexdigest()},
+            "snapshots": [{"step": r, "path": str(p.relative_to(out_dirs[k]))} for r, p in snapshots[k]],
+            "losses": losses[k],
+            "final_loss": final_loss,
+            "timings": {"wall_time_s": wall_time_s, "class_images_s": class_images_s, "train_s": train_s,
+                        "seconds_per_step": train_s / cfg.steps, "torch_threads": torch.get_num_threads()},
+            "batched": {"fine_tunes": k_count, "index": k, "options": to_dict(options)},
+            "device": str(device),
+            "versions": _versions(),
+        }
+        _write_json_atomically(out_dirs[k] / RECORD_NAME, settings)  # last: it marks the snapshots complete
+        results.append(FinetuneResult(trigger=triggers[k], instance_prompt=instance_prompts[k],
+                                      snapshots=snapshots[k], losses=losses[k], final_loss=final_loss,
+                                      wall_time_s=wall_time_s, settings=settings))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# How many fine-tunes fit
+
+
+def probe_step(pipe: Any, cfg: FinetuneConfig, k: int, options: BatchedOptions, steps: int = 2) -> None:
+    """`steps` training steps of K copies of cfg's fine-tune on random data of the real shapes, optimiser
+    state included: what `find_max_k` measures memory with, and what a FLOP count can run under."""
+    device = torch.device(cfg.device)
+    rows = cfg.batch_size * (2 if cfg.prior_preservation else 1)
+    latent_shape = (rows * k, pipe.unet.config.in_channels, pipe.unet.config.sample_size,
+                    pipe.unet.config.sample_size)
+    hidden = torch.zeros(rows * k, int(pipe.tokenizer.model_max_length), pipe.unet.config.cross_attention_dim,
+                         device=device)
+    cfgs = [cfg] * k
+    with ExitStack() as stack:
+        stack.enter_context(_FrozenBase(pipe))
+        initial, _ = peft_initial_lora(pipe.unet, cfg)
+        factors = BatchedLoRAFactors([initial] * k, [cfg.alpha / cfg.rank] * k, device)
+        stack.enter_context(factors.installed(pipe.unet))
+        forward = stack.enter_context(_device_setup(pipe.unet, options))
+        train_step = _BatchedStep(forward, factors, cfgs, device)
+        for _ in range(steps):
+            latents = torch.randn(latent_shape, device=device)
+            timesteps = torch.randint(0, 1000, (latent_shape[0],), device=device)
+            train_step(latents, timesteps, hidden, torch.randn_like(latents)).cpu()
+
+
+def find_max_k(pipe: Any, cfg: FinetuneConfig, device: str | torch.device | None = None, *,
+               options: BatchedOptions = BatchedOptions(), cpu_k: int = 8, limit: int = 1024) -> int:
+    """The largest K whose batched fine-tune step fits the GPU's memory (at most `limit`).
+
+    Doubles K until a probe step raises torch.cuda.OutOfMemoryError, then bisects. The probe runs
+    uncompiled (compiled steps need no more memory, usually less); leave a little margin for the
+    allocator's fragmentation in a long run. On a CPU there is nothing to probe: returns `cpu_k`.
+    """
+    device = torch.device(device if device is not None else cfg.device)
+    if device.type != "cuda":
+        return cpu_k
+    cfg = replace(cfg, device=str(device))
+    probe_options = replace(options, compile=False)
+    pipe.to(device)
+
+    def fits(k: int) -> bool:
+        try:
+            probe_step(pipe, cfg, k, probe_options)
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    if not fits(1):
+        raise LoraleakError(f"not even one fine-tune fits on {device} (rank {cfg.rank}, batch {cfg.batch_size}); "
+                            "try gradient_checkpointing or mixed_precision='bf16'")
+    return largest_fitting(fits, limit)
+
+
+def largest_fitting(fits: Callable[[int], bool], limit: int) -> int:
+    """The largest k in [1, limit] with fits(k), for a fits that is monotone and true at 1: doubling, then bisection."""
+    good, bad = 1, None
+    while bad is None and good < limit:
+        trial = min(2 * good, limit)
+        if fits(trial):
+            good = trial
+        else:
+            bad = trial
+    while bad is not None and bad - good > 1:
+        middle = (good + bad) // 2
+        if fits(middle):
+            good = middle
+        else:
+            bad = middle
+    return good

@@ -1,9 +1,10 @@
-"""The LoRA zoo: Ray Data build, resume, failed rows, manifest schema, verify, info, reader, MLflow.
+"""The LoRA zoo: Ray Data build, resume, failed rows, manifest schema, verify, info, reader, MLflow,
+K fine-tunes per UNet pass, the recorded config, post-hoc defenses.
 
 One local Ray (2 CPUs) and one randomly initialised tiny base serve the whole module; the zoo is
 3 synthetic identities x 4-step fine-tunes with snapshots at r = 0, 2, 4. The reference zoo and the
-killed build run through Ray Data; the rerun and failure tests run their fine-tunes in-process
-(`workers: 0`, the same worker code), since each Ray actor pool costs ~10 s of imports here.
+killed build run through Ray Data; the other builds run their fine-tunes in-process (`workers: 0`,
+the same worker code), since each Ray actor pool costs ~10 s of imports here.
 """
 
 import dataclasses
@@ -16,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -23,13 +25,15 @@ import yaml
 
 from loraleak.base.tiny import TinyBaseConfig, build_tiny_pipeline
 from loraleak.config import from_dict, to_dict
+from loraleak.defenses import DefenseConfig, defenses_applied
+from loraleak.defenses.rank_truncation import truncate_lora
 from loraleak.errors import ConfigError, LoraleakError
-from loraleak.finetune.lora_io import read_lora
+from loraleak.finetune.lora_io import lora_factors, read_lora
 from loraleak.identities import SyntheticFaces
 from loraleak.tracking import mlflow_run
 from loraleak.zoo.build import FineTuneWorker, build_zoo, fine_tune_record, run_plan
 from loraleak.zoo.cli import zoo_main
-from loraleak.zoo.config import ZooConfig
+from loraleak.zoo.config import ZooConfig, read_zoo_config
 from loraleak.zoo.inspect import verify_zoo, zoo_info
 from loraleak.zoo.manifest import SCHEMA, finished_lora_ids, read_manifest, read_parts, to_table
 from loraleak.zoo.plan import plan_zoo
@@ -42,6 +46,7 @@ TINY = TinyBaseConfig(resolution=16, unet_channels=(32, 32), attention_levels=1,
 # Differ between two builds of the same zoo. The file hash too: diffusers writes peft's
 # target_modules, a set, into the file's metadata in a per-process order; `same_loras` compares tensors.
 RUN_COLUMNS = ("started_at", "wall_time_s", "worker", "lora_sha256")
+LOSS_COLUMNS = ("final_loss", "loss_at_snapshot")
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +119,18 @@ def test_config_rejects_bad_variations(vary, message):
         from_dict(ZooConfig, {"root": "zoo", "vary": vary})
 
 
+@pytest.mark.parametrize("settings, message", [
+    ({"defense": {"kind": "dp_sgd", "epsilon": 10.0}}, "'dp_sgd' is not implemented yet in the zoo"),
+    ({"defense": {"kind": "rank_truncation"}}, "rank_truncation needs a rank"),
+    ({"fine_tunes_per_pass": 0}, "fine_tunes_per_pass must be >= 1"),
+    ({"batched_options": {"compile": True}}, "batched_options apply only with fine_tunes_per_pass > 1"),
+    ({"fine_tunes_per_pass": 2, "batched_options": {"sdpa_typo": True}}, "batched_options: unknown key 'sdpa_typo'"),
+])
+def test_config_rejects_bad_defenses_and_batching(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(ZooConfig, {"root": "zoo", **settings})
+
+
 def test_variants_are_deterministic_and_give_distinct_ids(tiny_base, tmp_path):
     grid = zoo_config(tmp_path, tiny_base, vary={"rank": [2, 4], "steps": [4, 6]}, vary_mode="grid")
     plan = plan_zoo(grid, show_progress=False)
@@ -165,6 +182,16 @@ def test_build_writes_the_manifest_schema(reference):
 def test_manifest_rejects_unknown_columns():
     with pytest.raises(ValueError, match="unknown columns"):
         to_table([{"lora_id": "x", "rank_typo": 4}])
+
+
+def test_parts_written_before_alpha_became_a_float_still_read(tmp_path):
+    store = ZooStore(tmp_path)
+    version_1 = SCHEMA.set(SCHEMA.get_field_index("alpha"), pa.field("alpha", pa.int32()))
+    Path(store.parts_dir).mkdir()
+    pq.write_table(pa.Table.from_pylist([{"lora_id": "old", "alpha": 27, "status": "done"}], schema=version_1),
+                   store.part_path("old"))
+    table = read_manifest(store)
+    assert table.schema.field("alpha").type == pa.float64() and table["alpha"].to_pylist() == [27.0]
 
 
 def test_build_is_an_mlflow_run(reference):
@@ -324,6 +351,134 @@ def test_reader_streams_deltas(reference):
     assert all(torch.equal(delta[k], match.delta[k]) for k in delta)
     assert sum(k.startswith(DELTA_PREFIX) for k in row) == len(match.delta)
     assert row["split"] == "attack_train" and list(row["image_keys"]) == match.image_keys
+
+
+# --- K fine-tunes per UNet pass -----------------------------------------------------------------
+
+def assert_same_updates(root: str, ref_root: str, rel: float = 1e-2) -> None:
+    """Every snapshot file holds the reference's: θ_0 bit for bit, θ_r - θ_0 within float rounding
+    (Adam amplifies rounding in near-zero gradients, as in test_batched_finetune)."""
+    initial = {}
+    for row in read_manifest(ref_root).to_pylist():  # by lora_id, then step: θ_0 first
+        theta, ref = read_lora(Path(root) / row["lora_path"])[0], read_lora(Path(ref_root) / row["lora_path"])[0]
+        assert theta.keys() == ref.keys()
+        if row["snapshot_step"] == 0:
+            assert all(torch.equal(theta[k], ref[k]) for k in ref)
+            initial[row["lora_id"]] = ref
+            continue
+        for key, value in ref.items():
+            update = value - initial[row["lora_id"]][key]
+            assert update.norm() > 0 and (theta[key] - value).norm() <= rel * update.norm(), (row["lora_path"], key)
+
+
+@pytest.mark.parametrize("workers", [0, pytest.param(1, marks=pytest.mark.slow)])  # in-process / a Ray actor
+def test_fine_tunes_per_pass_builds_the_same_zoo(reference, tmp_path, workers):
+    ref_cfg, _ = reference
+    cfg = dataclasses.replace(ref_cfg, root=str(tmp_path / "zoo"), tracking=False, workers=workers,
+                              fine_tunes_per_pass=2)
+    summary = run_plan(cfg, plan_zoo(cfg, show_progress=False), show_progress=False)
+    assert (summary["ran"], summary["done"], summary["failed"]) == (3, 3, 0)
+    table, ref = read_manifest(cfg.root), read_manifest(ref_cfg.root)
+    # Same ids, steps, status, files and settings; losses and tensors up to float rounding.
+    assert table.drop_columns([*RUN_COLUMNS, *LOSS_COLUMNS]).to_pylist() == \
+        ref.drop_columns([*RUN_COLUMNS, *LOSS_COLUMNS]).to_pylist()
+    for column in LOSS_COLUMNS:
+        assert table[column].to_pylist() == [v if v is None else pytest.approx(v, rel=1e-4)  # None at r = 0
+                                             for v in ref[column].to_pylist()]
+    assert_same_updates(cfg.root, ref_cfg.root)
+    # K = 2 over 3 fine-tunes: two shared one UNet pass, the third ran alone on the single path.
+    passes = [json.loads((Path(cfg.root) / "loras" / lora_id / "finetune.json").read_text())
+              .get("batched", {"fine_tunes": 1})["fine_tunes"] for lora_id in set(table["lora_id"].to_pylist())]
+    assert sorted(passes) == [1, 2, 2]
+
+
+def test_a_fine_tune_that_fails_in_a_shared_pass_fails_alone(tiny_base, tmp_path):
+    cfg = zoo_config(tmp_path / "zoo", tiny_base, workers=0, fine_tunes_per_pass=3)
+    plan = plan_zoo(cfg, show_progress=False)
+    first, *others = plan.fine_tunes
+    diverging = dataclasses.replace(first, finetune=dataclasses.replace(first.finetune, lr=1e30))
+    results = FineTuneWorker(cfg, plan.base_hash, own_process=False).fine_tune_together(
+        [fine_tune_record(ft) for ft in (diverging, *others)])
+    assert [r["status"] for r in results] == ["failed", "done", "done"]
+    assert "diverged" in results[0]["error"]
+    assert finished_lora_ids(ZooStore(cfg.root)) == {ft.lora_id for ft in others}
+    for ft in others:  # trained together, and published
+        assert json.loads((Path(cfg.root) / "loras" / ft.lora_id / "finetune.json").read_text())["batched"][
+            "fine_tunes"] == 3
+
+
+# --- the recorded config ------------------------------------------------------------------------
+
+def test_a_zoo_records_its_config_and_holds_one_population(reference, tmp_path):
+    ref_cfg, _ = reference
+    assert read_zoo_config(ref_cfg.root) == ref_cfg
+    cfg = copy_zoo(ref_cfg, tmp_path / "zoo")
+    assert read_zoo_config(cfg.root) == dataclasses.replace(ref_cfg, root=cfg.root)  # read where it is now
+    # Other settings give new fine-tunes of the same population; the root records the latest config.
+    faster = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, lr=2e-4))
+    summary = run_plan(faster, plan_zoo(faster, show_progress=False), show_progress=False)
+    assert (summary["already_done"], summary["done"], summary["zoo_fine_tunes"]) == (0, 3, 6)
+    assert read_zoo_config(cfg.root) == faster
+    # Another identity source: one line naming the difference, before anything is planned or written.
+    other = dataclasses.replace(cfg, identities=dataclasses.replace(cfg.identities, seed=1))
+    parts = sorted(Path(ZooStore(cfg.root).parts_dir).iterdir())
+    with pytest.raises(ConfigError, match=r"identities\.seed: recorded 0, this config 1.*one population"):
+        build_zoo(other, show_progress=False)
+    assert sorted(Path(ZooStore(cfg.root).parts_dir).iterdir()) == parts
+    assert read_zoo_config(cfg.root) == faster
+
+
+def test_reading_the_config_of_a_root_without_one_is_one_line(tmp_path):
+    with pytest.raises(LoraleakError, match="records no config"):
+        read_zoo_config(str(tmp_path))
+
+
+# --- defenses -----------------------------------------------------------------------------------
+
+def test_rank_truncation_stores_the_truncated_loras(tiny_base, tmp_path):
+    settings = {"workers": 0, "max_identities": 1,
+                "finetune": {"rank": 2, "alpha": 3, "steps": 4, "prior_preservation": False}}
+    plain = zoo_config(tmp_path / "plain", tiny_base, **settings)
+    defended = zoo_config(tmp_path / "defended", tiny_base, defense={"kind": "rank_truncation", "rank": 1},
+                          **settings)
+    for cfg in (plain, defended):
+        run_plan(cfg, plan_zoo(cfg, show_progress=False), show_progress=False)
+    rows, plain_rows = read_manifest(defended.root).to_pylist(), read_manifest(plain.root).to_pylist()
+    assert rows[0]["lora_id"] != plain_rows[0]["lora_id"]  # the defense is part of the id
+    defense = DefenseConfig(kind="rank_truncation", rank=1)
+    for row, plain_row in zip(rows, plain_rows, strict=True):
+        # The file's rank and alpha (3 · 1/2: alpha / rank kept), as a loader applies them.
+        assert (row["rank"], row["alpha"], row["defense"]) == (1, 1.5, defense.to_manifest())
+        state, metadata = read_lora(Path(defended.root) / row["lora_path"])
+        assert defenses_applied(metadata) == [defense]
+        expected = truncate_lora(read_lora(Path(plain.root) / plain_row["lora_path"])[0], 1)
+        assert state.keys() == expected.keys()
+        assert all(torch.allclose(state[k], expected[k], atol=1e-7) for k in state), row["snapshot_step"]
+    assert verify_zoo(defended.root, show_progress=False).ok  # files agree with the manifest's rank and alpha
+    final = [s for s in iter_zoo_samples(defended.root) if s.step == 4]
+    assert len(final) == 1 and all(1 in delta.shape for delta in final[0].delta.values())
+
+
+def test_output_noise_gives_every_file_its_own_noise(reference, tmp_path):
+    ref_cfg, _ = reference
+    defense = DefenseConfig(kind="output_noise", relative_noise=0.5)
+    cfg = dataclasses.replace(ref_cfg, root=str(tmp_path / "zoo"), tracking=False, workers=0, max_identities=2,
+                              defense=defense)
+    run_plan(cfg, plan_zoo(cfg, show_progress=False), show_progress=False)
+    clean = {(r["identity_id"], r["snapshot_step"]): r["lora_path"] for r in read_manifest(ref_cfg.root).to_pylist()}
+    rows = read_manifest(cfg.root).to_pylist()
+    seeds = set()
+    for row in rows:
+        assert (row["rank"], row["alpha"], row["defense"]) == (2, 2.0, defense.to_manifest())
+        noisy, metadata = read_lora(Path(cfg.root) / row["lora_path"])
+        [applied] = defenses_applied(metadata)
+        assert (applied.kind, applied.relative_noise) == ("output_noise", 0.5)
+        seeds.add(applied.seed)
+        original = lora_factors(read_lora(Path(ref_cfg.root) / clean[row["identity_id"], row["snapshot_step"]])[0])
+        for module, (down, _) in lora_factors(noisy).items():  # the up factor is zero at step 0: no noise
+            ratio = ((down - original[module][0]).norm() / original[module][0].norm()).item()
+            assert 0.25 < ratio < 0.75, (row["lora_path"], module, ratio)
+    assert len(rows) == 2 * 3 and len(seeds) == len(rows)  # no noise direction shared across the zoo
 
 
 # --- a killed build -----------------------------------------------------------------------------

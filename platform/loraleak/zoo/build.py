@@ -1,14 +1,21 @@
 """Building a zoo with Ray Data: planned fine-tunes -> fine-tune actors -> LoRA files + manifest.
 
     ray.data.from_items(pending fine-tunes)
-        .map_batches(FineTuneWorker, batch_size=1, compute=ActorPoolStrategy(size=workers),
-                     num_cpus=..., num_gpus=...)
+        .map_batches(FineTuneWorker, batch_size=fine_tunes_per_pass,
+                     compute=ActorPoolStrategy(size=workers), num_cpus=..., num_gpus=...)
 
-Each `FineTuneWorker` actor loads the base pipeline once and keeps it. For every fine-tune it
-writes the LoRA snapshots (staged, then published whole) and only then that fine-tune's manifest
-part, itself: work that finished survives a dead driver, and a rerun skips it. A fine-tune that
-fails (unreadable image, NaN loss, out of memory) becomes a failed row and the build goes on; a
-worker process that dies is restarted by Ray and its fine-tune retried (`max_retries`).
+Each `FineTuneWorker` actor loads the base pipeline once and keeps it. It takes K =
+`fine_tunes_per_pass` fine-tunes at a time; those whose settings can share a batch train together
+in one UNet pass (`loraleak.finetune.batched`: the same LoRAs as one by one, up to float rounding),
+the rest one by one. For every fine-tune it writes the LoRA snapshots (defended when the zoo has a
+defense, staged, then published whole) and only then that fine-tune's manifest part, itself: work
+that finished survives a dead driver, and a rerun skips it. A fine-tune that fails (unreadable
+image, NaN loss) becomes a failed row and the build goes on; a pass of K that fails as a whole (out
+of memory) is run again one by one; a worker process that dies is restarted by Ray and the
+fine-tunes it was running retried (`max_retries`).
+
+A build first records its config in the root (`zoo_config.json`), refusing a config whose identity
+source differs from the recorded one: a zoo is one population.
 
 Runs on a local `ray.init()` and unchanged on a cluster: `RAY_ADDRESS` or `ray job submit`.
 """
@@ -18,12 +25,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import socket
 import statistics
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,10 +40,10 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from ..config import from_dict, to_dict
-from ..errors import InputError, LoraleakError
-from .config import ZooConfig
-from .manifest import (DONE, FAILED, NO_DEFENSE, compact_manifest, delete_part, finished_lora_ids,
-                       write_part)
+from ..errors import ConfigError, InputError, LoraleakError
+from .config import ZooConfig, check_identity_source, record_zoo_config
+from .defense import defend_snapshots, stored_rank_alpha
+from .manifest import DONE, FAILED, compact_manifest, delete_part, finished_lora_ids, write_part
 from .plan import PlannedFineTune, ZooPlan, plan_zoo
 from .storage import ZooStore
 
@@ -68,8 +76,40 @@ def _loss_before(losses: list[float], step: int) -> float | None:
     return sum(window) / len(window)
 
 
+Outcome = tuple[list[dict[str, Any]], str | None, datetime, float]  # snapshot rows, error, start, wall time
+
+
+def batch_key(ft: Any) -> tuple:
+    """What fine-tunes must share to train in one UNet pass (loraleak.finetune.batched.SHARED_FIELDS)."""
+    from ..finetune.batched import SHARED_FIELDS
+
+    return tuple(getattr(ft, name) for name in SHARED_FIELDS)
+
+
+def batch_groups(fts: list[Any]) -> list[list[int]]:
+    """Indices of `fts` grouped into fine-tunes that can share UNet passes, in order of first appearance;
+    a fine-tune the batched path does not take (text-encoder LoRA, fp16) is a group of its own."""
+    from ..finetune.batched import check_batchable
+
+    by_key: dict[tuple, list[int]] = {}
+    for i, ft in enumerate(fts):
+        by_key.setdefault(batch_key(ft), []).append(i)
+    groups: list[list[int]] = []
+    for members in by_key.values():
+        try:
+            check_batchable([fts[i] for i in members])
+            groups.append(members)
+        except ConfigError:
+            groups.extend([i] for i in members)
+    return groups
+
+
 class FineTuneWorker:
-    """A Ray Data actor: holds the base pipeline, runs one planned fine-tune per row."""
+    """A Ray Data actor: holds the base pipeline, runs the planned fine-tunes of each batch of rows.
+
+    With fine_tunes_per_pass K > 1 a batch holds up to K fine-tunes; those that can share a batch
+    train together in one UNet pass (`finetune_lora_batched`), the others one by one.
+    """
 
     def __init__(self, cfg: ZooConfig, base_hash: str, own_process: bool = True):
         from ..base.loading import base_fingerprint, load_base_pipeline
@@ -90,11 +130,12 @@ class FineTuneWorker:
                                 f"{base_hash}")
         self.pipe = load_base_pipeline(cfg.base, device=self.device)
         self.resolution = pipeline_resolution(self.pipe)
+        self.batched_options = cfg.batched_run_options() if cfg.fine_tunes_per_pass > 1 else None
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self._class_images: dict[tuple, list] = {}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return pa.Table.from_pylist([self.fine_tune(row) for row in batch.to_pylist()], schema=RESULT_SCHEMA)
+        return pa.Table.from_pylist(self.fine_tune_together(batch.to_pylist()), schema=RESULT_SCHEMA)
 
     def _class_images_for(self, ft: Any) -> list | None:
         """Prior-preservation images, sampled (or read from the cache) once per worker and setting."""
@@ -114,30 +155,76 @@ class FineTuneWorker:
                 base_fingerprint=self.base_hash, show_progress=False)
         return self._class_images[key]
 
-    def _run(self, row: dict[str, Any], ft: Any, identity: Any) -> list[dict[str, Any]]:
-        """Fine-tune, publish the snapshots, return their rows (fields besides the common ones)."""
-        from ..finetune.dreambooth_lora import finetune_lora
+    def _finetune_config(self, row: dict[str, Any]) -> Any:
+        from dataclasses import replace
+
+        from ..finetune.config import FinetuneConfig
+
+        return replace(from_dict(FinetuneConfig, json.loads(row["finetune"])), device=self.device)
+
+    def _images(self, row: dict[str, Any]) -> list:
+        """The identity's images, as the plan hashed them."""
+        from ray import cloudpickle
+
         from ..identities import image_sha256
 
-        images = identity.load(self.resolution)
+        images = cloudpickle.loads(row["identity"]).load(self.resolution)
         if [image_sha256(im) for im in images] != row["image_hashes"]:
             raise InputError(f"the images of {row['identity_id']} changed or became unreadable since the zoo was "
                              f"planned ({len(images)} of {len(row['image_hashes'])} load, hashes differ); "
                              "rerun the build to plan them afresh")
+        return images
+
+    def _publish(self, row: dict[str, Any], stage: Path, result: Any) -> list[dict[str, Any]]:
+        """Defend the staged snapshots, publish them whole, return their rows (fields besides the common ones)."""
+        defend_snapshots(self.cfg.defense, row["lora_id"], result.snapshots)
         relative_dir = self.store.lora_relative_dir(row["lora_id"])
+        snapshots = []
+        for step, path in result.snapshots:
+            data = path.read_bytes()
+            snapshots.append({"snapshot_step": step,
+                              "lora_path": f"{relative_dir}/{path.relative_to(stage).as_posix()}",
+                              "lora_bytes": len(data), "lora_sha256": hashlib.sha256(data).hexdigest(),
+                              "loss_at_snapshot": _loss_before(result.losses, step),
+                              "final_loss": result.final_loss})
+        self.store.publish_dir(stage, relative_dir)
+        return snapshots
+
+    def _single(self, row: dict[str, Any], ft: Any, images: list) -> list[dict[str, Any]]:
+        from ..finetune.dreambooth_lora import finetune_lora
+
         with self.store.staging_dir(row["lora_id"]) as stage:
             result = finetune_lora(self.pipe, images, ft, stage, base_ref=self.cfg.base,
                                    base_fingerprint=self.base_hash, class_images=self._class_images_for(ft),
                                    show_progress=False)
-            snapshots = []
-            for step, path in result.snapshots:
-                data = path.read_bytes()
-                snapshots.append({"snapshot_step": step,
-                                  "lora_path": f"{relative_dir}/{path.relative_to(stage).as_posix()}",
-                                  "lora_bytes": len(data), "lora_sha256": hashlib.sha256(data).hexdigest(),
-                                  "loss_at_snapshot": _loss_before(result.losses, step)})
-            self.store.publish_dir(stage, relative_dir)
-        return [{**s, "final_loss": result.final_loss} for s in snapshots]
+            return self._publish(row, stage, result)
+
+    def _together(self, rows: list[dict[str, Any]], fts: list[Any],
+                  image_sets: list[list]) -> list[tuple[list[dict[str, Any]], str | None]]:
+        """One UNet pass for all; a fine-tune that fails in it (diverged) fails alone."""
+        from ..finetune.batched import finetune_lora_batched
+
+        with ExitStack() as stack:
+            stages = [stack.enter_context(self.store.staging_dir(row["lora_id"])) for row in rows]
+            results = finetune_lora_batched(
+                self.pipe, image_sets, fts, stages, options=self.batched_options, base_ref=self.cfg.base,
+                base_fingerprint=self.base_hash, class_images=[self._class_images_for(ft) for ft in fts],
+                return_exceptions=True, show_progress=False)
+            outcomes = []
+            for row, stage, result in zip(rows, stages, results):
+                try:
+                    if isinstance(result, BaseException):
+                        raise result
+                    outcomes.append((self._publish(row, stage, result), None))
+                except Exception as e:
+                    outcomes.append(self._failure(row, e))
+            return outcomes
+
+    def _failure(self, row: dict[str, Any], error: Exception) -> tuple[list[dict[str, Any]], str]:
+        message = _first_line(error)
+        logger.warning("fine-tune %s of %s failed: %s", row["lora_id"], row["identity_id"], message)
+        self._recover()
+        return [{}], message
 
     def _recover(self) -> None:
         """Leave the pipeline clean for the next fine-tune after one failed midway."""
@@ -152,37 +239,70 @@ class FineTuneWorker:
             self.pipe = load_base_pipeline(self.cfg.base, device=self.device)
 
     def fine_tune(self, row: dict[str, Any]) -> dict[str, Any]:
-        from dataclasses import replace
+        """Run one planned fine-tune (a `fine_tune_record`); its part is written, done or failed."""
+        return self.fine_tune_together([row])[0]
 
-        from ray import cloudpickle
+    def fine_tune_together(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Run planned fine-tunes: in shared UNet passes where fine_tunes_per_pass and their settings
+        allow, else one by one. Each becomes its own part, done or failed; one result per row."""
+        fts = [self._finetune_config(row) for row in rows]
+        outcomes: list[Outcome | None] = [None] * len(rows)
+        loaded: dict[int, list] = {}
+        for i, row in enumerate(rows):
+            # The old part (failed, or pointing at files that went missing) goes first: while this
+            # fine-tune replaces the files, no row lists them.
+            delete_part(self.store, row["lora_id"])
+            started_at, t0 = datetime.now(timezone.utc), time.perf_counter()
+            try:
+                loaded[i] = self._images(row)
+            except Exception as e:  # one fine-tune's failure is a failed row, not a failed build
+                outcomes[i] = (*self._failure(row, e), started_at, time.perf_counter() - t0)
+        ready = list(loaded)
+        if self.cfg.fine_tunes_per_pass > 1:
+            groups = [[ready[j] for j in group] for group in batch_groups([fts[i] for i in ready])]
+        else:
+            groups = [[i] for i in ready]
+        for members in groups:
+            if len(members) > 1:
+                started_at, t0 = datetime.now(timezone.utc), time.perf_counter()
+                try:
+                    together = self._together([rows[i] for i in members], [fts[i] for i in members],
+                                              [loaded[i] for i in members])
+                except Exception as e:  # the pass as a whole (out of memory...): one by one instead
+                    logger.warning("zoo: a pass of %d fine-tunes failed (%s); running them one by one",
+                                   len(members), _first_line(e))
+                    self._recover()
+                else:
+                    wall_time_s = time.perf_counter() - t0
+                    for i, (snapshot_rows, error) in zip(members, together):
+                        outcomes[i] = (snapshot_rows, error, started_at, wall_time_s)
+                    continue
+            for i in members:
+                started_at, t0 = datetime.now(timezone.utc), time.perf_counter()
+                try:
+                    snapshot_rows, error = self._single(rows[i], fts[i], loaded[i]), None
+                except Exception as e:
+                    snapshot_rows, error = self._failure(rows[i], e)
+                outcomes[i] = (snapshot_rows, error, started_at, time.perf_counter() - t0)
+        return [self._record(row, ft, *outcome) for row, ft, outcome in zip(rows, fts, outcomes)]
 
-        from ..finetune.config import FinetuneConfig
-
-        started_at = datetime.now(timezone.utc)
-        t0 = time.perf_counter()
-        ft = replace(from_dict(FinetuneConfig, json.loads(row["finetune"])), device=self.device)
-        # The old part (failed, or pointing at files that went missing) goes first: while this
-        # fine-tune replaces the files, no row lists them.
-        delete_part(self.store, row["lora_id"])
-        try:
-            rows, error = self._run(row, ft, cloudpickle.loads(row["identity"])), None
-        except Exception as e:  # one fine-tune's failure is a failed row, not a failed build
-            rows, error = [{}], _first_line(e)
-            logger.warning("fine-tune %s of %s failed: %s", row["lora_id"], row["identity_id"], error)
-            self._recover()
+    def _record(self, row: dict[str, Any], ft: Any, snapshot_rows: list[dict[str, Any]], error: str | None,
+                started_at: datetime, wall_time_s: float) -> dict[str, Any]:
+        """Write the fine-tune's part; return its result row."""
+        rank, alpha = stored_rank_alpha(ft, self.cfg.defense)
         common = {
             "lora_id": row["lora_id"], "identity_id": row["identity_id"], "split": row["split"],
-            "variant": row["variant"], "base_id": self.cfg.base, "base_hash": self.base_hash, "rank": ft.rank,
-            "alpha": ft.alpha, "targets": list(ft.targets), "lr": ft.lr, "seed": ft.seed, "steps": ft.steps,
+            "variant": row["variant"], "base_id": self.cfg.base, "base_hash": self.base_hash, "rank": rank,
+            "alpha": alpha, "targets": list(ft.targets), "lr": ft.lr, "seed": ft.seed, "steps": ft.steps,
             "trigger": ft.trigger_word, "instance_prompt": ft.instance_prompt_text, "class_prompt": ft.class_prompt,
-            "defense": NO_DEFENSE, "num_images": len(row["image_hashes"]), "image_keys": row["image_keys"],
-            "image_hashes": row["image_hashes"], "finetune_config": json.dumps(to_dict(ft)),
-            "status": FAILED if error else DONE, "error": error, "started_at": started_at,
-            "wall_time_s": time.perf_counter() - t0, "worker": self.name,
+            "defense": self.cfg.defense.to_manifest(), "num_images": len(row["image_hashes"]),
+            "image_keys": row["image_keys"], "image_hashes": row["image_hashes"],
+            "finetune_config": json.dumps(to_dict(ft)), "status": FAILED if error else DONE, "error": error,
+            "started_at": started_at, "wall_time_s": wall_time_s, "worker": self.name,
         }
-        write_part(self.store, row["lora_id"], [{**common, **r} for r in rows])
+        write_part(self.store, row["lora_id"], [{**common, **r} for r in snapshot_rows])
         return {"lora_id": row["lora_id"], "identity_id": row["identity_id"], "status": common["status"],
-                "error": error, "final_loss": rows[0].get("final_loss"), "wall_time_s": common["wall_time_s"]}
+                "error": error, "final_loss": snapshot_rows[0].get("final_loss"), "wall_time_s": wall_time_s}
 
 
 def connect_ray() -> None:
@@ -212,13 +332,16 @@ def _ray_results(cfg: ZooConfig, plan: ZooPlan, pending: list[PlannedFineTune]) 
     connect_ray()
     workers = min(cfg.workers, len(pending))
     _warn_if_short_of_resources(cfg, workers)
-    ds = ray.data.from_items([fine_tune_record(ft) for ft in pending], override_num_blocks=len(pending))
+    per_pass = cfg.fine_tunes_per_pass
+    # One block per batch of K: a worker takes K fine-tunes at a time.
+    ds = ray.data.from_items([fine_tune_record(ft) for ft in pending],
+                             override_num_blocks=math.ceil(len(pending) / per_pass))
     with warnings.catch_warnings():
         # Ray 2.60 has no named parameter for actor fault tolerance: max_restarts and
         # max_task_retries still travel as (deprecated) extra remote args.
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
         results = ds.map_batches(
-            FineTuneWorker, batch_size=1, batch_format="pyarrow",
+            FineTuneWorker, batch_size=per_pass, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=workers),
             fn_constructor_kwargs={"cfg": cfg, "base_hash": plan.base_hash},
             num_cpus=cfg.num_cpus_per_worker, num_gpus=cfg.num_gpus_per_worker or None,
@@ -229,8 +352,9 @@ def _ray_results(cfg: ZooConfig, plan: ZooPlan, pending: list[PlannedFineTune]) 
 
 def _local_results(cfg: ZooConfig, plan: ZooPlan, pending: list[PlannedFineTune]) -> Iterator[dict[str, Any]]:
     worker = FineTuneWorker(cfg, plan.base_hash, own_process=False)
-    for ft in pending:
-        yield worker.fine_tune(fine_tune_record(ft))
+    per_pass = cfg.fine_tunes_per_pass
+    for start in range(0, len(pending), per_pass):
+        yield from worker.fine_tune_together([fine_tune_record(ft) for ft in pending[start:start + per_pass]])
 
 
 def run_fine_tunes(cfg: ZooConfig, plan: ZooPlan, pending: list[PlannedFineTune],
@@ -239,6 +363,8 @@ def run_fine_tunes(cfg: ZooConfig, plan: ZooPlan, pending: list[PlannedFineTune]
     import ray
     from ray.data.exceptions import SystemException
 
+    if cfg.fine_tunes_per_pass > 1:  # fine-tunes that can share a pass side by side, so that batches fill
+        pending = sorted(pending, key=lambda ft: repr(batch_key(ft.finetune)))
     counts = {DONE: 0, FAILED: 0}
     started = time.perf_counter()
     progress = tqdm(total=len(pending), desc="zoo", unit="fine-tune", disable=not show_progress)
@@ -267,8 +393,9 @@ def _loss_stats(losses: list[float]) -> dict[str, float]:
 
 
 def run_plan(cfg: ZooConfig, plan: ZooPlan, show_progress: bool = True) -> dict[str, Any]:
-    """Run what the plan still lacks, compact the manifest, and summarise the build."""
+    """Record the config in the root, run what the plan still lacks, compact the manifest, and summarise."""
     store = ZooStore(cfg.root)
+    record_zoo_config(cfg)
     finished = finished_lora_ids(store)
     pending = [ft for ft in plan.fine_tunes if ft.lora_id not in finished]
     logger.info("zoo %s: %d fine-tunes planned, %d already done, %d to run %s", store.uri, len(plan.fine_tunes),
@@ -315,6 +442,7 @@ def build_zoo(cfg: ZooConfig, show_progress: bool = True) -> dict[str, Any]:
     from ..tracking import mlflow_run
     from .inspect import zoo_info
 
+    check_identity_source(cfg)  # before planning, which hashes every image
     started = time.perf_counter()
     tracked = mlflow_run(cfg.experiment, f"zoo {cfg.root}", cfg.tracking_uri, cfg.workdir) \
         if cfg.tracking else nullcontext()

@@ -26,10 +26,12 @@ def load_zoo_config(path: Path, root: str | None = None, workers: int | None = N
 def cmd_zoo_build(args: argparse.Namespace) -> None:
     cfg = load_zoo_config(args.config, args.root, args.workers)
     if args.dry_run:
+        from .config import check_identity_source
         from .manifest import finished_lora_ids
         from .plan import plan_zoo
         from .storage import ZooStore
 
+        check_identity_source(cfg)
         plan = plan_zoo(cfg)
         finished = finished_lora_ids(ZooStore(cfg.root))
         todo = sum(ft.lora_id not in finished for ft in plan.fine_tunes)
@@ -50,7 +52,7 @@ def cmd_zoo_info(args: argparse.Namespace) -> None:
         return
     print(f"zoo {info['root']}: {info['fine_tunes']} fine-tunes of {info['identities']} identities, "
           f"{info['snapshot_files']} snapshot files")
-    for key in ("status", "split", "rank", "steps", "snapshots_per_fine_tune", "base"):
+    for key in ("status", "split", "rank", "steps", "snapshots_per_fine_tune", "base", "defense"):
         print(f"  {key:<24}" + ", ".join(f"{k}: {v}" for k, v in info[key].items()))
     if info["final_loss"]:
         loss = info["final_loss"]
@@ -80,7 +82,7 @@ def add_zoo_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, help="Ray fine-tune workers (overrides workers)")
     p.add_argument("--dry-run", action="store_true", help="plan only: how many fine-tunes would run")
     p.set_defaults(func=cmd_zoo_build)
-    p = zoo.add_parser("info", help="summarise a zoo: counts by status, split, rank, steps, base")
+    p = zoo.add_parser("info", help="summarise a zoo: counts by status, split, rank, steps, base, defense")
     p.add_argument("root", help="zoo root, a path or URI")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_zoo_info)

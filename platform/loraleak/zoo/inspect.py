@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,10 +29,10 @@ def _counts(values) -> dict[str, int]:
 
 
 def zoo_info(root: str) -> dict[str, Any]:
-    """Counts of a zoo's fine-tunes by status, split, rank, steps and base, and its loss range."""
+    """Counts of a zoo's fine-tunes by status, split, rank, steps, base and defense, and its loss range."""
     store = ZooStore(root)
     table = _load_manifest(store)
-    columns = ["lora_id", "identity_id", "split", "status", "rank", "steps", "base_id", "base_hash",
+    columns = ["lora_id", "identity_id", "split", "status", "rank", "steps", "base_id", "base_hash", "defense",
                "final_loss", "error", "snapshot_step"]
     fine_tunes: dict[str, dict[str, Any]] = {}
     snapshots: Counter[str] = Counter()
@@ -53,6 +54,7 @@ def zoo_info(root: str) -> dict[str, Any]:
         "steps": _counts(r["steps"] for r in done),
         "snapshots_per_fine_tune": _counts(snapshots.values()),
         "base": _counts(f"{r['base_id']} ({r['base_hash']})" for r in done),
+        "defense": _counts(r["defense"] for r in done),
         "final_loss": {"mean": sum(losses) / len(losses), "min": min(losses), "max": max(losses)} if losses else None,
         "failures": [{"lora_id": r["lora_id"], "identity_id": r["identity_id"], "error": r["error"]}
                      for r in rows if r["status"] != DONE][:10],
@@ -114,7 +116,7 @@ def _check_file(store: ZooStore, row: dict[str, Any], size: int | None) -> str |
             return f"does not load: {e}"
     if summary["rank"] != row["rank"]:
         return f"rank {summary['rank']}, the manifest says {row['rank']}"
-    if summary["alpha"] is not None and summary["alpha"] != row["alpha"]:
+    if summary["alpha"] is not None and not math.isclose(summary["alpha"], row["alpha"], rel_tol=1e-9):
         return f"alpha {summary['alpha']}, the manifest says {row['alpha']}"
     return _targets_problem(summary["unet_modules"], row["targets"])
 

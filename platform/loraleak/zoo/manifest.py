@@ -18,9 +18,11 @@ import pyarrow.dataset as pads
 
 from .storage import LORAS_DIR, ZooStore
 
-SCHEMA_VERSION = "1"
+# 2: alpha became float64 (rank truncation rescales it), `defense` holds DefenseConfig.to_manifest().
+# Parts written as version 1 (alpha int32) still read: the dataset casts them to this schema.
+SCHEMA_VERSION = "2"
 DONE, FAILED = "done", "failed"
-NO_DEFENSE = "none"  # defense settings as JSON once defenses exist; "none" for a plain fine-tune
+NO_DEFENSE = "none"  # loraleak.defenses.DefenseConfig().to_manifest(): an undefended fine-tune
 LORA_ID_CHARS = 16
 
 # Parquet names a list's item "element": the schema says so too, so it survives a round trip exactly.
@@ -34,8 +36,8 @@ SCHEMA = pa.schema(
         ("variant", pa.int32()),  # index of this fine-tune among its identity's
         ("base_id", pa.string()),  # the base reference as configured ("tiny", a path, a hub id)
         ("base_hash", pa.string()),  # loraleak.base.loading.base_fingerprint
-        ("rank", pa.int32()),
-        ("alpha", pa.int32()),
+        ("rank", pa.int32()),  # of the stored files, after the defense (the trained one: finetune_config)
+        ("alpha", pa.float64()),  # likewise; fractional after rank truncation (alpha · k / r)
         ("targets", STRINGS),
         ("lr", pa.float64()),
         ("seed", pa.int64()),
@@ -44,7 +46,7 @@ SCHEMA = pa.schema(
         ("trigger", pa.string()),
         ("instance_prompt", pa.string()),
         ("class_prompt", pa.string()),
-        ("defense", pa.string()),
+        ("defense", pa.string()),  # DefenseConfig.to_manifest(): "none" or its settings as JSON
         ("final_loss", pa.float64()),
         ("loss_at_snapshot", pa.float64()),  # mean loss of the last tenth of the steps up to r
         ("num_images", pa.int32()),
@@ -65,14 +67,18 @@ SCHEMA = pa.schema(
 
 
 def lora_id_for(base_hash: str, image_hashes: Iterable[str], finetune_settings: dict[str, Any],
-                trigger: str, variant: int) -> str:
-    """Short sha256 over everything that decides what a fine-tune learns.
+                trigger: str, variant: int, defense: str = NO_DEFENSE) -> str:
+    """Short sha256 over everything that decides what a fine-tune's stored LoRA files hold.
 
     `finetune_settings` should leave out what does not change the LoRA (device, cache paths); the
-    trigger is passed resolved because a config without one draws it from the seed.
+    trigger is passed resolved because a config without one draws it from the seed. `defense` is
+    the manifest's defense value; an undefended fine-tune's key leaves it out, so its id is the one
+    it had before zoos applied defenses.
     """
     key = {"base": base_hash, "images": list(image_hashes), "finetune": finetune_settings,
            "trigger": trigger, "variant": variant}
+    if defense != NO_DEFENSE:
+        key["defense"] = defense
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:LORA_ID_CHARS]
 
 

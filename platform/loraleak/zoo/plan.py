@@ -2,7 +2,7 @@
 
 The plan decodes each identity's images once at the base's resolution to hash them: the id of a
 fine-tune covers what it will see, so a rerun with the same config finds the same ids (and
-skips what is finished), while a changed photo, base or setting gives a new id.
+skips what is finished), while a changed photo, base, setting or defense gives a new id.
 """
 
 from __future__ import annotations
@@ -128,7 +128,8 @@ def plan_zoo(cfg: ZooConfig, show_progress: bool = True) -> ZooPlan:
             continue
         for variant, overrides in enumerate(variant_overrides(cfg, identity.identity_id)):
             finetune = finetune_for(cfg, identity.identity_id, variant, overrides)
-            lora_id = lora_id_for(base_hash, hashes, id_settings(finetune), finetune.trigger_word, variant)
+            lora_id = lora_id_for(base_hash, hashes, id_settings(finetune), finetune.trigger_word, variant,
+                                  cfg.defense.to_manifest())
             fine_tunes.append(PlannedFineTune(lora_id, identity.identity_id, splits[identity.identity_id],
                                               variant, finetune, identity.image_keys, hashes, identity))
     for name, reason in skipped:

@@ -4,6 +4,7 @@
     ROOT/loras/<lora_id>/finetune.json                                    the fine-tune's full record
     ROOT/parts/<lora_id>.parquet                                          that fine-tune's manifest rows
     ROOT/manifest.parquet                                                 all parts, compacted by a build
+    ROOT/zoo_config.json                                                  the ZooConfig of the last build
 
 Every write is atomic: a file appears under its final name complete or not at all (a local rename,
 or a single object PUT on object stores). Names starting with "." are in-progress writes; nothing
@@ -29,6 +30,7 @@ from ..errors import InputError
 LORAS_DIR = "loras"
 PARTS_DIR = "parts"
 MANIFEST_FILE = "manifest.parquet"
+CONFIG_FILE = "zoo_config.json"
 
 
 def _filesystem(root: str) -> tuple[pafs.FileSystem, str]:
@@ -68,6 +70,10 @@ class ZooStore:
     @property
     def manifest_path(self) -> str:
         return self.abs(MANIFEST_FILE)
+
+    @property
+    def config_path(self) -> str:
+        return self.abs(CONFIG_FILE)
 
     @property
     def parts_dir(self) -> str:

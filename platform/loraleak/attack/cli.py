@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
-from ..errors import LoraleakError
 
 
 def cmd_attack_train(args: argparse.Namespace) -> None:
@@ -65,18 +63,7 @@ def add_attack_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def attack_main(argv: list[str] | None = None) -> int:
     """`loraleak attack ...` on its own: one line on stderr and exit code 2 for a user-facing error."""
-    parser = argparse.ArgumentParser(prog="loraleak")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    add_attack_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(["attack", *(sys.argv[1:] if argv is None else argv)])
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
-    try:
-        args.func(args)
-    except LoraleakError as e:
-        print(f"loraleak: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("loraleak: interrupted; a rerun resumes from the latest checkpoint", file=sys.stderr)
-        return 130
-    return 0
+    from ..cli import main
+
+    # One entry point for errors, logging and interrupts: the `loraleak` command's own.
+    return main(["attack", *(sys.argv[1:] if argv is None else argv)])

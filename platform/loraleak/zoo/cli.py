@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -93,16 +92,7 @@ def add_zoo_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def zoo_main(argv: list[str] | None = None) -> int:
     """`loraleak zoo ...` on its own: one line on stderr and exit code 2 for a user-facing error."""
-    parser = argparse.ArgumentParser(prog="loraleak")
-    add_zoo_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(["zoo", *(sys.argv[1:] if argv is None else argv)])
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        args.func(args)
-    except LoraleakError as e:
-        print(f"loraleak: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("loraleak: interrupted; finished fine-tunes are kept and a rerun resumes", file=sys.stderr)
-        return 130
-    return 0
+    from ..cli import main
+
+    # One entry point for errors, logging and interrupts: the `loraleak` command's own.
+    return main(["zoo", *(sys.argv[1:] if argv is None else argv)])

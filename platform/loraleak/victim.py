@@ -114,9 +114,9 @@ def run_victim(cfg: VictimConfig) -> dict:
 def _print_table(summary: dict) -> None:
     print(f"\nvictim {summary['victim']} (trigger '{summary['trigger']}'), scorer {summary['scorer']}, "
           f"{summary['candidates']} candidate identities (chance top-1 {1 / summary['candidates']:.3f})")
-    print(f"{'images':<22}{'face':>6}{'sim':>7}{'dist':>7}{'verified':>10}{'top-1':>7}{'rank':>6}")
+    print(f"{'images':<22}{'face':>6}{'sim':>7}{'dist':>7}{'verified':>10}{'top-1':>7}{'rank':>7}")
     for name, s in summary["scores"].items():
         fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
         print(f"{name:<22}{s['face_found']:>6.2f}{fmt(s['similarity']):>7}{fmt(s['distance']):>7}"
-              f"{s['verified']:>10.2f}{s['top1_image']:>7.2f}{fmt(s['rank']):>6}")
+              f"{s['verified']:>10.2f}{s['top1_image']:>7.2f}{fmt(s['rank']):>7}")
     print(f"grids and summary.json in {summary['out_dir']}\n")

@@ -18,3 +18,15 @@ def lfw_root() -> Path:
     if not (LFW / "private").is_dir():
         pytest.skip(f"real-face data not found at {LFW} (../shared beside the repository)")
     return LFW
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray per test module (start-up costs seconds); left running if already up."""
+    ray = pytest.importorskip("ray")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    if started:
+        ray.shutdown()

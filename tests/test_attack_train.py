@@ -40,17 +40,6 @@ TRAIN_STEPS, RESUMED_STEPS = 16, 20
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     work = tmp_path_factory.mktemp("attack-zoo")
     pipe = build_tiny_pipeline(TINY)

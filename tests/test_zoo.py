@@ -50,17 +50,6 @@ LOSS_COLUMNS = ("final_loss", "loss_at_snapshot")
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("base")
     build_tiny_pipeline(TINY).save_pretrained(path, safe_serialization=True)

@@ -44,7 +44,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-from diffusers import DDPMScheduler
 from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
@@ -62,7 +61,7 @@ from .class_images import load_or_sample_class_images, pipeline_fingerprint, pip
 from .config import FinetuneConfig
 from .dreambooth_lora import (ADAPTER_NAME, AMP_DTYPES, LORA_WEIGHT_NAME, RECORD_NAME, FinetuneResult, _encode_tokens,
                               _FrozenBase, _LatentBank, _shuffled_indices, _token_ids, _versions,
-                              _write_json_atomically, snapshot_dir)
+                              _write_json_atomically, snapshot_dir, training_noise_scheduler)
 from .lora_io import loaded_adapters
 
 # What every fine-tune of one batch must share: it shapes the batch, the LoRA layout or the pass.
@@ -464,10 +463,8 @@ def finetune_lora_batched(pipe: Any, image_sets: Sequence[list[Image.Image]], cf
                                                                  show_progress)
     class_images_s = time.perf_counter() - started
 
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    noise_scheduler = training_noise_scheduler(pipe)
     prediction_type = noise_scheduler.config.prediction_type
-    if prediction_type not in ("epsilon", "v_prediction"):
-        raise ConfigError(f"cannot fine-tune a base that predicts {prediction_type!r} (only epsilon or v)")
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
 
     class_banks: dict[tuple[int, bool], _LatentBank] = {}  # by (id of the image list, flips)

@@ -180,6 +180,15 @@ def _add_loras(pipe: Any, cfg: FinetuneConfig) -> list[torch.nn.Parameter]:
     return params
 
 
+def training_noise_scheduler(pipe) -> DDPMScheduler:
+    """DDPM over the pipeline's own training noise schedule (the sampler's config holds it)."""
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ConfigError(f"cannot fine-tune a base that predicts {prediction_type!r} (only epsilon or v)")
+    return noise_scheduler
+
+
 def _adapter_metadata(model) -> dict:
     """The adapter's LoraConfig as file metadata, with sets sorted: peft keeps target_modules as a
     set, whose order changes per process, and identical LoRAs should be identical bytes."""
@@ -265,11 +274,8 @@ def finetune_lora(pipe: Any, images: list[Image.Image], cfg: FinetuneConfig, out
     class_images = class_images if cfg.prior_preservation else None
     class_images_s = time.perf_counter() - started
 
-    # DDPM over the pipeline's own training noise schedule (the sampler's config holds it).
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    noise_scheduler = training_noise_scheduler(pipe)
     prediction_type = noise_scheduler.config.prediction_type
-    if prediction_type not in ("epsilon", "v_prediction"):
-        raise ConfigError(f"cannot fine-tune a base that predicts {prediction_type!r} (only epsilon or v)")
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
 
     generator = torch.Generator("cpu").manual_seed(cfg.seed)

@@ -42,7 +42,9 @@ class TinyBaseConfig:
     # (instance norm), which erases its mean colour; 4 channels per group keep colour and train faster.
     vae_norm_groups: int = 8
     latent_channels: int = 4
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    # v-prediction: with ε-prediction under this schedule (ᾱ_T ≈ 0) the first sampling step turns
+    # the ε error into x0 error amplified by 1/sqrt(ᾱ_T), and a small base samples noise.
+    prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
     beta_schedule: Literal["squaredcos_cap_v2", "scaled_linear", "linear"] = "squaredcos_cap_v2"
     num_train_timesteps: int = 1000
 

@@ -1,0 +1,157 @@
+"""Fit a baseline attack on a zoo's attack_train split and save it as an attack directory.
+
+    cfg = from_dict(BaselineConfig, {"kind": "pca_map", "zoo": "runs/zoo", "base": "tiny",
+                                     "out_dir": "runs/baselines/pca_map", "settings": {"components": 16}})
+    attack_dir = fit_baseline(cfg)            # then loraleak.attack.api.load_attack(attack_dir, pipe)
+
+Only the final snapshot of each attack_train fine-tune is read (what a shared LoRA is); the
+"heldout" split is never read. The zoo records the identity source its photos came from (read here
+for the nearest-neighbour photos, each checked against the hashes in the manifest).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from ...config import from_dict, to_dict
+from ...identities import IdentitiesConfig, make_source
+from ...zoo.config import read_zoo_config
+from ...zoo.storage import ZooStore
+from ..config import AttackTrainConfig
+from ..data import PromptEmbeddings, SampleRow, private_images, read_state, select_samples
+from ..model import text_encoder_sha256
+from .common import CONFIG_NAME, TrainingLora
+from .matching_updates import MatchingUpdatesAttack, MatchingUpdatesConfig
+from .nearest_neighbour import NearestNeighbourAttack, NearestNeighbourConfig
+from .pca_map import PcaMapAttack, PcaMapConfig
+
+logger = logging.getLogger(__name__)
+
+BASELINE_KINDS: dict[str, type] = {
+    "nearest_neighbour": NearestNeighbourConfig,
+    "pca_map": PcaMapConfig,
+    "matching_updates": MatchingUpdatesConfig,
+}
+BaselineKind = Literal["nearest_neighbour", "pca_map", "matching_updates"]
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    kind: BaselineKind
+    zoo: str  # zoo root (local path or pyarrow URI); its attack_train split only
+    base: str = "tiny"  # the base the zoo was fine-tuned from (checked against the manifest)
+    out_dir: Path = Path("runs/baseline")  # the attack directory written (config.json + safetensors)
+    settings: dict[str, Any] = field(default_factory=dict)  # the kind's config (e.g. PcaMapConfig fields)
+    max_samples: int | None = None  # at most this many attack-train fine-tunes (a seeded subset)
+    rank: int | None = None  # read only LoRAs of this rank (a zoo that varies it)
+    identities: IdentitiesConfig | None = None  # None: the identity source the zoo records
+    seed: int = 0  # picks the max_samples subset
+    device: str = "cpu"  # where the base runs (prompt embeddings; matching updates keeps the pipeline)
+    # MLflow: tracking_uri None -> $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db
+    tracking: bool = False
+    tracking_uri: str | None = None
+    experiment: str = "loraleak-baselines"
+    workdir: Path = Path("runs")
+
+    def __post_init__(self) -> None:
+        if self.kind not in BASELINE_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(BASELINE_KINDS)}, got {self.kind!r}")
+        if not self.zoo.strip():
+            raise ValueError("zoo must not be empty")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ValueError(f"max_samples must be >= 1 (or null), got {self.max_samples}")
+        if self.rank is not None and self.rank < 1:
+            raise ValueError(f"rank must be >= 1 (or null), got {self.rank}")
+        self.baseline_settings()  # one line naming a bad key of the kind's settings
+
+    def baseline_settings(self) -> Any:
+        """`settings` as the kind's typed config."""
+        return from_dict(BASELINE_KINDS[self.kind], self.settings, where="settings")
+
+
+def _subset(rows: list[SampleRow], max_samples: int | None, seed: int) -> list[SampleRow]:
+    if max_samples is None or len(rows) <= max_samples:
+        return rows
+    keep = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:max_samples]
+    return [rows[i] for i in sorted(keep.tolist())]
+
+
+def _read_loras(cfg: BaselineConfig, rows: list[SampleRow], show_progress: bool) -> list[TrainingLora]:
+    store = ZooStore(cfg.zoo)
+    loras = []
+    for row in tqdm(rows, desc=f"{cfg.kind}: read LoRAs", disable=not show_progress):
+        state_dict, metadata = read_state(store, row.lora_path)
+        loras.append(TrainingLora(row.lora_id, row.identity_id, row.instance_prompt, state_dict, metadata))
+    return loras
+
+
+def _photos(cfg: BaselineConfig, rows: list[SampleRow], resolution: int) -> dict[str, list]:
+    """Each identity's private photos, from the zoo's identity source, checked against the manifest's hashes."""
+    source = cfg.identities if cfg.identities is not None else read_zoo_config(cfg.zoo).identities
+    identities = {i.identity_id: i for i in make_source(source).identities()}
+    photos: dict[str, list] = {}
+    for row in rows:
+        if row.identity_id not in photos:
+            photos[row.identity_id] = private_images(identities, row, resolution)
+    return photos
+
+
+def build_baseline(cfg: BaselineConfig, pipe: Any = None, show_progress: bool = True) -> Any:
+    """Fit baseline `cfg.kind` on the final attack_train LoRAs of `cfg.zoo`: the attack, in memory.
+
+    `pipe`: the loaded base pipeline, when the caller has it (else `cfg.base` is loaded on `cfg.device`).
+    """
+    from ...base.loading import base_fingerprint, load_base_pipeline
+    from ...finetune.class_images import pipeline_resolution
+
+    settings = cfg.baseline_settings()
+    fingerprint = base_fingerprint(cfg.base)
+    selection = select_samples(AttackTrainConfig(zoo=cfg.zoo, base=cfg.base, snapshots="final", val_fraction=0.0,
+                                                 rank=cfg.rank), base_hash=fingerprint)
+    rows = _subset(selection.train, cfg.max_samples, cfg.seed)
+    pipe = pipe if pipe is not None else load_base_pipeline(cfg.base, device=cfg.device)
+
+    if cfg.kind == "matching_updates":  # nothing to learn: the layout it attacks and the base
+        attack: Any = MatchingUpdatesAttack(settings, pipe, selection.layout)
+    else:
+        loras = _read_loras(cfg, rows, show_progress)
+        if cfg.kind == "nearest_neighbour":
+            attack = NearestNeighbourAttack.fit(settings, selection.layout, loras,
+                                                _photos(cfg, rows, pipeline_resolution(pipe)), show_progress)
+        else:
+            embeds = PromptEmbeddings(pipe, pipe.device)(rows).float().cpu()
+            attack = PcaMapAttack.fit(settings, selection.layout, loras, embeds, show_progress)
+    attack.record.update({
+        "zoo": cfg.zoo, "base": cfg.base, "base_fingerprint": fingerprint,
+        "text_encoder_sha256": text_encoder_sha256(pipe.text_encoder),
+        "fit": {**attack.record.get("fit", {}), "num_loras": len(rows),
+                "num_identities": len({r.identity_id for r in rows}), "lora_steps": selection.lora_steps},
+    })
+    logger.info("fitted %s on %d attack-train LoRAs", cfg.kind, len(rows))
+    return attack
+
+
+def fit_baseline(cfg: BaselineConfig, pipe: Any = None, show_progress: bool = True) -> Path:
+    """`build_baseline`, saved to `cfg.out_dir` (logged to MLflow when cfg.tracking); returns cfg.out_dir,
+    an attack directory for `loraleak.attack.api.load_attack(directory, pipe)`."""
+    from ...tracking import mlflow_run
+
+    tracked = mlflow_run(cfg.experiment, f"baseline {cfg.kind}", cfg.tracking_uri, cfg.workdir) \
+        if cfg.tracking else nullcontext()
+    with tracked as run:
+        attack = build_baseline(cfg, pipe, show_progress)
+        attack.save_pretrained(cfg.out_dir)
+        if run is not None:
+            fit = attack.record["fit"]
+            run.log_params({**to_dict(cfg), "settings": to_dict(cfg.baseline_settings())})
+            run.log_metrics({k: v for k, v in fit.items() if isinstance(v, (int, float))})
+            run.log_dict(json.loads((Path(cfg.out_dir) / CONFIG_NAME).read_text()), "baseline_config.json")
+    return Path(cfg.out_dir)

@@ -109,7 +109,8 @@ def test_config_rejects_bad_variations(vary, message):
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"defense": {"kind": "dp_sgd", "epsilon": 10.0}}, "'dp_sgd' is not implemented yet in the zoo"),
+    ({"finetune": {"defense": {"kind": "dp_sgd", "epsilon": 10.0}}}, "set the zoo's `defense`"),
+    ({"defense": {"kind": "dpgm", "epsilon": 10.0}, "vary": {"defense": [{"kind": "none"}]}}, "cannot vary"),
     ({"defense": {"kind": "rank_truncation"}}, "rank_truncation needs a rank"),
     ({"fine_tunes_per_pass": 0}, "fine_tunes_per_pass must be >= 1"),
     ({"batched_options": {"compile": True}}, "batched_options apply only with fine_tunes_per_pass > 1"),

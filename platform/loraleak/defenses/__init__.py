@@ -8,7 +8,8 @@ Two families:
 
 `DefenseConfig` is what the zoo manifest's `defense` column holds (`to_manifest` /
 `from_manifest`), and what a defended LoRA file records in its safetensors metadata under
-`loraleak_defenses` (a JSON list, oldest first, so defenses applied in turn stay traceable).
+`loraleak_defenses` (a JSON list, oldest first, so defenses applied in turn stay traceable); a
+DP-trained file adds `loraleak_dp`, what its training cost (`dp_record`).
 """
 
 from __future__ import annotations
@@ -30,9 +31,16 @@ from ..finetune.lora_io import LORA_WEIGHT_NAME
 
 DefenseKind = Literal["none", "dp_sgd", "dpgm", "output_noise", "rank_truncation"]
 AccountingUnit = Literal["image", "user"]
+# How a DP-SGD step draws its private batch: "poisson" (each record joins with probability q, what
+# the RDP accountant assumes, so ε is exact) or "shuffle" (the plain recipe's fixed-size batches from
+# a shuffled order; ε is then the usual approximation). See dp_sgd.py.
+Sampling = Literal["poisson", "shuffle"]
 DP_KINDS = ("dp_sgd", "dpgm")
 POST_HOC_KINDS = ("output_noise", "rank_truncation")
 DEFENSES_METADATA_KEY = "loraleak_defenses"
+# A DP-trained LoRA file also records what its training cost up to that snapshot (noise multiplier,
+# ε spent, δ, clip norm, accounting unit...): the JSON of dp_sgd/dpgm `record()`.
+DP_METADATA_KEY = "loraleak_dp"
 NO_DEFENSE = "none"  # the manifest value of an undefended fine-tune
 
 # The settings each kind takes, and the defaults it fills in; any other setting is an error.
@@ -40,13 +48,13 @@ _SETTINGS: dict[str, dict[str, Any]] = {
     "none": {},
     # The paper's code: δ = 1e-5, max grad norm 1.0, per-image accounting.
     "dp_sgd": {"epsilon": None, "noise_multiplier": None, "delta": 1e-5, "max_grad_norm": 1.0,
-               "accounting": "image"},
+               "accounting": "image", "sampling": "poisson"},
     "dpgm": {"epsilon": None, "noise_multiplier": None, "delta": 1e-5, "max_grad_norm": 1.0,
              "accounting": "image"},
     "output_noise": {"relative_noise": None, "seed": 0},
     "rank_truncation": {"rank": None},
 }
-_SETTING_NAMES = ("epsilon", "noise_multiplier", "delta", "max_grad_norm", "accounting",
+_SETTING_NAMES = ("epsilon", "noise_multiplier", "delta", "max_grad_norm", "accounting", "sampling",
                   "relative_noise", "seed", "rank")
 
 
@@ -58,6 +66,8 @@ class DefenseConfig:
       `noise_multiplier` (a fixed σ, as the paper's DPGM runs use 0.6 / 0.975 / 16 for ε 10 / 2 / 0.1;
       the ε it buys is then computed, not assumed); `delta`, `max_grad_norm` (the clip norm) and
       `accounting` ("image" or "user", see dp_accounting.py for what ε means in each).
+      dp_sgd also takes `sampling` ("poisson", the default, or "shuffle"; see dp_sgd.py). For dpgm,
+      `max_grad_norm` is the batch gradient clip of the paper's code, not a per-record clip (dpgm.py).
     - output_noise: `relative_noise` (noise std as a fraction of each matrix's RMS), `seed`.
     - rank_truncation: `rank` (the rank k the shared LoRA is cut to).
     """
@@ -68,6 +78,7 @@ class DefenseConfig:
     delta: float | None = None
     max_grad_norm: float | None = None
     accounting: AccountingUnit | None = None
+    sampling: Sampling | None = None
     relative_noise: float | None = None
     seed: int | None = None
     rank: int | None = None
@@ -91,6 +102,8 @@ class DefenseConfig:
                 raise ValueError(f"delta must lie in (0, 1), got {self.delta}")
             if not 0 < self.max_grad_norm < math.inf:
                 raise ValueError(f"max_grad_norm must be finite and > 0, got {self.max_grad_norm}")
+            if self.sampling not in (None, "poisson", "shuffle"):
+                raise ValueError(f"sampling must be 'poisson' or 'shuffle', got {self.sampling!r}")
         if self.kind == "output_noise":
             if self.relative_noise is None or not 0 <= self.relative_noise < math.inf:
                 raise ValueError(f"output_noise needs a finite relative_noise >= 0, got {self.relative_noise}")
@@ -138,6 +151,20 @@ def defenses_applied(metadata: dict[str, str]) -> list[DefenseConfig]:
     if not isinstance(entries, list):
         raise InputError(f"LoRA metadata {DEFENSES_METADATA_KEY!r} is not a list")
     return [from_dict(DefenseConfig, entry, where=DEFENSES_METADATA_KEY) for entry in entries]
+
+
+def dp_record(metadata: dict[str, str]) -> dict[str, Any] | None:
+    """What a DP-trained LoRA file records about its privacy (σ, ε spent, δ, clip, unit...), else None."""
+    raw = metadata.get(DP_METADATA_KEY)
+    if not raw:
+        return None
+    try:
+        record = json.loads(raw)
+    except json.JSONDecodeError:
+        raise InputError(f"LoRA metadata {DP_METADATA_KEY!r} is not valid JSON") from None
+    if not isinstance(record, dict):
+        raise InputError(f"LoRA metadata {DP_METADATA_KEY!r} is not a mapping")
+    return record
 
 
 def lora_output_path(path: str | Path) -> Path:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from ..errors import ConfigError
@@ -48,6 +49,9 @@ def _check_budget(delta: float, sample_rate: float, steps: int) -> None:
         raise ConfigError(f"steps must be >= 1, got {steps}")
 
 
+# Both accountant calls are pure and slow at large sample rates (RDP at ~250 orders, fractional ones by
+# series; the σ search evaluates it ~20 times: seconds): cached, since every fine-tune of a zoo plans alike.
+@lru_cache(maxsize=256)
 def noise_multiplier_for(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
     """The smallest σ (to 0.01 in ε) for which `steps` steps at rate `sample_rate` stay within
     (epsilon, delta) under the RDP accountant; 0.0 for ε = ∞."""
@@ -66,6 +70,7 @@ def noise_multiplier_for(epsilon: float, delta: float, sample_rate: float, steps
                           "no noise multiplier up to 1e6 achieves it") from None
 
 
+@lru_cache(maxsize=4096)
 def epsilon_spent(noise_multiplier: float, delta: float, sample_rate: float, steps: int) -> float:
     """The ε that `steps` steps with noise multiplier σ at rate `sample_rate` cost (∞ for σ = 0)."""
     _check_budget(delta, sample_rate, steps)

@@ -21,7 +21,8 @@ and each fine-tune is exactly `finetune_lora` run alone, up to float rounding:
 
 The fine-tunes must agree on what shapes the batch (rank, targets, steps, batch size, prior
 preservation, precision, device); they may differ in seed, trigger, prompts, alpha, lr, betas,
-weight decay, grad clip, prior loss weight, flips, class images and snapshot steps.
+weight decay, grad clip, prior loss weight, flips, class images and snapshot steps. Training-time
+defenses (DP-SGD, DPGM) are refused: they run one fine-tune at a time in `finetune_lora`.
 
 Device options (`BatchedOptions`; they change speed and memory, not what is learned beyond float
 rounding): bf16 autocast comes from the configs' `mixed_precision="bf16"`; SDPA attention
@@ -357,6 +358,11 @@ def check_batchable(cfgs: Sequence[FinetuneConfig]) -> None:
     if first.train_text_encoder:
         raise ConfigError("batched fine-tuning trains the UNet LoRA only; use finetune_lora for "
                           "train_text_encoder=True")
+    # DP-SGD clips per record and draws its own batches, DPGM changes the loss: one by one instead.
+    defended = next((cfg.defense.kind for cfg in cfgs if cfg.defense.kind != "none"), None)
+    if defended:
+        raise ConfigError(f"batched fine-tuning runs undefended fine-tunes only; a {defended!r} fine-tune runs "
+                          "alone in finetune_lora (a zoo routes it there)")
     if first.mixed_precision == "fp16":
         raise ConfigError("batched fine-tuning supports mixed_precision 'no' or 'bf16' (fp16 needs a loss "
                           "scaler per fine-tune); use 'bf16'")
@@ -565,6 +571,7 @@ def finetune_lora_batched(pipe: Any, image_sets: Sequence[list[Image.Image]], cf
                                 "num_train_timesteps": num_train_timesteps,
                                 "beta_schedule": noise_scheduler.config.beta_schedule},
             "lora": {"init": "gaussian", "trainable_parameters": trainable},
+            "privacy": None,  # no training-time defense: check_batchable refuses defended fine-tunes
             "instance_images": {"count": len(image_sets[k]), "sha256": [image_sha256(im) for im in image_sets[k]]},
             "class_images": None if not class_set else {
                 "count": len(class_set), "cache_dir": str(class_dirs[k]) if class_dirs[k] else None,

@@ -2,17 +2,19 @@
 
 Defaults are the paper's (SD 1.4, UNet LoRA r=16 alpha=27 on to_q/to_v, AdamW lr 1e-4, 1000 steps,
 batch 1, prior preservation with 200 class images of "A human face.", fp32). Everything that changes
-what the LoRA learns lives here so that `finetune.json` can record it completely.
+what the LoRA learns lives here so that `finetune.json` can record it completely, the training-time
+defense included (`defense`: DP-SGD or DPGM, see loraleak.defenses; none by default).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
 
+from ..defenses import DP_KINDS, DefenseConfig
 from .triggers import random_trigger
 
 MixedPrecision = Literal["no", "bf16", "fp16"]
@@ -54,6 +56,10 @@ class FinetuneConfig:
     hflip: bool = False
     device: str = "cpu"
     mixed_precision: MixedPrecision = "no"
+    # Training-time defense: "none", "dp_sgd" (per-record clipping + noise on the LoRA, Opacus) or
+    # "dpgm" (the paper's noisy kernel-MMD loss; its max_grad_norm replaces grad_clip). Post-hoc
+    # defenses are applied to the finished LoRA instead (loraleak.defenses.apply_post_hoc, zoo defense).
+    defense: DefenseConfig = field(default_factory=DefenseConfig)
 
     def __post_init__(self) -> None:
         positive_ints = {"rank": self.rank, "alpha": self.alpha, "steps": self.steps,
@@ -101,6 +107,15 @@ class FinetuneConfig:
             raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
         if self.mixed_precision == "fp16" and device.type == "cpu":
             raise ValueError("mixed_precision 'fp16' needs a GPU device; use 'bf16' or 'no' on CPU")
+        if self.defense.kind != "none" and self.defense.kind not in DP_KINDS:
+            raise ValueError(f"defense {self.defense.kind!r} is post-hoc: apply it to the finished LoRA; a fine-tune "
+                             f"takes training-time defenses ({', '.join(DP_KINDS)})")
+        if self.defense.kind == "dp_sgd":
+            # Per-sample gradients are taken on the UNet LoRA; fp16's loss scaler would scale them too.
+            if self.train_text_encoder:
+                raise ValueError("dp_sgd privatises the UNet LoRA only; set train_text_encoder: false")
+            if self.mixed_precision == "fp16":
+                raise ValueError("dp_sgd supports mixed_precision 'no' or 'bf16', not 'fp16'")
 
     @property
     def trigger_word(self) -> str:

@@ -13,6 +13,15 @@ The recipe is diffusers' `examples/dreambooth/train_dreambooth_lora.py` with the
   4. save the LoRA in diffusers format at every snapshot step (the trajectory θ_r the attack is
      trained on) and at the end, then take the adapter out so the pipeline is the base again.
 
+A training-time defense (`cfg.defense`) changes step 3 only:
+  - dp_sgd (loraleak.defenses.dp_sgd): the private photo rows of a step are drawn as the accounting
+    assumes (Poisson by default), each record's LoRA gradient is clipped and Gaussian noise added
+    (Opacus), the public class rows' gradient is added as is, then the batch clip and AdamW;
+  - dpgm (loraleak.defenses.dpgm): the paper's noisy kernel-MMD loss replaces both MSE terms, and
+    the defense's max_grad_norm is the batch clip.
+Its noise multiplier, the ε spent, δ, the clip norm and the accounting unit go into finetune.json
+(`privacy`) and into every snapshot file's metadata (`loraleak_defenses`, `loraleak_dp`).
+
 Everything random (LoRA init, data order, flips, VAE sampling, noise, timesteps) is drawn from
 `cfg.seed`, on the CPU, so one seed gives the same LoRA on any device.
 """
@@ -21,11 +30,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
 import time
 import uuid
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -44,12 +55,13 @@ from tqdm.auto import tqdm
 
 from ..base.loading import base_fingerprint as fingerprint_of_base
 from ..config import to_dict
+from ..defenses import DP_METADATA_KEY, DefenseConfig, save_defended_lora
 from ..errors import ConfigError, InputError, LoraleakError
 from ..identities.base import image_sha256
 from ..imaging import center_crop_resize, to_tensor
 from .class_images import load_or_sample_class_images, pipeline_fingerprint, pipeline_resolution
 from .config import FinetuneConfig
-from .lora_io import LORA_WEIGHT_NAME, loaded_adapters
+from .lora_io import LORA_WEIGHT_NAME, loaded_adapters, read_lora
 
 ADAPTER_NAME = "default"  # the name `add_adapter` gives; what `get_peft_model_state_dict` reads
 RECORD_NAME = "finetune.json"
@@ -61,7 +73,7 @@ class FinetuneResult:
     trigger: str
     instance_prompt: str
     snapshots: list[tuple[int, Path]]  # (step r, path of its pytorch_lora_weights.safetensors)
-    losses: list[float]  # total loss of every step, in order
+    losses: list[float]  # total loss of every step, in order (NaN for a DP step that drew no rows at all)
     final_loss: float  # mean loss over the last tenth of the steps (one step's loss is noise)
     wall_time_s: float
     settings: dict[str, Any]  # everything written to finetune.json
@@ -196,8 +208,17 @@ def _adapter_metadata(model) -> dict:
     return {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in meta.items()}
 
 
-def _save_snapshot(pipe: Any, out_dir: Path, step: int, with_text_encoder: bool) -> Path:
-    """Write the current LoRA to out_dir/step-{step:06d}/ in diffusers format, atomically."""
+def _record_defense(path: Path, defense: DefenseConfig, privacy: dict[str, Any]) -> None:
+    """Add a training-time defense to a LoRA file's metadata: its settings to the defenses applied
+    (`loraleak_defenses`, as post-hoc defenses record theirs) and what it cost so far (`loraleak_dp`)."""
+    state_dict, metadata = read_lora(path)
+    save_defended_lora(state_dict, {**metadata, DP_METADATA_KEY: json.dumps(privacy)}, defense, path)
+
+
+def _save_snapshot(pipe: Any, out_dir: Path, step: int, with_text_encoder: bool,
+                   privacy: tuple[DefenseConfig, dict[str, Any]] | None = None) -> Path:
+    """Write the current LoRA to out_dir/step-{step:06d}/ in diffusers format, atomically; with
+    `privacy` (the defense and its record at this step) recorded in the file's metadata."""
     final = snapshot_dir(out_dir, step)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     text_encoder = pipe.text_encoder if with_text_encoder else None
@@ -212,6 +233,8 @@ def _save_snapshot(pipe: Any, out_dir: Path, step: int, with_text_encoder: bool)
             text_encoder_lora_adapter_metadata=(_adapter_metadata(text_encoder)
                                                 if text_encoder is not None else None),
         )
+        if privacy is not None:
+            _record_defense(tmp / LORA_WEIGHT_NAME, *privacy)
         if final.exists():  # a rerun into the same directory replaces its snapshot
             shutil.rmtree(final)
         tmp.rename(final)
@@ -236,6 +259,44 @@ def _versions() -> dict[str, str]:
 # The fine-tune
 
 
+def defense_noise_seed(seed: int) -> int:
+    """The seed of a fine-tune's DP noise: its own stream, apart from the data's (`seed` itself), so
+    that the noise never shifts the batches, flips, timesteps or diffusion noise the recipe draws."""
+    return int(hashlib.sha256(f"dp-noise:{seed}".encode()).hexdigest()[:15], 16)
+
+
+class _TrainingDefense:
+    """The fine-tune's training-time defense: a DP-SGD privacy engine, a DPGM loss, or neither."""
+
+    def __init__(self, cfg: FinetuneConfig, num_images: int) -> None:
+        self.config = cfg.defense
+        self.engine = self.dpgm = None
+        self.grad_clip = cfg.grad_clip  # the batch clip of a step without DP-SGD
+        planned = dict(num_images=num_images, batch_size=cfg.batch_size, steps=cfg.steps,
+                       noise_seed=defense_noise_seed(cfg.seed))
+        if cfg.defense.kind == "dp_sgd":
+            from ..defenses.dp_sgd import LoraPrivacyEngine
+
+            self.engine = LoraPrivacyEngine.for_defense(cfg.defense, **planned)
+        elif cfg.defense.kind == "dpgm":
+            from ..defenses.dpgm import DPGMLoss
+
+            self.dpgm = DPGMLoss.for_defense(cfg.defense, **planned)
+            self.grad_clip = cfg.defense.max_grad_norm  # the paper's DPGM run clips the batch at this norm
+
+    @property
+    def active(self) -> bool:
+        return self.engine is not None or self.dpgm is not None
+
+    def at(self, step: int) -> tuple[DefenseConfig, dict[str, Any]] | None:
+        """The defense and its record after `step` steps (for a snapshot's metadata), or None."""
+        if self.engine is not None:
+            return self.config, self.engine.record(step)
+        if self.dpgm is not None:
+            return self.config, self.dpgm.record(step)
+        return None
+
+
 def finetune_lora(pipe: Any, images: list[Image.Image], cfg: FinetuneConfig, out_dir: str | Path, *,
                   base_ref: str | None = None, base_fingerprint: str | None = None,
                   class_images: list[Image.Image] | None = None,
@@ -251,6 +312,7 @@ def finetune_lora(pipe: Any, images: list[Image.Image], cfg: FinetuneConfig, out
     if loaded_adapters(pipe):
         raise LoraleakError(f"the pipeline already carries LoRA adapters {loaded_adapters(pipe)}; "
                             "fine-tune from a clean base")
+    defense = _TrainingDefense(cfg, len(images))  # first: a budget out of reach fails before any work
     started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -290,9 +352,11 @@ def finetune_lora(pipe: Any, images: list[Image.Image], cfg: FinetuneConfig, out
 
     losses: list[float] = []
     snapshots: list[tuple[int, Path]] = []
-    with _FrozenBase(pipe):
+    with _FrozenBase(pipe), ExitStack() as private:
         params = _add_loras(pipe, cfg)
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+        if defense.engine is not None:  # per-sample gradient hooks on the LoRA layers, removed on exit
+            private.enter_context(defense.engine.attach(pipe.unet, optimizer))
         if not cfg.train_text_encoder:  # a frozen text encoder: embed the two prompts once
             with torch.no_grad():
                 fixed_embeddings = _encode_tokens(pipe.text_encoder, token_ids)
@@ -300,15 +364,28 @@ def finetune_lora(pipe: Any, images: list[Image.Image], cfg: FinetuneConfig, out
         if cfg.train_text_encoder:
             pipe.text_encoder.train()
         if 0 in cfg.save_steps:
-            snapshots.append((0, _save_snapshot(pipe, out_dir, 0, cfg.train_text_encoder)))
+            snapshots.append((0, _save_snapshot(pipe, out_dir, 0, cfg.train_text_encoder, defense.at(0))))
 
         train_started = time.perf_counter()
         progress = tqdm(range(1, cfg.steps + 1), desc=f"fine-tune {trigger}", disable=not show_progress)
         for step in progress:
             rows = [next(order) for _ in range(cfg.batch_size)]
-            latents = instance_bank.sample([i % len(instance_bank) for i in rows], generator)
+            instance_rows = [i % len(instance_bank) for i in rows]
+            if defense.engine is not None:  # DP-SGD draws its private batch as its accounting assumes
+                instance_rows = defense.engine.private_rows(instance_rows, len(instance_bank), generator)
+            b = len(instance_rows)  # private rows first, then the class rows (as many as batch_size)
+            parts = [instance_bank.sample(instance_rows, generator)] if b else []
             if class_bank is not None:  # instance and class in one UNet pass, as the example does
-                latents = torch.cat([latents, class_bank.sample([i % len(class_bank) for i in rows], generator)])
+                parts.append(class_bank.sample([i % len(class_bank) for i in rows], generator))
+            if not parts:  # a DP step whose Poisson draw took no photo, without class rows: noise only
+                defense.engine.backward(torch.zeros(0, device=device), 0, 0.0)
+                defense.engine.step(batch_clip=cfg.grad_clip)
+                losses.append(math.nan)
+                if step in cfg.save_steps:
+                    snapshots.append((step, _save_snapshot(pipe, out_dir, step, cfg.train_text_encoder,
+                                                           defense.at(step))))
+                continue
+            latents = torch.cat(parts)
             noise = torch.randn(latents.shape, generator=generator).to(device)
             timesteps = torch.randint(0, num_train_timesteps, (latents.shape[0],), generator=generator).to(device)
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
@@ -317,35 +394,50 @@ def finetune_lora(pipe: Any, images: list[Image.Image], cfg: FinetuneConfig, out
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 if cfg.train_text_encoder:
                     hidden = _encode_tokens(pipe.text_encoder, token_ids)
-                else:
+                elif b == cfg.batch_size:
                     hidden = fixed_embeddings
+                else:  # a Poisson batch: b instance rows, then the class rows
+                    hidden = torch.cat([fixed_embeddings[:1].expand(b, -1, -1), fixed_embeddings[cfg.batch_size:]])
                 pred = pipe.unet(noisy, timesteps, hidden, return_dict=False)[0]
             pred, target = pred.float(), target.float()
-            if class_bank is not None:
-                b = cfg.batch_size
+            if defense.engine is not None:  # each row's own loss: the engine needs per-row gradients
+                row_losses = (pred - target).pow(2).flatten(1).mean(1)
+                loss = (row_losses[:b].mean() if b else 0.0) + \
+                    (cfg.prior_loss_weight * row_losses[b:].mean() if class_bank is not None else 0.0)
+            elif defense.dpgm is not None:  # the paper's DPGM loss in place of both MSE terms
+                loss = defense.dpgm(pred[:b], target[:b])
+                if class_bank is not None:
+                    loss = loss + cfg.prior_loss_weight * defense.dpgm(pred[b:], target[b:])
+            elif class_bank is not None:
                 loss = F.mse_loss(pred[:b], target[:b]) + cfg.prior_loss_weight * F.mse_loss(pred[b:], target[b:])
             else:
                 loss = F.mse_loss(pred, target)
             loss_value = loss.item()
-            if not torch.isfinite(loss):
+            if not math.isfinite(loss_value):
                 raise LoraleakError(f"fine-tune diverged: loss is {loss_value} at step {step} of {cfg.steps} "
                                     f"(lr={cfg.lr}, mixed_precision={cfg.mixed_precision})")
 
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            if defense.engine is not None:
+                class_rows = row_losses.shape[0] - b
+                defense.engine.backward(row_losses, b, cfg.prior_loss_weight / class_rows if class_rows else 0.0)
+                defense.engine.step(batch_clip=cfg.grad_clip)
+            else:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, defense.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
             losses.append(loss_value)
             progress.set_postfix(loss=f"{loss_value:.4f}")
             if step in cfg.save_steps:
-                snapshots.append((step, _save_snapshot(pipe, out_dir, step, cfg.train_text_encoder)))
+                snapshots.append((step, _save_snapshot(pipe, out_dir, step, cfg.train_text_encoder,
+                                                       defense.at(step))))
         train_s = time.perf_counter() - train_started
         trainable = sum(p.numel() for p in params)
 
     wall_time_s = time.perf_counter() - started
-    tail = losses[-max(1, len(losses) // 10):]
+    tail = [x for x in losses[-max(1, len(losses) // 10):] if not math.isnan(x)] or [math.nan]
     final_loss = sum(tail) / len(tail)
     settings = {
         "config": to_dict(cfg),
@@ -358,6 +450,8 @@ def finetune_lora(pipe: Any, images: list[Image.Image], cfg: FinetuneConfig, out
                             "num_train_timesteps": num_train_timesteps,
                             "beta_schedule": noise_scheduler.config.beta_schedule},
         "lora": {"init": "gaussian", "trainable_parameters": trainable},
+        # The training-time defense as run: σ, ε spent, δ, clip norm, accounting unit (None: none).
+        "privacy": defense.at(cfg.steps)[1] if defense.active else None,
         "instance_images": {"count": len(images), "sha256": [image_sha256(im) for im in images]},
         "class_images": None if not class_images else {
             "count": len(class_images), "cache_dir": str(class_dir) if class_dir else None,

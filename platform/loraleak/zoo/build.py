@@ -69,11 +69,12 @@ def _first_line(error: BaseException, limit: int = 500) -> str:
 
 
 def _loss_before(losses: list[float], step: int) -> float | None:
-    """Mean loss over the last tenth of the steps up to `step` (one step's loss is noise)."""
+    """Mean loss over the last tenth of the steps up to `step` (one step's loss is noise); a DP step
+    that drew no rows has no loss (NaN) and is left out."""
     if step < 1 or not losses:
         return None
-    window = losses[max(0, step - max(1, step // 10)):step]
-    return sum(window) / len(window)
+    window = [x for x in losses[max(0, step - max(1, step // 10)):step] if not math.isnan(x)]
+    return sum(window) / len(window) if window else None
 
 
 Outcome = tuple[list[dict[str, Any]], str | None, datetime, float]  # snapshot rows, error, start, wall time

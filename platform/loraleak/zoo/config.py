@@ -32,8 +32,9 @@ from ..identities import IdentitiesConfig
 from .storage import CONFIG_FILE, ZooStore
 
 # Fields a variant may not set: seeds and triggers are drawn per fine-tune, snapshots come from
-# `num_snapshots`, and the device and class-image cache are properties of the worker, not the LoRA.
-FIXED_FIELDS = ("seed", "trigger", "snapshot_steps", "device", "class_images_dir")
+# `num_snapshots`, the device and class-image cache are properties of the worker, not the LoRA, and
+# the defense is the zoo's (`defense`), one per zoo.
+FIXED_FIELDS = ("seed", "trigger", "snapshot_steps", "device", "class_images_dir", "defense")
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,10 @@ class ZooConfig:
     fine_tunes_per_identity: int = 1
     vary: dict[str, list[Any]] = field(default_factory=dict)
     vary_mode: Literal["random", "grid"] = "random"
-    # Applied to every snapshot file before it is published: the zoo holds the LoRAs as shared.
-    # Post-hoc kinds only (output_noise, rank_truncation); a defense gives new lora ids.
+    # The zoo holds the LoRAs as shared, defended. Training-time kinds (dp_sgd, dpgm) go into every
+    # fine-tune's config (`finetune.defense`) and run one fine-tune at a time (the K-per-pass batched
+    # path refuses them); post-hoc kinds (output_noise, rank_truncation) are applied to every snapshot
+    # file before it is published. The manifest's `defense` column records it; it gives new lora ids.
     defense: DefenseConfig = field(default_factory=DefenseConfig)
     # Ray: one actor per worker holds the base pipeline; GPUs may be fractional (0.25 = 4 per GPU).
     # workers 0 runs the fine-tunes one by one in this process, without Ray (for debugging).
@@ -96,9 +99,12 @@ class ZooConfig:
             if self.fine_tunes_per_pass == 1:
                 raise ValueError("batched_options apply only with fine_tunes_per_pass > 1")
             self.batched_run_options()  # validates them: a ConfigError naming the bad key
-        if self.defense.kind in DP_KINDS:
-            raise ValueError(f"defense {self.defense.kind!r} is not implemented yet in the zoo (it changes "
-                             "training); the zoo applies post-hoc defenses: output_noise, rank_truncation")
+        if self.finetune.defense.kind != "none":
+            raise ValueError("set the zoo's `defense`, not finetune.defense: the zoo gives it to every fine-tune "
+                             "and records it in the manifest")
+        if self.defense.kind in DP_KINDS and self.finetune.train_text_encoder:
+            raise ValueError(f"a {self.defense.kind!r} zoo trains the UNet LoRA only; "
+                             "set finetune.train_text_encoder: false")
         known = {f.name for f in dataclasses.fields(FinetuneConfig)}
         for name, values in self.vary.items():
             if name not in known:

@@ -1,5 +1,8 @@
 """The zoo's defense: a post-hoc defense applied to every snapshot file before it is published.
 
+(A training-time defense — dp_sgd, dpgm — is not applied here: the plan puts it into every
+fine-tune's config and the fine-tune records it in each snapshot file itself.)
+
 A zoo with `defense` set holds its LoRAs as their owners would share them, defended; the manifest's
 `defense` column says which defense (`DefenseConfig.to_manifest()`), each file's metadata records
 the one applied to it. Every snapshot is defended, step 0 included, so that θ_r and θ_0 keep one
@@ -31,8 +34,9 @@ def snapshot_defense(defense: DefenseConfig, lora_id: str, step: int) -> Defense
 
 
 def defend_snapshots(defense: DefenseConfig, lora_id: str, snapshots: Sequence[tuple[int, Path]]) -> None:
-    """Replace each (step, file) of a fine-tune by its defended version, in place (each file atomically)."""
-    if defense.kind == "none":
+    """Replace each (step, file) of a fine-tune by its defended version, in place (each file atomically).
+    Nothing to do for an undefended zoo, or a training-time defense (the files hold it already)."""
+    if not defense.post_hoc:
         return
     from ..defenses import apply_post_hoc
 

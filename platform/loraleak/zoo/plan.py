@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..base.loading import base_fingerprint, resolve_local
 from ..config import from_dict, to_dict
+from ..defenses import DP_KINDS
 from ..errors import LoraleakError
 from ..finetune.config import FinetuneConfig
 from ..identities import Identity, image_sha256, make_source, split_identities
@@ -26,8 +27,10 @@ from .manifest import lora_id_for
 
 logger = logging.getLogger(__name__)
 
-# FinetuneConfig fields that do not change what a fine-tune learns: left out of its id.
-NOT_IN_ID = ("device", "class_images_dir")
+# FinetuneConfig fields left out of a fine-tune's id: the device and class-image cache do not change
+# what it learns; its defense is the zoo's, which is in the id already (as the manifest's `defense`),
+# and leaving it out keeps the ids of undefended fine-tunes what they were before fine-tunes had one.
+NOT_IN_ID = ("device", "class_images_dir", "defense")
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,8 @@ def variant_overrides(cfg: ZooConfig, identity_id: str) -> list[dict[str, Any]]:
 def finetune_for(cfg: ZooConfig, identity_id: str, variant: int, overrides: dict[str, Any]) -> FinetuneConfig:
     settings = {**to_dict(cfg.finetune), **overrides,
                 "seed": fine_tune_seed(cfg.finetune.seed, identity_id, variant)}
+    if cfg.defense.kind in DP_KINDS:  # a training-time defense: every fine-tune trains under it
+        settings["defense"] = to_dict(cfg.defense)
     settings["snapshot_steps"] = list(snapshot_steps(settings["steps"], cfg.num_snapshots,
                                                      cfg.finetune.snapshot_steps))
     return from_dict(FinetuneConfig, settings, where=f"finetune for {identity_id} variant {variant}")

@@ -8,7 +8,7 @@ from loraleak.cli import build_parser, main
 def test_every_stage_has_a_subcommand_with_help():
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices  # argparse keeps them here
-    for name in ["identities", "base", "scorer", "finetune", "generate", "zoo", "run"]:
+    for name in ["identities", "base", "scorer", "finetune", "generate", "zoo", "attack", "evaluate", "compare", "run"]:
         assert name in commands and commands[name].format_help()
 
 
@@ -52,3 +52,28 @@ def test_unknown_base_is_one_line_error(tmp_path, capsys):
     assert main(["base", "info", "--base", "no-such-org/no-such-model"]) == 2
     err = capsys.readouterr().err.strip()
     assert "cannot load base model 'no-such-org/no-such-model'" in err and "\n" not in err
+
+
+def test_finetune_command_fine_tunes_and_scores_one_victim(tmp_path, capsys):
+    """`loraleak finetune` (one victim, the path `loraleak run` replaced) still runs end to end."""
+    import json
+
+    import yaml
+
+    from loraleak.base.tiny import TinyBaseConfig, build_tiny_pipeline
+
+    tiny = TinyBaseConfig(resolution=16, unet_channels=(32, 32), attention_levels=1, text_width=32,
+                          text_layers=1, text_heads=1, vae_channels=(32,))
+    build_tiny_pipeline(tiny).save_pretrained(tmp_path / "base", safe_serialization=True)
+    config = tmp_path / "victim.yaml"
+    config.write_text(yaml.safe_dump({
+        "out_dir": str(tmp_path / "victim"), "base": str(tmp_path / "base"),
+        "identities": {"num_identities": 3, "images_per_identity": 2}, "num_distractors": 2,
+        "finetune": {"rank": 2, "alpha": 2, "steps": 2, "prior_preservation": False},
+        "n_images": 2, "sample_steps": 2, "reference_size": 32}))
+    assert main(["finetune", str(config)]) == 0
+    summary = json.loads((tmp_path / "victim" / "summary.json").read_text())
+    assert summary["candidates"] == 3 and set(summary["scores"]) == {"org", "victim_class_prompt", "base"}
+    assert all(s["n_images"] == 2 for s in summary["scores"].values())
+    assert list((tmp_path / "victim" / "lora").rglob("pytorch_lora_weights.safetensors"))
+    assert "chance top-1 0.333" in capsys.readouterr().out

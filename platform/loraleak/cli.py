@@ -139,22 +139,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(f"wrote {save_grid(images, args.out, scale=args.scale)}")
 
 
-def cmd_run(args: argparse.Namespace) -> None:
-    from .config import load_yaml
-    from .victim import VictimConfig, run_victim
-
-    cfg = load_yaml(VictimConfig, args.config or _packaged_config("victim-quick.yaml"),
-                    {"out_dir": str(args.out)} if args.out else None)
-    summary = run_victim(cfg)
-    print(json.dumps(summary, indent=2, default=str))
-
-
-def _packaged_config(name: str) -> Path:
-    from importlib.resources import files
-
-    return Path(str(files("loraleak") / "configs" / name))
-
-
 # --- parser -------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,15 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     from .attack.cli import add_attack_commands
+    from .evaluation.cli import add_evaluation_commands
+    from .pipeline.cli import add_pipeline_commands
+    from .sweeps.cli import add_sweep_commands
     from .zoo.cli import add_zoo_commands
 
     add_zoo_commands(sub)
     add_attack_commands(sub)
-
-    p = sub.add_parser("run", help="the main job on the embedded default (see README)")
-    p.add_argument("--config", type=Path, help="YAML VictimConfig (default: the packaged quick profile)")
-    p.add_argument("--out", type=Path, help="output directory")
-    p.set_defaults(func=cmd_run)
+    add_evaluation_commands(sub)
+    add_pipeline_commands(sub)
+    add_sweep_commands(sub)
     return parser
 
 

@@ -256,10 +256,11 @@ def _rates_figure(metrics_by_condition: Mapping[str, ConditionMetrics], colours:
     for n, (j, level) in enumerate(chance_levels):
         ax.hlines(level, j - 0.45, j + 0.45, colors="black", linestyles=":", linewidth=1.5, zorder=3,
                   label="chance" if n == 0 else None)
-    ax.set_xticks(x, [METRIC_LABELS[rate] for rate in RATE_CHANCE], fontsize=8)
+    # "top-1 (image)" on two lines: six labels side by side fit the axis.
+    ax.set_xticks(x, [METRIC_LABELS[rate].replace(" (", "\n(") for rate in RATE_CHANCE], fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("rate (mean over victims, 95% CI)")
     ax.set_title("Rates by condition")
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncols=min(5, len(names) + 1),
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncols=min(3, len(names) + 1),
               frameon=False)
     return _fig_png(fig)

@@ -1,0 +1,14 @@
+"""The whole study as a Ray job (a rerun resumes: complete stages are skipped).
+
+    ray job submit --working-dir . -- python jobs/pipeline.py --profile paper --out s3-mounted/or/local/dir
+    python jobs/pipeline.py --out runs/quick     # on this machine: starts a local Ray
+
+Thin by design: the library does the work (`loraleak.pipeline.run.run_pipeline`).
+"""
+
+import sys
+
+from loraleak.pipeline.cli import pipeline_main
+
+if __name__ == "__main__":
+    sys.exit(pipeline_main(sys.argv[1:]))

@@ -1,0 +1,456 @@
+"""The evaluation stage: every held-out victim LoRA of a zoo, every condition, scored, summarised,
+reported and tracked.
+
+    victims      the zoo's done fine-tunes of the split, final snapshot each (sorted by lora_id)
+    candidates   every identity of that split in the zoo: identification ranks the victim among them
+    references   each candidate's private photos, embedded once by the scorer (here, on the driver)
+    workers      Ray actors (EvaluationWorker): images of every condition + their scores, per victim
+    results      out_dir/victims/<lora_id>.json (+ its images), written atomically as each victim ends
+    summary      per condition: `summarise` (means over victims, clustered bootstrap 95% intervals)
+    report       out_dir/report/report.html + PNG figures (`write_report`)
+    MLflow       one run: params, every metric with its interval, the report and figures as artifacts
+
+Resumable like the zoo: a victim whose result file exists with the same settings key (generation
+and scoring settings, the attacks' files, the candidates) is not evaluated again; changing any of
+them re-evaluates every victim. One victim that fails is reported and left for a rerun; the
+others go on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..config import to_dict
+from ..errors import ConfigError, InputError, LoraleakError
+from .config import CONTROLS, EvaluationConfig
+from .metrics import ConditionMetrics, Estimate, ImageScores, similarity_mapping, summarise
+
+logger = logging.getLogger(__name__)
+
+RESULTS_DIR = "victims"
+REPORT_DIR = "report"
+SUMMARY_FILE = "evaluation.json"
+HEADLINE_RATES = ("similarity", "verified", "top1_image", "top5_image", "top1_victim", "face_found")
+NO_ATTACK = ("base", *CONTROLS)  # conditions that show what the victim's model gives without any attack
+
+
+@dataclass
+class EvaluationResult:
+    out_dir: Path
+    report: Path
+    metrics: dict[str, ConditionMetrics]  # condition -> summary over victims
+    headline: dict[str, float]  # the flat numbers a pipeline or a sweep compares (see headline_metrics)
+    best_control: str | None  # the no-attack condition with the highest similarity
+    victims: int
+    candidates: int
+    evaluated: int  # victims evaluated by this call
+    reused: int  # victims whose results an earlier call left
+    failures: list[dict[str, str]]  # {"lora_id", "error"} of victims that failed (a rerun retries them)
+    mlflow_run_id: str | None
+    wall_time_s: float
+
+
+# --- what to evaluate -------------------------------------------------------------------------------------
+
+def resolve_config(cfg: EvaluationConfig) -> EvaluationConfig:
+    """cfg with the zoo's base and identity source filled in, and local paths absolute (for workers)."""
+    from ..zoo.config import read_zoo_config
+
+    base, identities = cfg.base, cfg.identities
+    if base is None or identities is None:
+        recorded = read_zoo_config(cfg.zoo)
+        base = base or recorded.base
+        identities = identities or recorded.identities
+    absolute = lambda p: p.expanduser().resolve() if p is not None else None  # noqa: E731
+    if identities.root is not None:
+        identities = dataclasses.replace(identities, root=absolute(identities.root))
+    from ..base.loading import BUILTIN_BASES
+
+    local_base = Path(base).expanduser()
+    if base not in BUILTIN_BASES and local_base.exists():  # a folder: absolute, for the workers
+        base = str(local_base.resolve())
+    return dataclasses.replace(
+        cfg, base=base, identities=identities,
+        zoo=cfg.zoo if "://" in cfg.zoo else str(Path(cfg.zoo).expanduser().resolve()),
+        attack=absolute(cfg.attack), baselines={k: absolute(v) for k, v in cfg.baselines.items()},
+        scorer_path=absolute(cfg.scorer_path), out_dir=absolute(cfg.out_dir), workdir=absolute(cfg.workdir))
+
+
+def select_victims(cfg: EvaluationConfig) -> tuple[list[dict[str, Any]], list[str]]:
+    """The victims (final snapshots of done fine-tunes of the split) and the candidate identities."""
+    import pyarrow.compute as pc
+
+    from ..zoo.manifest import done_rows, read_manifest
+    from .worker import victim_record
+
+    table = read_manifest(cfg.zoo)
+    table = table.filter(pc.equal(table["split"], cfg.split))
+    candidates = sorted(set(table["identity_id"].to_pylist()))
+    done = done_rows(table)
+    rows = [r for r in done.to_pylist() if r["snapshot_step"] == r["steps"]
+            and (cfg.rank is None or r["rank"] == cfg.rank)]
+    if not rows:
+        raise InputError(f"zoo {cfg.zoo} has no finished {cfg.split} fine-tunes"
+                         + (f" of rank {cfg.rank}" if cfg.rank is not None else "") + " to evaluate")
+    rows.sort(key=lambda r: r["lora_id"])
+    if cfg.max_victims is not None:
+        rows = rows[: cfg.max_victims]
+    return [victim_record(r, cfg.seed) for r in rows], candidates
+
+
+def reference_embeddings(cfg: EvaluationConfig, scorer: Any, candidates: Sequence[str]) -> dict[str, list]:
+    """Each candidate's private photos, embedded; candidates in whose photos the scorer finds no face
+    are left out (they could never be ranked), with a warning."""
+    from ..identities import make_source
+
+    source = {i.identity_id: i for i in make_source(cfg.identities).identities()}
+    missing = [c for c in candidates if c not in source]
+    if missing:
+        raise InputError(f"identity {missing[0]!r} of zoo {cfg.zoo} is not in the identity source "
+                         f"({len(missing)} missing); evaluate with the zoo's identities")
+    references = {}
+    for candidate in candidates:
+        embeddings = [e for e in scorer.embed(source[candidate].load(cfg.reference_size)) if e is not None]
+        if embeddings:
+            references[candidate] = embeddings
+        else:
+            logger.warning("evaluation: the %s scorer finds no face in any photo of %s; it is not a candidate",
+                           cfg.scorer, candidate)
+    if len(references) < 2:
+        raise InputError(f"the {cfg.scorer} scorer finds faces for {len(references)} of the {len(candidates)} "
+                         "candidate identities: identification needs at least 2")
+    return references
+
+
+def _hash_dir(directory: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(directory).as_posix().encode())
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def settings_key(cfg: EvaluationConfig, candidates: Sequence[str]) -> str:
+    """What a victim's stored result depends on besides the victim itself."""
+    from ..base.loading import base_fingerprint
+
+    attacks = {"rec": cfg.attack, **cfg.baselines}
+    for name, directory in attacks.items():
+        if directory is not None and not directory.is_dir():
+            raise ConfigError(f"{'attack' if name == 'rec' else f'baselines.{name}'}: no saved attack at {directory}")
+    key = {"base": base_fingerprint(cfg.base), "seed": cfg.seed, "n_images": cfg.n_images,
+           "sample_steps": cfg.sample_steps, "guidance_scale": cfg.guidance_scale, "controls": list(cfg.controls),
+           "scorer": cfg.scorer, "scorer_path": str(cfg.scorer_path), "reference_size": cfg.reference_size,
+           "candidates": list(candidates),
+           "attacks": {name: _hash_dir(d) for name, d in attacks.items() if d is not None}}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --- per-victim results on disk ---------------------------------------------------------------------------
+
+class ResultStore:
+    """out_dir/victims/<lora_id>.json (scores, seed, prompts) and out_dir/victims/<lora_id>/*.png.
+
+    The images go in first (a staged folder renamed into place), the JSON last (written to a
+    temporary name and renamed): a result whose JSON exists is complete. One evaluation per out_dir
+    at a time: opening the store removes what an interrupted one left half-written.
+    """
+
+    def __init__(self, out_dir: Path, key: str):
+        self.dir, self.key = out_dir / RESULTS_DIR, key
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for leftover in self.dir.glob(".*.tmp-*"):  # what an interrupted write left
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+
+    def _json(self, lora_id: str) -> Path:
+        return self.dir / f"{lora_id}.json"
+
+    def done(self, lora_id: str) -> bool:
+        path = self._json(lora_id)
+        if not path.is_file() or not (self.dir / lora_id).is_dir():
+            return False
+        try:
+            return json.loads(path.read_text()).get("settings_key") == self.key
+        except (OSError, json.JSONDecodeError):
+            return False
+
+    def write(self, victim: Mapping[str, Any], result: Mapping[str, Any]) -> None:
+        lora_id = victim["lora_id"]
+        stage = self.dir / f".{lora_id}.tmp-{uuid.uuid4().hex[:8]}"
+        stage.mkdir()
+        counts = {}
+        for name, images in {"private": result["private"], **result["images"]}.items():
+            counts[name] = len(images)
+            for i, data in enumerate(images):
+                (stage / f"{name}-{i:03d}.png").write_bytes(data)
+        final = self.dir / lora_id
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(stage, final)
+        record = {"lora_id": lora_id, "identity_id": victim["identity_id"], "settings_key": self.key,
+                  "seed": victim["seed"], "step": victim["step"], "lora_path": victim["lora_path"],
+                  "prompts": result["prompts"], "images": counts, "wall_s": result.get("wall_s"),
+                  "scores": result["scores"]}
+        tmp = self.dir / f".{lora_id}.json.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, self._json(lora_id))
+
+    def load(self, lora_id: str) -> dict[str, Any]:
+        return json.loads(self._json(lora_id).read_text())
+
+    def images(self, lora_id: str, name: str, limit: int) -> list:
+        from PIL import Image
+
+        out = []
+        for path in sorted((self.dir / lora_id).glob(f"{name}-*.png"))[:limit]:
+            with Image.open(path) as image:
+                out.append(image.convert("RGB"))
+        return out
+
+
+# --- running the victims ----------------------------------------------------------------------------------
+
+def _one_line(error: BaseException) -> str:
+    """A Ray error's user-facing cause in one line (a worker's LoraleakError as it was raised)."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, LoraleakError):
+            return str(cause)
+        cause = getattr(cause, "cause", None) or cause.__cause__
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def _ray_results(cfg: EvaluationConfig, references: Mapping[str, list],
+                 victims: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    import ray
+    from ray.util import ActorPool
+
+    from ..zoo.build import connect_ray
+    from .worker import EvaluationWorker
+
+    connect_ray()
+    worker = ray.remote(EvaluationWorker).options(
+        num_cpus=cfg.num_cpus_per_worker, num_gpus=cfg.num_gpus_per_worker or None,
+        max_restarts=cfg.max_retries, max_task_retries=cfg.max_retries)
+    shared = ray.put(dict(references))
+    actors = [worker.remote(cfg, shared) for _ in range(min(cfg.workers, len(victims)))]
+    try:
+        yield from ActorPool(actors).map_unordered(lambda actor, victim: actor.evaluate.remote(victim), victims)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
+def _local_results(cfg: EvaluationConfig, references: Mapping[str, list],
+                   victims: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    from .worker import EvaluationWorker
+
+    worker = EvaluationWorker(cfg, references, own_process=False)
+    for victim in victims:
+        yield worker.evaluate(victim)
+
+
+def run_victims(cfg: EvaluationConfig, references: Mapping[str, list], victims: list[dict[str, Any]],
+                store: ResultStore, show_progress: bool = True) -> list[dict[str, str]]:
+    """Evaluate `victims` on Ray actors (or here, with workers 0), writing each result as it ends;
+    returns the failures."""
+    import ray
+
+    by_id = {v["lora_id"]: v for v in victims}
+    failures: list[dict[str, str]] = []
+    progress = tqdm(total=len(victims), desc="evaluate", unit="victim", disable=not show_progress)
+    try:
+        results = _ray_results(cfg, references, victims) if cfg.workers else _local_results(cfg, references, victims)
+        for result in results:
+            if result.get("error"):
+                failures.append({"lora_id": result["lora_id"], "error": result["error"]})
+                logger.warning("evaluation of victim %s failed: %s", result["lora_id"], result["error"])
+            else:
+                store.write(by_id[result["lora_id"]], result)
+            progress.update()
+            progress.set_postfix(failed=len(failures))
+    except ray.exceptions.RayError as e:
+        raise LoraleakError(f"evaluation stopped: {_one_line(e)} ({progress.n - len(failures)} victims finished "
+                            "and are kept; rerun to resume)") from e
+    finally:
+        progress.close()
+    return failures
+
+
+# --- the numbers ------------------------------------------------------------------------------------------
+
+def paired_difference(a: ConditionMetrics, b: ConditionMetrics, metric: str = "similarity",
+                      n_boot: int = 1000, seed: int = 0) -> Estimate:
+    """Mean over victims of a's per-victim `metric` minus b's, with a clustered bootstrap 95% interval.
+
+    Both conditions must summarise the same victims in the same order (as one evaluation does).
+    Victims where either is unmeasured (no face) are left out.
+    """
+    if [v.victim_id for v in a.victims] != [v.victim_id for v in b.victims]:
+        raise ValueError("paired_difference needs the same victims in the same order")
+    to_array = lambda m: np.array([np.nan if getattr(v, metric) is None else getattr(v, metric)  # noqa: E731
+                                   for v in m.victims], dtype=np.float64)
+    d = to_array(a) - to_array(b)
+    measured = ~np.isnan(d)
+    if not measured.any():
+        return Estimate(None, None, None)
+    index = np.random.default_rng(seed).integers(0, len(d), size=(n_boot, len(d)))
+    counts = measured[index].sum(axis=1)
+    sums = np.where(measured, d, 0.0)[index].sum(axis=1)
+    boot = sums[counts > 0] / counts[counts > 0]
+    low, high = np.percentile(boot, [2.5, 97.5])
+    return Estimate(float(d[measured].mean()), float(low), float(high))
+
+
+def best_control(metrics: Mapping[str, ConditionMetrics]) -> str | None:
+    """The no-attack condition whose images are most like the victims: what an attack must beat."""
+    scored = [(m.similarity.value, name) for name, m in metrics.items()
+              if name in NO_ATTACK and m.similarity.value is not None]
+    return max(scored)[1] if scored else None
+
+
+def headline_metrics(metrics: Mapping[str, ConditionMetrics], n_boot: int = 1000,
+                     seed: int = 0) -> tuple[dict[str, float], str | None]:
+    """Flat numbers: `<condition>.<rate>` for the headline rates, `chance_top1` / `chance_top5`, and
+    `rec_over_best_control.similarity` (+ `_lo` / `_hi`): rec's paired gain over the best control."""
+    out: dict[str, float] = {}
+    for name, m in metrics.items():
+        for rate in HEADLINE_RATES:
+            value = getattr(m, rate).value
+            if value is not None:
+                out[f"{name}.{rate}"] = value
+    first = next(iter(metrics.values()))
+    out["chance_top1"], out["chance_top5"] = first.chance_top1, first.chance_top5
+    control = best_control(metrics)
+    if "rec" in metrics and control is not None:
+        gain = paired_difference(metrics["rec"], metrics[control], "similarity", n_boot, seed)
+        if gain.value is not None:
+            out.update({"rec_over_best_control.similarity": gain.value,
+                        "rec_over_best_control.similarity_lo": gain.low,
+                        "rec_over_best_control.similarity_hi": gain.high})
+    return out, control
+
+
+def format_headline(metrics: Mapping[str, ConditionMetrics], headline: Mapping[str, float],
+                    control: str | None) -> str:
+    """The table `loraleak evaluate` and `loraleak run` print."""
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = [f"{'condition':<22}{'face':>6}  {'similarity [95% CI]':<24}{'verified':>9}{'top-1':>8}"
+             f"{'top-5':>8}{'top-1 victim':>14}"]
+    for name, m in metrics.items():
+        sim = m.similarity
+        cell = "-" if sim.value is None else f"{sim.value:.3f} [{sim.low:.3f}, {sim.high:.3f}]"
+        lines.append(f"{name:<22}{fmt(m.face_found.value):>6}  {cell:<24}{fmt(m.verified.value):>9}"
+                     f"{fmt(m.top1_image.value):>8}{fmt(m.top5_image.value):>8}{fmt(m.top1_victim.value):>14}")
+    first = next(iter(metrics.values()))
+    lines.append(f"chance: top-1 {first.chance_top1:.3f}, top-5 {first.chance_top5:.3f} "
+                 f"({first.n_candidates} candidate identities, {first.n_victims} victims, "
+                 f"{first.n_images // max(1, first.n_victims)} images each)")
+    if "rec_over_best_control.similarity" in headline:
+        lines.append(f"rec - best control ({control}): similarity "
+                     f"{headline['rec_over_best_control.similarity']:+.3f} "
+                     f"[{headline['rec_over_best_control.similarity_lo']:+.3f}, "
+                     f"{headline['rec_over_best_control.similarity_hi']:+.3f}]")
+    return "\n".join(lines)
+
+
+# --- the stage --------------------------------------------------------------------------------------------
+
+def evaluate(cfg: EvaluationConfig, show_progress: bool = True) -> EvaluationResult:
+    """Evaluate every victim not yet evaluated with these settings, then summarise, report and track."""
+    from ..scoring import make_scorer
+    from ..tracking import mlflow_run
+    from .report import write_report
+
+    started = time.perf_counter()
+    cfg = resolve_config(cfg)
+    victims, candidates = select_victims(cfg)
+    scorer = make_scorer(cfg.scorer, cfg.scorer_path)
+    references = reference_embeddings(cfg, scorer, candidates)
+    unscorable = [v for v in victims if v["identity_id"] not in references]
+    victims = [v for v in victims if v["identity_id"] in references]
+    if not victims:
+        raise InputError(f"the {cfg.scorer} scorer finds no face in the photos of any victim")
+    key = settings_key(cfg, sorted(references))
+    store = ResultStore(cfg.out_dir, key)
+    pending = [v for v in victims if not store.done(v["lora_id"])]
+    logger.info("evaluation %s: %d victims, %d candidates; %d already evaluated, %d to run %s", cfg.out_dir,
+                len(victims), len(references), len(victims) - len(pending), len(pending),
+                f"on {cfg.workers} Ray worker(s)" if cfg.workers else "in this process")
+    failures = run_victims(cfg, references, pending, store, show_progress) if pending else []
+    failed = {f["lora_id"] for f in failures}
+    finished = [v for v in victims if v["lora_id"] not in failed]
+    if not finished:
+        raise LoraleakError(f"every victim failed to evaluate; the first: {failures[0]['error']}")
+
+    records = [store.load(v["lora_id"]) for v in finished]
+    metrics = {name: summarise([ImageScores.from_dict(r["scores"][name]) for r in records],
+                               n_boot=cfg.n_boot, seed=cfg.seed) for name in cfg.conditions}
+    headline, control = headline_metrics(metrics, cfg.n_boot, cfg.seed)
+    shown = [{"identity_id": r["identity_id"],
+              **{name: store.images(r["lora_id"], name, cfg.report_images) for name in ("private", *cfg.conditions)}}
+             for r in records[: cfg.report_victims]]
+    notes = {"zoo": cfg.zoo, "split": cfg.split, "base": cfg.base, "attack (rec)": cfg.attack or "-",
+             **{f"baseline {k}": v for k, v in cfg.baselines.items()},
+             "scorer": f"{cfg.scorer} (threshold {scorer.threshold:.3f})",
+             "similarity": similarity_mapping(cfg.scorer),
+             "images": f"{cfg.n_images} per condition and victim, {cfg.sample_steps} DPM-Solver++ steps, "
+                       f"guidance {cfg.guidance_scale}; seed {cfg.seed} (per victim: see victims/<lora_id>.json)",
+             "controls": ", ".join(cfg.controls) or "-",
+             "best control": control or "-"}
+    if "rec_over_best_control.similarity" in headline:
+        notes["rec - best control (similarity)"] = (
+            f"{headline['rec_over_best_control.similarity']:+.3f} "
+            f"[{headline['rec_over_best_control.similarity_lo']:+.3f}, "
+            f"{headline['rec_over_best_control.similarity_hi']:+.3f}]")
+    if unscorable:
+        notes["victims left out"] = f"{len(unscorable)} (no face in their photos)"
+    if failures:
+        notes["victims failed"] = f"{len(failures)} (rerun to retry): {failures[0]['error']}"
+    # The histogram compares what the attack recovers with what needs no attack: rec against base and
+    # the best control, org (the owner's images) as the ceiling; the other conditions are in the table.
+    histogram = {name: [v.similarity for v in metrics[name].victims if v.similarity is not None]
+                 for name in dict.fromkeys(["org", "rec", "base", control]) if name in metrics}
+    report = write_report(cfg.out_dir / REPORT_DIR, f"LoRA identity leakage: {len(records)} {cfg.split} victims",
+                          metrics, shown, per_victim_similarity=histogram, notes=notes)
+
+    summary = {"victims": len(records), "candidates": len(references), "evaluated": len(pending) - len(failures),
+               "reused": len(victims) - len(pending), "failures": failures,
+               "unscorable": [v["lora_id"] for v in unscorable], "settings_key": key, "best_control": control,
+               "headline": headline, "table": format_headline(metrics, headline, control),
+               "metrics": {k: m.to_dict() for k, m in metrics.items()},
+               "report": str(report), "config": to_dict(cfg)}
+    run_id = None
+    if cfg.tracking:
+        with mlflow_run(cfg.experiment, cfg.run_name or f"evaluate {cfg.out_dir.name}", cfg.tracking_uri,
+                        cfg.workdir) as run:
+            run.log_params({**to_dict(cfg), "data": {"victims": len(records), "candidates": len(references),
+                                                     "settings_key": key, "best_control": control or "-"}})
+            flat = {k: v for name, m in metrics.items() for k, v in m.flat(f"{name}.").items()}
+            run.log_metrics({**flat, **headline, "failed_victims": len(failures)})
+            for path in sorted(report.parent.iterdir()):
+                run.log_artifact(path, REPORT_DIR)
+            run.log_dict(summary, SUMMARY_FILE)
+            run_id = run.run_id
+    summary["mlflow_run_id"] = run_id
+    wall = time.perf_counter() - started
+    summary["wall_time_s"] = wall
+    (cfg.out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1, default=str))
+    return EvaluationResult(cfg.out_dir, report, metrics, headline, control, len(records), len(references),
+                            len(pending) - len(failures), len(victims) - len(pending), failures, run_id, wall)

@@ -1,0 +1,183 @@
+"""One victim's evaluation: its images under every condition, scored against every candidate.
+
+An `EvaluationWorker` (a Ray actor, or a plain object with `workers: 0`) loads the base pipeline,
+the attacks and the scorer once and then takes victim after victim. For each it answers with the
+scores and the images as PNG bytes; the driver writes them (`evaluate.py`), so the worker needs
+no access to the output folder and a cluster node can run it.
+
+Order matters in one place: the attacks read the LoRA *before* it is loaded into the pipeline,
+because a LoRA with text-encoder factors would otherwise change the CLIP transformer that the
+network autoencoder's encoder runs through.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+import time
+from typing import Any, Mapping, Sequence
+
+from PIL import Image
+
+from ..errors import InputError
+from .config import EvaluationConfig
+
+
+def victim_seed(seed: int, lora_id: str) -> int:
+    """The seed of every condition of one victim: fixed by (seed, lora_id), different across victims."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{lora_id}".encode()).digest()[:4], "big")
+
+
+def wrong_trigger(seed: int, true_trigger: str) -> str:
+    """A random trigger word that is not the victim's (drawn from the victim's seed)."""
+    from ..finetune.triggers import random_trigger
+
+    rng = random.Random(seed)
+    while (word := random_trigger(rng)) == true_trigger:
+        pass
+    return word
+
+
+def control_prompt(control: str, victim: Mapping[str, Any]) -> str:
+    if control == "victim_class_prompt":
+        return victim["class_prompt"]
+    if control == "victim_empty_prompt":
+        return ""
+    if control == "victim_wrong_trigger":
+        return victim["instance_template"].format(trigger=wrong_trigger(victim["seed"], victim["trigger"]))
+    raise ValueError(f"unknown control {control!r}")
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def png_image(data: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as image:
+        return image.convert("RGB")
+
+
+class EvaluationWorker:
+    """Holds the base pipeline, the attacks and the scorer; `evaluate(victim)` does one victim.
+
+    cfg: the evaluation's config with `base` and `identities` resolved (the zoo's) and paths absolute.
+    references: candidate identity -> its private photos' embeddings (computed once by the driver).
+    """
+
+    def __init__(self, cfg: EvaluationConfig, references: Mapping[str, Sequence[Any]], own_process: bool = True):
+        import torch
+
+        from ..attack.api import load_attack
+        from ..base.loading import load_base_pipeline
+        from ..finetune.class_images import pipeline_resolution
+        from ..identities import make_source
+        from ..scoring import make_scorer
+
+        if own_process:  # a Ray actor's process is the worker's alone to configure
+            import diffusers
+
+            torch.set_num_threads(max(1, int(cfg.num_cpus_per_worker)))
+            diffusers.utils.logging.disable_progress_bar()
+        self.cfg, self.references = cfg, references
+        # Ray gives a GPU worker its device(s) through CUDA_VISIBLE_DEVICES; "cuda" is the first.
+        device = "cuda" if cfg.num_gpus_per_worker > 0 else "cpu"
+        self.pipe = load_base_pipeline(cfg.base, device=device)
+        self.resolution = pipeline_resolution(self.pipe)
+        self.attacks = {}
+        if cfg.attack is not None:
+            self.attacks["rec"] = load_attack(cfg.attack, self.pipe)
+        for name, directory in cfg.baselines.items():
+            self.attacks[name] = load_attack(directory, self.pipe)
+        self.scorer = make_scorer(cfg.scorer, cfg.scorer_path)
+        self.identities = {i.identity_id: i for i in make_source(cfg.identities).identities()}
+
+    def evaluate(self, victim: Mapping[str, Any]) -> dict[str, Any]:
+        """Images and scores of one victim; a failure is returned as {"error": ...}, never raised, so
+        that one bad victim does not stop the others."""
+        started = time.perf_counter()
+        try:
+            result = self._evaluate(victim)
+        except Exception as e:  # noqa: BLE001 - reported per victim; the driver counts and shows it
+            self._recover()
+            text = " ".join(str(e).split()) or "(no message)"
+            return {"lora_id": victim["lora_id"], "error": f"{type(e).__name__}: {text}"[:500]}
+        result["wall_s"] = time.perf_counter() - started
+        return result
+
+    def _evaluate(self, victim: Mapping[str, Any]) -> dict[str, Any]:
+        from ..zoo.storage import ZooStore
+        from .metrics import score_images
+
+        private = self._private_images(victim)
+        with ZooStore(self.cfg.zoo).local_file(victim["lora_path"]) as lora_path:
+            images, prompts = self._images(victim, lora_path)
+        scores = {name: score_images(self.scorer, ims, self.references, victim["identity_id"]).to_dict()
+                  for name, ims in images.items()}
+        return {"lora_id": victim["lora_id"], "identity_id": victim["identity_id"], "error": None,
+                "scores": scores, "prompts": prompts,
+                "images": {name: [png_bytes(im) for im in ims] for name, ims in images.items()},
+                "private": [png_bytes(im) for im in private]}
+
+    def _private_images(self, victim: Mapping[str, Any]) -> list[Image.Image]:
+        """The photos the LoRA was fine-tuned on, checked against the hashes the zoo recorded."""
+        from ..identities import image_sha256
+
+        identity = self.identities.get(victim["identity_id"])
+        if identity is None:
+            raise InputError(f"identity {victim['identity_id']!r} of the zoo is not in the identity source")
+        images = identity.load(self.resolution)
+        if [image_sha256(im) for im in images] != list(victim["image_hashes"]):
+            raise InputError(f"the photos of {victim['identity_id']!r} differ from those its LoRA was "
+                             "fine-tuned on (zoo manifest hashes); evaluate with the zoo's identity source")
+        return images
+
+    def _images(self, victim: Mapping[str, Any], lora_path) -> tuple[dict[str, list[Image.Image]], dict[str, str]]:
+        from ..attack.api import LoraInput
+        from ..generate import generate_images, lora_loaded
+
+        cfg = self.cfg
+        sample = dict(n=cfg.n_images, seed=victim["seed"], num_inference_steps=cfg.sample_steps,
+                      guidance_scale=cfg.guidance_scale)
+        lora = LoraInput.from_file(lora_path, step=victim["step"])
+        answers = {name: attack.reconstruct(lora, cfg.n_images, victim["seed"])
+                   for name, attack in self.attacks.items()}  # before the LoRA touches the pipeline
+        prompts = {"org": victim["instance_prompt"], "base": victim["class_prompt"],
+                   **{c: control_prompt(c, victim) for c in cfg.controls}}
+        images: dict[str, list[Image.Image]] = {}
+        with lora_loaded(self.pipe, lora_path):
+            images["org"] = generate_images(self.pipe, prompt=prompts["org"], **sample)
+            for name, answer in answers.items():
+                if answer.prompt_embeds is not None:
+                    images[name] = generate_images(self.pipe, prompt_embeds=answer.prompt_embeds, **sample)
+                    prompts[name] = f"{name} z (prompt embedding from the LoRA weights)"
+            for control in cfg.controls:
+                images[control] = generate_images(self.pipe, prompt=prompts[control], **sample)
+        for name, answer in answers.items():
+            if answer.images is not None:
+                images[name] = [im.convert("RGB") for im in answer.images[: cfg.n_images]]
+                prompts[name] = f"{name} images (returned by the attack)"
+        images["base"] = generate_images(self.pipe, prompt=prompts["base"], **sample)
+        order = [c for c in cfg.conditions if c in images]
+        return {c: images[c] for c in order}, {c: prompts[c] for c in order}
+
+    def _recover(self) -> None:
+        """Leave the pipeline clean for the next victim after one failed midway."""
+        from ..base.loading import load_base_pipeline
+        from ..finetune.lora_io import loaded_adapters
+
+        if loaded_adapters(self.pipe):
+            self.pipe = load_base_pipeline(self.cfg.base, device=self.pipe.device)
+
+
+def victim_record(row: Mapping[str, Any], seed: int) -> dict[str, Any]:
+    """A manifest row (a final snapshot) as the plain mapping a worker evaluates."""
+    finetune = json.loads(row["finetune_config"] or "{}")
+    return {"lora_id": row["lora_id"], "identity_id": row["identity_id"], "lora_path": row["lora_path"],
+            "step": row["snapshot_step"], "steps": row["steps"], "rank": row["rank"],
+            "instance_prompt": row["instance_prompt"], "class_prompt": row["class_prompt"],
+            "trigger": row["trigger"], "instance_template": finetune.get("instance_prompt", "A face of {trigger}."),
+            "image_hashes": list(row["image_hashes"]), "seed": victim_seed(seed, row["lora_id"])}

@@ -1,0 +1,63 @@
+"""`loraleak sweep CONFIG.yaml [--out DIR] [--max-concurrent N] [--dry-run]`: a sweep of the whole study.
+
+`add_sweep_commands(subparsers)` adds `sweep` to the `loraleak` parser; `sweep_main(argv)` runs it on
+its own (what `jobs/sweep.py` calls).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from .config import load_sweep_config
+    from .run import plan_sweep, require_finished, run_sweep
+
+    overrides = {}
+    if args.out is not None:
+        overrides["out_dir"] = str(args.out)
+    if args.max_concurrent is not None:
+        overrides["max_concurrent_trials"] = args.max_concurrent
+    cfg = load_sweep_config(args.config, overrides)
+    if args.dry_run:
+        plan = plan_sweep(cfg)
+        print(plan.describe())
+        for trial in plan.trials:
+            state = "finished" if trial.trial_id in plan.finished else "to run"
+            print(f"  {trial.trial_id}  {trial.label}  ({state})")
+        return
+    result = run_sweep(cfg)
+    print()
+    print(result.table)
+    print()
+    print(f"results: {result.table_path}")
+    print(f"privacy-utility plot: {result.plot_path}")
+    print(f"MLflow store: {result.tracking_uri} (sweep run {result.parent_run_id}, one child run per trial)")
+    if result.tracking_uri.startswith("sqlite:"):
+        print(f"  browse it: mlflow ui --backend-store-uri {result.tracking_uri}")
+    print(f"trials run now: {len(result.ran)}, finished before (not rerun): {len(result.reused)}")
+    require_finished(result)
+
+
+def add_sweep_commands(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "sweep", help="run the whole study over a search space with Ray Tune (tune_configs/*.yaml), resumable",
+        description="Run a sweep: one trial (the whole study, `loraleak run`) per point of the search space, "
+                    "through Ray Tune, one MLflow run per trial nested under the sweep's run; ends with the "
+                    "results table and the privacy-utility plot. A rerun skips the finished trials.")
+    p.add_argument("config", type=Path, help="a sweep YAML (see tune_configs/)")
+    p.add_argument("--out", type=Path, help="the sweep's folder (overrides out_dir; default runs/sweeps/<name>)")
+    p.add_argument("--max-concurrent", type=int, metavar="N",
+                   help="trials at once (default: as many as the cluster's resources hold)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the config and print the trials and what they share; run nothing")
+    p.set_defaults(func=cmd_sweep)
+
+
+def sweep_main(argv: list[str] | None = None) -> int:
+    """`loraleak sweep ...` on its own: one line on stderr and exit code 2 for a user-facing error."""
+    from ..cli import main
+
+    return main(["sweep", *(sys.argv[1:] if argv is None else argv)])

@@ -1,0 +1,277 @@
+"""`run_sweep(cfg)`: every trial of a sweep through Ray Tune, tracked in MLflow, summed up in a table and a plot.
+
+    <sweep>/sweep.json             the sweep's settings, its trials and its MLflow parent run
+    <sweep>/stages/                the pipeline folder the trials share (zoo-<key>, attack-<key>, ...)
+    <sweep>/trials/<id>/result.json  each trial's record (a finished one is not run again)
+    <sweep>/results.csv            one row per trial: the varied settings and every headline metric
+    <sweep>/privacy_utility.png    utility (org similarity) against privacy loss (rec similarity, top-1)
+    <sweep>/ray/                   Ray Tune's experiment folders
+    <sweep>/mlflow.db              MLflow (unless MLFLOW_TRACKING_URI or tracking_uri says otherwise):
+                                   the parent run (the table and the plot as artifacts), one child run
+                                   per trial, and the pipeline's stage runs
+
+Before anything runs, every trial's settings are checked, the stages they may share are worked out
+(`stages.stage_folders`) and checked against `rerun`. Trials run in waves so that two trials never
+build one shared output at once; within a wave, as many run at once as the cluster holds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..config import to_dict
+from ..errors import LoraleakError
+from .config import SweepConfig
+from .results import (FAILED, FINISHED, PLOT_FILE, TABLE_FILE, format_table, is_finished, privacy_utility_plot,
+                      read_record, record_path, results_frame, write_table)
+from .stages import (Concurrency, builds_per_stage, check_rerun, concurrency, driver_resources, peak_need, waves)
+from .trials import Trial, expand_trials
+
+logger = logging.getLogger(__name__)
+
+SWEEP_FILE = "sweep.json"
+STAGE_CONFIGS = ("loraleak.zoo.config:ZooConfig", "loraleak.attack.config:AttackTrainConfig",
+                 "loraleak.attack.baselines.fit:BaselineConfig", "loraleak.evaluation.config:EvaluationConfig")
+
+
+@dataclass
+class SweepPlan:
+    cfg: SweepConfig
+    tracking_uri: str
+    trials: list[Trial]
+    finished: list[str]  # trial ids with a finished record (not run again)
+    builds: dict[str, int]  # stage -> distinct outputs the trials need
+
+    @property
+    def pending(self) -> list[Trial]:
+        return [t for t in self.trials if t.trial_id not in self.finished]
+
+    def describe(self) -> str:
+        cfg = self.cfg
+        varied = ", ".join(cfg.search_space)
+        lines = [f"sweep {cfg.name}: {len(self.trials)} trials ({cfg.search} over {varied}), "
+                 f"{len(self.finished)} finished before, {len(self.pending)} to run -> {cfg.directory}"]
+        if cfg.share_stages:
+            shared = [s for s, n in self.builds.items() if n == 1]
+            per = [f"{s} {n}" for s, n in self.builds.items() if n > 1]
+            lines.append(f"  stage outputs: {', '.join(per) or 'none differ'}"
+                         + (f"; shared by every trial: {', '.join(shared)}" if shared else ""))
+        else:
+            lines.append("  stage outputs: every trial its own (share_stages: false)")
+        return "\n".join(lines)
+
+
+@dataclass
+class SweepResult:
+    directory: Path
+    frame: Any  # pandas DataFrame, one row per trial
+    table: str  # as printed
+    table_path: Path
+    plot_path: Path
+    tracking_uri: str
+    parent_run_id: str | None
+    ran: list[str] = field(default_factory=list)  # trial ids run by this call
+    reused: list[str] = field(default_factory=list)  # trial ids finished before
+    failed: list[str] = field(default_factory=list)  # trial ids that failed (rerun the sweep to retry them)
+    wall_time_s: float = 0.0
+
+
+def plan_sweep(cfg: SweepConfig) -> SweepPlan:
+    """The sweep's trials, validated, and which of them finished before; runs and writes nothing."""
+    from .tracking import sweep_tracking_uri
+
+    uri = sweep_tracking_uri(cfg.tracking_uri, cfg.directory)
+    trials = expand_trials(cfg, uri)
+    check_rerun(cfg.rerun, trials, f"sweep {cfg.name}")
+    finished = [t.trial_id for t in trials if is_finished(read_record(record_path(cfg.directory, t.trial_id)))]
+    return SweepPlan(cfg, uri, trials, finished, builds_per_stage(trials))
+
+
+def _stage_experiments(trials: Sequence[Trial]) -> list[str]:
+    """The MLflow experiments the trials' stages log to (their configs' defaults; the pipeline's own)."""
+    import dataclasses
+    import importlib
+
+    names = []
+    for spec in STAGE_CONFIGS:
+        module, _, name = spec.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):  # a build without that stage
+            continue
+        names += [f.default for f in dataclasses.fields(cls) if f.name == "experiment"]
+    return names + [t.config.experiment for t in trials]
+
+
+class _Say:
+    def __init__(self, show: bool) -> None:
+        self.show = show
+
+    def __call__(self, text: str) -> None:
+        if self.show:
+            print(text, flush=True)
+        logger.debug(text)
+
+
+def _progress_callback(directory: Path, total: int, start: int, cfg: SweepConfig, say: _Say):
+    from ray.tune import Callback
+
+    from .trainable import describe_record
+
+    class TrialProgress(Callback):
+        """One line per trial as it ends (Tune itself runs quiet)."""
+
+        def __init__(self) -> None:
+            self.done = start
+
+        def _line(self, trial) -> None:
+            self.done += 1
+            record = read_record(record_path(directory, trial.config["trial"]["trial_id"])) or {
+                "label": trial.config["trial"]["label"], "status": FAILED, "error": "no record (the trial died)"}
+            say(f"[{self.done}/{total}] {describe_record(record, cfg.utility, cfg.privacy)}")
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            self._line(trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            self._line(trial)
+
+    return TrialProgress()
+
+
+def _trial_name(trial) -> str:
+    return f"trial-{trial.config['trial']['trial_id']}"
+
+
+def _run_wave(cfg: SweepConfig, wave: list[Trial], index: int, common: dict[str, Any], at_once: int,
+              callback: Any) -> None:
+    from ray import tune
+
+    from .trainable import trial_payload, trial_trainable
+
+    payloads = [trial_payload(t, cfg.resources_per_trial) for t in wave]
+    trainable = tune.with_resources(
+        tune.with_parameters(trial_trainable, common=common),
+        # The trial actor itself needs nothing (an empty head bundle); bundle 0 is its driver task's.
+        lambda config: tune.PlacementGroupFactory([{}, config["trial"]["driver_bundle"]]))
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"trial": tune.grid_search(payloads)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=min(at_once, len(wave)), reuse_actors=False,
+                                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+        run_config=tune.RunConfig(name=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-wave{index}",
+                                  storage_path=str(cfg.directory / "ray"), verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                                  callbacks=[callback]))
+    tuner.fit()  # errored trials are in the records; the sweep goes on with the others
+
+
+def _concurrency(cfg: SweepConfig, trials: Sequence[Trial]) -> Concurrency:
+    import ray
+
+    needs = [peak_need(t.config, driver_resources(t.config, cfg.resources_per_trial)) for t in trials]
+    return concurrency(needs, ray.cluster_resources(), cfg.max_concurrent_trials)
+
+
+def _parent_params(cfg: SweepConfig, plan: SweepPlan) -> dict[str, Any]:
+    data = to_dict(cfg)
+    return {"name": cfg.name, "pipeline": cfg.pipeline, "search": cfg.search, "trials": len(plan.trials),
+            "search_space": json.dumps(data["search_space"], default=str),
+            "overrides": json.dumps(data["overrides"], default=str), "share_stages": cfg.share_stages,
+            "rerun": ",".join(cfg.rerun) if cfg.rerun is not None else "-", "metric": cfg.metric}
+
+
+def summarize(cfg: SweepConfig, trials: Sequence[Trial]) -> tuple[Any, str, Path, Path]:
+    """The results frame of the trials' records, its CSV and printed table, and the privacy-utility plot."""
+    records = []
+    for t in trials:
+        record = read_record(record_path(cfg.directory, t.trial_id))
+        records.append(record if record is not None else
+                       {"trial_id": t.trial_id, "label": t.label, "overrides": t.overrides, "status": "not run"})
+    varied = list(dict.fromkeys(p for t in trials for p in t.overrides))
+    frame = results_frame(records, varied, cfg.metric, cfg.mode)
+    table_path = write_table(frame, cfg.directory / TABLE_FILE)
+    plot_path = privacy_utility_plot(frame, cfg.utility, cfg.privacy, cfg.directory / PLOT_FILE,
+                                     f"sweep {cfg.name}: privacy against utility ({len(frame)} trials)")
+    return frame, format_table(frame, cfg.utility, cfg.privacy, cfg.metric), table_path, plot_path
+
+
+def run_sweep(cfg: SweepConfig, show_progress: bool = True) -> SweepResult:
+    """Run (or resume) the sweep: every trial not finished before, then the table and the plot."""
+    from ..zoo.build import connect_ray
+    from .tracking import ensure_experiments, open_parent_run
+
+    started = time.perf_counter()
+    say = _Say(show_progress)
+    plan = plan_sweep(cfg)  # every bad setting fails here, before anything is written or started
+    say(plan.describe())
+    directory = cfg.directory
+    directory.mkdir(parents=True, exist_ok=True)
+    sweep_file = directory / SWEEP_FILE
+    previous = json.loads(sweep_file.read_text()) if sweep_file.is_file() else {}
+    experiments = ensure_experiments(plan.tracking_uri, directory, [cfg.experiment, *_stage_experiments(plan.trials)])
+    parent = open_parent_run(plan.tracking_uri, experiments[cfg.experiment], cfg.name, previous.get("parent_run_id"))
+    if parent.run_id != previous.get("parent_run_id"):
+        parent.log_params(_parent_params(cfg, plan))
+    parent.log_dict(to_dict(cfg), "sweep_config.json")
+    sweep_file.write_text(json.dumps({
+        "name": cfg.name, "parent_run_id": parent.run_id, "tracking_uri": plan.tracking_uri, "config": to_dict(cfg),
+        "trials": [{"trial_id": t.trial_id, "label": t.label, "overrides": t.overrides} for t in plan.trials]},
+        indent=1, default=str))
+
+    pending = plan.pending
+    status = "FAILED"
+    try:
+        if pending:
+            connect_ray()
+            at_once = _concurrency(cfg, pending)
+            say(f"  concurrency: {at_once.describe()}")
+            if at_once.short:
+                logger.warning("sweep %s: a trial needs %s; its stages wait until the cluster has them",
+                               cfg.name, ", ".join(at_once.short))
+            groups = waves(pending) if at_once.trials > 1 else [pending]
+            if len(groups) > 1:
+                say(f"  {len(groups)} waves (trials that share an output wait for the first to build it): "
+                    + ", ".join(str(len(g)) for g in groups))
+            common = {"directory": str(directory), "sweep": cfg.name, "tracking_uri": plan.tracking_uri,
+                      "experiment_id": experiments[cfg.experiment], "parent_run_id": parent.run_id}
+            callback = _progress_callback(directory, len(plan.trials), len(plan.finished), cfg, say)
+            for index, wave in enumerate(groups):
+                _run_wave(cfg, wave, index, common, at_once.trials, callback)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        frame, table, table_path, plot_path = summarize(cfg, plan.trials)
+        failed = [t.trial_id for t in plan.trials
+                  if (read_record(record_path(directory, t.trial_id)) or {}).get("status") != FINISHED]
+        parent.log_artifact(table_path)
+        parent.log_artifact(plot_path)
+        finished = int((frame["status"] == FINISHED).sum()) if "status" in frame.columns else 0
+        summary = {"trials_finished": finished, "trials_failed": len(failed)}
+        if cfg.metric in frame.columns and finished:
+            best = frame[frame["status"] == FINISHED][cfg.metric].dropna()
+            if len(best):
+                summary[f"best.{cfg.metric}"] = float(best.min() if cfg.mode == "min" else best.max())
+        parent.log_metrics(summary)
+        if status == "FINISHED" and failed:
+            status = "FAILED"
+        parent.client.set_terminated(parent.run_id, status=status)
+    ran = [t.trial_id for t in pending]
+    return SweepResult(directory, frame, table, table_path, plot_path, plan.tracking_uri, parent.run_id,
+                       ran=ran, reused=list(plan.finished), failed=failed, wall_time_s=time.perf_counter() - started)
+
+
+def require_finished(result: SweepResult) -> None:
+    """LoraleakError naming the failed trials (after the table and plot are written)."""
+    if not result.failed:
+        return
+    first = read_record(record_path(result.directory, result.failed[0])) or {}
+    raise LoraleakError(f"{len(result.failed)} trial(s) did not finish (first: {first.get('label', result.failed[0])}: "
+                        f"{first.get('error', 'not run')}); rerun the sweep to retry them (finished trials are kept)")

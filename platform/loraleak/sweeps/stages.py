@@ -1,0 +1,159 @@
+"""Which stage outputs the trials of a sweep share, in what order they must run, and how many at once.
+
+`run_pipeline` names each stage's folder by a key over what its result depends on (its settings and
+the keys of the stages before it); `stage_folders` computes the same names without running anything,
+so the sweep knows before it starts which trials share a zoo, an attack or a baseline. Trials that
+share a stage output must not build it at the same time: `waves` puts the first trial to need each
+output (its builder) in an earlier wave than every other trial that uses it; trials within a wave
+share nothing unbuilt and run concurrently.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from ..config import to_dict
+from ..errors import ConfigError
+from .config import STAGE_NAMES
+
+
+def stage_folders(cfg: Any) -> dict[str, str]:
+    """stage -> the folder name `run_pipeline` gives its output under cfg.out_dir (the same keys:
+    loraleak.pipeline.run). "base" is there only when the base is pretrained; "baselines" is the
+    baselines' folders joined (one entry for all of them)."""
+    from ..pipeline.run import _key, _settings
+
+    folders: dict[str, str] = {}
+    if cfg.base.pretrain is None:
+        base_key = _key(cfg.base.ref)
+    else:
+        base_key = _key(to_dict(cfg.base.pretrain))
+        folders["base"] = f"base-{base_key}"
+    zoo_key = _key(base_key, to_dict(cfg.identities), _settings(cfg.zoo, "zoo"))
+    attack_key = _key(zoo_key, _settings(cfg.attack, "attack"))
+    baseline_keys = {spec.name: _key(zoo_key, to_dict(spec)) for spec in cfg.baselines}
+    upstream = {"zoo": zoo_key, "attack": attack_key, "attack_steps": cfg.attack.max_steps,
+                "baselines": baseline_keys}
+    folders["zoo"] = f"zoo-{zoo_key}"
+    folders["attack"] = f"attack-{attack_key}"
+    if baseline_keys:
+        folders["baselines"] = " ".join(f"baseline-{name}-{key}" for name, key in baseline_keys.items())
+    folders["evaluation"] = f"evaluation-{_key(upstream, _settings(cfg.evaluation, 'evaluation'))}"
+    return folders
+
+
+def _outputs(trial: Any) -> dict[str, str]:
+    """stage -> an id of the output the trial uses (its folder, made absolute: unshared trials never collide)."""
+    root = str(trial.config.out_dir)
+    # The attack folder's key leaves out max_steps (more steps continue the same attack), but two
+    # trials training it to different step counts must not run at once.
+    out = {stage: f"{root}/{folder}" for stage, folder in stage_folders(trial.config).items()}
+    out["attack"] += f"@{trial.config.attack.max_steps}"
+    return out
+
+
+def builds_per_stage(trials: Sequence[Any]) -> dict[str, int]:
+    """stage -> how many distinct outputs the trials need (1 = built once, shared by all)."""
+    seen: dict[str, set[str]] = {}
+    for trial in trials:
+        for stage, output in _outputs(trial).items():
+            seen.setdefault(stage, set()).add(output)
+    return {stage: len(seen[stage]) for stage in STAGE_NAMES if stage in seen}
+
+
+def check_rerun(rerun: Sequence[str] | None, trials: Sequence[Any], where: str) -> None:
+    """ConfigError when the trials change a stage that `rerun` does not list."""
+    if rerun is None:
+        return
+    for stage, count in builds_per_stage(trials).items():
+        if count > 1 and stage not in rerun:
+            raise ConfigError(f"{where}: the search space gives {count} different {stage} outputs, but rerun lists "
+                              f"only {', '.join(rerun) or 'nothing'}: add {stage} to rerun, or keep its settings fixed")
+
+
+def waves(trials: Sequence[Any]) -> list[list[Any]]:
+    """The trials in waves: no two trials of a wave share an output that neither found built before."""
+    builder: dict[str, int] = {}  # output -> index of the first trial that needs it
+    wave_of: list[int] = []
+    for i, trial in enumerate(trials):
+        wave = 0
+        for output in _outputs(trial).values():
+            if output in builder:
+                wave = max(wave, wave_of[builder[output]] + 1)
+            else:
+                builder[output] = i
+        wave_of.append(wave)
+    grouped: list[list[Any]] = [[] for _ in range(max(wave_of, default=-1) + 1)]
+    for trial, wave in zip(trials, wave_of):
+        grouped[wave].append(trial)
+    return grouped
+
+
+# --- resources ------------------------------------------------------------------------------------------------
+
+def _add(into: dict[str, float], resources: Mapping[str, float], times: float = 1.0) -> None:
+    for name, value in resources.items():
+        if value:
+            into[name] = into.get(name, 0.0) + value * times
+
+
+def _workers(count: int, cpus: float, gpus: float) -> dict[str, float]:
+    return {"CPU": count * cpus, "GPU": count * gpus}
+
+
+def driver_runs_stages(cfg: Any) -> bool:
+    """True when a stage runs inside the trial's driver process (workers: 0) rather than on Ray workers."""
+    return cfg.zoo.workers == 0 or cfg.evaluation.workers == 0
+
+
+def driver_resources(cfg: Any, resources_per_trial: Mapping[str, float] | None) -> dict[str, float]:
+    """What Tune reserves for a trial's driver: as configured, else {CPU: 1} when stages run in it."""
+    if resources_per_trial is not None:
+        return {k: float(v) for k, v in resources_per_trial.items() if v}
+    return {"CPU": 1.0} if driver_runs_stages(cfg) else {}
+
+
+def peak_need(cfg: Any, driver: Mapping[str, float]) -> dict[str, float]:
+    """A trial's most resources at any time: its driver plus its hungriest stage (stages run in turn)."""
+    attack_worker = dict(cfg.attack.resources_per_worker or {"CPU": 1.0, **({"GPU": 1.0} if cfg.attack.use_gpu else {})})
+    stages = [
+        _workers(cfg.zoo.workers, cfg.zoo.num_cpus_per_worker, cfg.zoo.num_gpus_per_worker),
+        {k: v * cfg.attack.num_workers for k, v in attack_worker.items()},
+        _workers(cfg.evaluation.workers, cfg.evaluation.num_cpus_per_worker, cfg.evaluation.num_gpus_per_worker),
+    ]
+    need = dict(driver)
+    hungriest: dict[str, float] = {}
+    for stage in stages:
+        for name, value in stage.items():
+            hungriest[name] = max(hungriest.get(name, 0.0), value)
+    _add(need, hungriest)
+    return {k: v for k, v in need.items() if v}
+
+
+@dataclass(frozen=True)
+class Concurrency:
+    trials: int  # trials at once
+    need: dict[str, float]  # one trial's peak need
+    cluster: dict[str, float]  # what the cluster had
+    short: list[str]  # resources a single trial needs more of than the cluster has (it waits for nodes)
+
+    def describe(self) -> str:
+        fmt = lambda d: ", ".join(f"{k} {v:g}" for k, v in sorted(d.items()) if k in ("CPU", "GPU")) or "nothing"  # noqa: E731
+        return (f"{self.trials} trial(s) at once (a trial needs {fmt(self.need)} at its peak; the cluster has "
+                f"{fmt(self.cluster)})")
+
+
+def concurrency(needs: Sequence[Mapping[str, float]], cluster: Mapping[str, float], configured: int | None) -> Concurrency:
+    """How many trials run at once: as configured, else as many of the neediest trial as the cluster holds."""
+    need: dict[str, float] = {}
+    for n in needs:
+        for name, value in n.items():
+            need[name] = max(need.get(name, 0.0), value)
+    short = [f"{name} {value:g} (cluster has {cluster.get(name, 0):g})" for name, value in need.items()
+             if value > cluster.get(name, 0)]
+    if configured is not None:
+        return Concurrency(configured, need, dict(cluster), short)
+    fits = [math.floor(cluster.get(name, 0) / value + 1e-9) for name, value in need.items() if value > 0]
+    return Concurrency(max(1, min(fits, default=1)), need, dict(cluster), short)

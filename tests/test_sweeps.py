@@ -1,0 +1,281 @@
+"""Sweeps: config validation, search-space expansion, stage sharing, the table and the plot; and a real
+2-trial sweep through Ray Tune at the smallest pipeline sizes, tracked in MLflow, then resumed."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from loraleak.cli import main
+from loraleak.config import from_dict, to_dict
+from loraleak.errors import ConfigError
+from loraleak.sweeps.config import SweepConfig, load_sweep_config
+from loraleak.sweeps.results import FAILED, FINISHED, format_table, privacy_utility_plot, results_frame, write_table
+from loraleak.sweeps.stages import builds_per_stage, check_rerun, concurrency, peak_need, stage_folders, waves
+from loraleak.sweeps.trials import expand_trials, points
+
+REPO = Path(__file__).resolve().parents[1]
+# The smallest study that runs every stage (tests/test_pipeline.py's, without the baselines).
+SMALLEST = {
+    "identities": {"kind": "synthetic", "num_identities": 6, "images_per_identity": 3, "heldout_fraction": 0.5},
+    "base": {"ref": "tiny"},
+    "zoo": {"finetune": {"rank": 2, "alpha": 2, "steps": 4, "lr": 1e-3, "prior_preservation": False},
+            "num_snapshots": 2, "workers": 0},
+    "attack": {"max_steps": 2, "batch_size": 2, "val_fraction": 0.0, "checkpoint_every": 2, "val_every": 2,
+               "resources_per_worker": {"CPU": 1}},
+    "evaluation": {"n_images": 2, "sample_steps": 2, "reference_size": 32, "n_boot": 100, "workers": 1},
+}
+
+
+def sweep(tmp_path, **settings) -> SweepConfig:
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(yaml.safe_dump(SMALLEST))
+    data = {"name": "t", "pipeline": str(pipeline), "out_dir": str(tmp_path / "sweep"),
+            "search_space": {"attack.model.step_embedding": [True, False]}, **settings}
+    return from_dict(SweepConfig, data, where="sweep.yaml")
+
+
+def write_sweep(tmp_path, data) -> Path:
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(SMALLEST))
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"name": "t", "pipeline": "pipeline.yaml", "out_dir": str(tmp_path / "out"), **data}))
+    return path
+
+
+def one_line_error(capsys) -> str:
+    """The CLI's error: its last stderr line, and the only one of ours (a library's import-time notice may
+    come before it, once per process)."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines and lines[-1].startswith("loraleak: error:")
+    assert not any(line.startswith(("loraleak", "Traceback")) for line in lines[:-1])
+    return lines[-1]
+
+
+# --- config validation: one line, before anything runs ------------------------------------------------------
+
+@pytest.mark.parametrize("space, message", [
+    ({"zoo.finetune.rnak": [1, 2]}, "'zoo.finetune.rnak' is not a setting: zoo.finetune has no 'rnak'"),
+    ({"atack.max_steps": [1]}, "the pipeline config has no 'atack'"),
+    ({"zoo.finetune.rank.x": [1]}, "goes inside zoo.finetune.rank, which is a single setting"),
+    ({"out_dir": ["a", "b"]}, "is set by the sweep"),
+    ({"zoo.finetune.rank, zoo.finetune.alpha": [[1, 1], [4]]}, "each value is a list of 2"),
+    ({"zoo.finetune.rank": []}, "needs at least one value"),
+])
+def test_a_bad_search_space_is_one_line_of_error(tmp_path, capsys, space, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        sweep(tmp_path, search_space=space)
+    assert main(["sweep", str(write_sweep(tmp_path, {"search_space": space})), "--dry-run"]) == 2
+    assert message in one_line_error(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"zoo.finetune.rank": [4, "four"]}, "search_space: zoo.finetune.rank = four: expected an integer, got str"),
+    ({"zoo.defense": [{"kind": "none"}, {"kind": "dp_sgd"}]},
+     "zoo.defense = dp_sgd: a 'dp_sgd' defense needs exactly one of epsilon or noise_multiplier"),
+    ({"zoo.defense": [{"kind": "dp_sgd", "epsilon": 1.0, "rank": 2}]}, "rank does not apply to a 'dp_sgd' defense"),
+    ({"attack.model.input_mode": ["delta", "diagonal"]},
+     "attack.model.input_mode = diagonal: 'diagonal' is not one of 'delta', 'raw', 'gl_invariant'"),
+])
+def test_a_bad_value_is_one_line_naming_it(tmp_path, capsys, space, message):
+    with pytest.raises(ConfigError, match=message):
+        expand_trials(sweep(tmp_path, search_space=space), "sqlite:///unused.db")
+    assert main(["sweep", str(write_sweep(tmp_path, {"search_space": space})), "--dry-run"]) == 2
+    assert message in one_line_error(capsys)
+
+
+def test_other_sweep_settings_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match="num_samples must be 1"):
+        sweep(tmp_path, num_samples=3)
+    with pytest.raises(ConfigError, match="unknown key 'serch'"):
+        sweep(tmp_path, serch="grid")
+    with pytest.raises(ConfigError, match="is also in search_space"):
+        sweep(tmp_path, overrides={"attack.model.step_embedding": True})
+    with pytest.raises(ConfigError, match=r"overrides: 'zoo.workerz' is not a setting"):
+        sweep(tmp_path, overrides={"zoo.workerz": 1})
+    with pytest.raises(ConfigError, match="pipeline: 'nope.yaml' is neither a profile"):
+        load_sweep_config(write_sweep(tmp_path, {"pipeline": "nope.yaml",
+                                                 "search_space": {"attack.seed": [0, 1]}}))
+    # A search space that changes a stage `rerun` does not list: refused, naming the stage.
+    trials = expand_trials(sweep(tmp_path, search_space={"zoo.finetune.rank": [1, 2]}), "sqlite:///x.db")
+    with pytest.raises(ConfigError, match="2 different zoo outputs, but rerun lists only attack, evaluation"):
+        check_rerun(("attack", "evaluation"), trials, "sweep t")
+    check_rerun(("zoo", "attack", "baselines", "evaluation"), trials, "sweep t")
+
+
+def test_the_shipped_tune_configs_load_and_expand():
+    expected = {"rank.yaml": 4, "dp_epsilon.yaml": 6, "step_embedding.yaml": 12, "defenses.yaml": 9}
+    for name, count in expected.items():
+        cfg = load_sweep_config(REPO / "tune_configs" / name)
+        trials = expand_trials(cfg, "sqlite:///unused.db")
+        assert len(trials) == count, name
+        check_rerun(cfg.rerun, trials, name)
+    step = expand_trials(load_sweep_config(REPO / "tune_configs" / "step_embedding.yaml"), "sqlite:///u.db")
+    assert builds_per_stage(step)["zoo"] == 1 and builds_per_stage(step)["attack"] == 12
+
+
+# --- overrides ----------------------------------------------------------------------------------------------
+
+def test_overrides_reach_each_trials_pipeline_config(tmp_path):
+    cfg = sweep(tmp_path, overrides={"zoo.finetune.steps": 3, "attack.resources_per_worker": {"CPU": 2}},
+                search_space={"zoo.finetune.rank, zoo.finetune.alpha": [[1, 1], [8, 16]],
+                              "zoo.defense": [{"kind": "none"}, {"kind": "output_noise", "relative_noise": 0.5}]})
+    trials = expand_trials(cfg, "sqlite:///sweep.db")
+    assert [t.label for t in trials] == ["rank=1 alpha=1 defense=none",
+                                         "rank=1 alpha=1 defense=output_noise relative_noise=0.5",
+                                         "rank=8 alpha=16 defense=none",
+                                         "rank=8 alpha=16 defense=output_noise relative_noise=0.5"]
+    last = trials[-1].config
+    assert (last.zoo.finetune.rank, last.zoo.finetune.alpha) == (8, 16)
+    assert last.zoo.defense.kind == "output_noise" and last.zoo.defense.relative_noise == 0.5
+    assert trials[0].config.zoo.defense.kind == "none"
+    assert all(t.config.zoo.finetune.steps == 3 for t in trials)  # fixed overrides: every trial
+    assert all(t.config.attack.resources_per_worker == {"CPU": 2} for t in trials)
+    assert all(t.config.zoo.finetune.lr == 1e-3 for t in trials)  # the pipeline file's own settings stay
+    # Trials share the sweep's stage folder and MLflow store.
+    assert {t.config.out_dir for t in trials} == {cfg.directory / "stages"}
+    assert {t.config.tracking_uri for t in trials} == {"sqlite:///sweep.db"}
+    # Ids: one per distinct setting, stable across expansions, new when a fixed setting changes.
+    assert len({t.trial_id for t in trials}) == 4
+    assert [t.trial_id for t in expand_trials(cfg, "sqlite:///other.db")] == [t.trial_id for t in trials]
+    changed = sweep(tmp_path, overrides={"zoo.finetune.steps": 5}, search_space=cfg.search_space)
+    assert not {t.trial_id for t in expand_trials(changed, "sqlite:///sweep.db")} & {t.trial_id for t in trials}
+    own = expand_trials(sweep(tmp_path, share_stages=False), "sqlite:///sweep.db")
+    assert own[0].config.out_dir == cfg.directory / "trials" / own[0].trial_id / "stages"
+
+
+def test_random_search_draws_are_seeded_and_distinct(tmp_path):
+    space = {"zoo.finetune.rank": [1, 2, 4, 8, 16], "attack.seed": [0, 1, 2]}
+    first = points(sweep(tmp_path, search="random", num_samples=6, seed=3, search_space=space))
+    again = points(sweep(tmp_path, search="random", num_samples=6, seed=3, search_space=space))
+    other = points(sweep(tmp_path, search="random", num_samples=6, seed=4, search_space=space))
+    assert first == again and first != other
+    assert 1 <= len(first) <= 6 and len({json.dumps(p, sort_keys=True) for p in first}) == len(first)
+    assert all(p["zoo.finetune.rank"] in space["zoo.finetune.rank"] for p in first)
+
+
+# --- stage sharing, waves, concurrency ----------------------------------------------------------------------
+
+def test_trials_that_differ_only_in_attack_settings_share_one_zoo(tmp_path):
+    cfg = sweep(tmp_path, search_space={"attack.model.step_embedding": [True, False], "attack.snapshots": ["all", "final"]})
+    trials = expand_trials(cfg, "sqlite:///x.db")
+    assert builds_per_stage(trials) == {"zoo": 1, "attack": 4, "evaluation": 4}
+    assert len({stage_folders(t.config)["zoo"] for t in trials}) == 1
+    # The first trial builds the zoo alone; the other three then run side by side.
+    assert [[t.label for t in wave] for wave in waves(trials)] == [[trials[0].label], [t.label for t in trials[1:]]]
+    ranks = expand_trials(sweep(tmp_path, search_space={"zoo.finetune.rank": [1, 2, 4]}), "sqlite:///x.db")
+    assert len(waves(ranks)) == 1 and builds_per_stage(ranks)["zoo"] == 3
+    # Unshared trials never wait for each other.
+    alone = expand_trials(sweep(tmp_path, share_stages=False), "sqlite:///x.db")
+    assert len(waves(alone)) == 1
+
+
+def test_concurrency_follows_the_resources():
+    from loraleak.pipeline.config import PipelineConfig
+
+    cfg = from_dict(PipelineConfig, SMALLEST)
+    need = peak_need(cfg, {"CPU": 1.0})  # the driver (the zoo runs in it) + the hungriest stage (1 CPU)
+    assert need == {"CPU": 2.0}
+    assert concurrency([need], {"CPU": 2.0}, None).trials == 1
+    assert concurrency([need, need], {"CPU": 9.0, "GPU": 1.0}, None).trials == 4
+    gpu = {"CPU": 1.0, "GPU": 1.0}
+    assert concurrency([gpu], {"CPU": 64.0, "GPU": 8.0}, None).trials == 8
+    short = concurrency([gpu], {"CPU": 4.0}, None)
+    assert short.trials == 1 and short.short == ["GPU 1 (cluster has 0)"]
+    assert concurrency([need], {"CPU": 2.0}, 3).trials == 3  # as configured
+
+
+# --- the table and the plot (hand-made records) -------------------------------------------------------------
+
+def _record(trial_id, rank, status=FINISHED, rec=None, org=None, top1=None):
+    metrics = None if status != FINISHED else {
+        "rec.similarity": rec, "org.similarity": org, "rec.top1_image": top1, "base.similarity": 0.2,
+        "base.top1_image": 0.25, "chance_top1": 0.25, "rec_over_best_control.similarity": rec - 0.3}
+    return {"trial_id": trial_id, "label": f"rank={rank}", "overrides": {"zoo.finetune.rank": rank},
+            "status": status, "metrics": metrics, "wall_time_s": 12.0, "mlflow_run_id": f"run-{trial_id}",
+            **({"error": "RuntimeError: out of memory"} if status == FAILED else {})}
+
+
+def test_results_table_and_privacy_utility_plot(tmp_path):
+    records = [_record("a", 1, rec=0.31, org=0.40, top1=0.25), _record("b", 4, rec=0.55, org=0.62, top1=0.75),
+               _record("c", 16, rec=0.48, org=0.70, top1=0.5), _record("d", 64, status=FAILED)]
+    frame = results_frame(records, ["zoo.finetune.rank"], "rec.similarity", "min")
+    assert frame["label"].tolist() == ["rank=1", "rank=16", "rank=4", "rank=64"]  # least leak first, failed last
+    assert frame["zoo.finetune.rank"].tolist() == ["1", "16", "4", "64"]
+    assert frame["status"].tolist() == [FINISHED, FINISHED, FINISHED, FAILED]
+    table = format_table(frame, "org.similarity", ["rec.similarity", "rec.top1_image"], "rec.similarity")
+    header, *rows = table.splitlines()
+    assert header.split()[:5] == ["label", "status", "org.similarity", "rec.similarity", "rec.top1_image"]
+    assert "chance_top1" in header and "base.similarity" in header
+    assert rows[0].split()[:5] == ["rank=1", "finished", "0.400", "0.310", "0.250"] and "failed" in rows[3]
+    csv = write_table(frame, tmp_path / "results.csv")
+    assert csv.read_text().splitlines()[0].startswith("trial_id,label,zoo.finetune.rank,status")
+    assert len(csv.read_text().splitlines()) == 5
+
+    path = privacy_utility_plot(frame, "org.similarity", ["rec.similarity", "rec.top1_image"], tmp_path / "p.png", "t")
+    empty = privacy_utility_plot(frame[frame["status"] == FAILED], "org.similarity",
+                                 ["rec.similarity", "rec.top1_image"], tmp_path / "empty.png", "t")
+    with Image.open(path) as image, Image.open(empty) as blank:
+        assert image.format == "PNG" and image.width > 2 * image.height  # two panels side by side
+        coloured = lambda im: int((np.ptp(np.asarray(im.convert("RGB"), dtype=np.int16), axis=2) > 60).sum())  # noqa: E731
+        assert coloured(image) > coloured(blank) + 100  # the trials' points (and their levels) are drawn
+
+
+# --- a real sweep -------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_two_trial_sweep_through_ray_tune_tracked_and_resumed(ray_local, tmp_path, capsys):
+    """Two trials that differ in the attack only: the first builds the zoo, the second reuses it; each trains
+    its attack with TorchTrainer inside its Tune trial; a child MLflow run each under the sweep's parent run,
+    which holds the table and the plot; a rerun runs nothing."""
+    from mlflow.tracking import MlflowClient
+
+    from loraleak.sweeps.results import read_record, record_path
+    from loraleak.sweeps.run import run_sweep
+
+    cfg = sweep(tmp_path, rerun=["attack", "evaluation"])
+    result = run_sweep(cfg, show_progress=False)
+    assert len(result.ran) == 2 and result.failed == [] and result.reused == []
+    trials = expand_trials(cfg, result.tracking_uri)
+    records = [read_record(record_path(cfg.directory, t.trial_id)) for t in trials]
+    assert [r["status"] for r in records] == [FINISHED, FINISHED]
+    assert all(0 <= r["metrics"]["rec.top1_image"] <= 1 and "org.similarity" in r["metrics"] for r in records)
+    # One zoo for both; each trial's stage folders are those the sweep predicted.
+    assert len(list((cfg.directory / "stages").glob("zoo-*"))) == 1
+    assert "zoo" in records[1]["skipped"] and "zoo" not in records[0]["skipped"]
+    for trial, record in zip(trials, records):
+        predicted = stage_folders(trial.config)
+        for stage in ("zoo", "attack", "evaluation"):
+            assert Path(record["stage_dirs"][stage]).name == predicted[stage]
+
+    client = MlflowClient(result.tracking_uri)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials_finished"] == 2
+    artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
+    assert {"results.csv", "privacy_utility.png"} <= artifacts
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    assert sorted(c.data.params["attack.model.step_embedding"] for c in children) == ["false", "true"]
+    for child in children:
+        record = next(r for r in records if r["mlflow_run_id"] == child.info.run_id)
+        assert child.data.metrics["rec.similarity"] == pytest.approx(record["metrics"]["rec.similarity"])
+    assert len(result.frame) == 2 and set(result.frame["status"]) == {FINISHED}
+
+    # A rerun (through the CLI) finds both trials finished: no Tune run, no new MLflow runs, same parent.
+    tune_runs = sorted((cfg.directory / "ray").iterdir())
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump(to_dict(cfg)))
+    assert main(["sweep", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "2 finished before, 0 to run" in out and "finished before (not rerun): 2" in out
+    assert "privacy-utility plot:" in out and "step_embedding=true" in out
+    assert sorted((cfg.directory / "ray").iterdir()) == tune_runs
+    again = client.search_runs([parent.info.experiment_id],
+                               filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
+    assert len(again) == 2
+    assert json.loads((cfg.directory / "sweep.json").read_text())["parent_run_id"] == result.parent_run_id
+    assert client.get_run(result.parent_run_id).info.status == "FINISHED"

@@ -1,5 +1,11 @@
-"""The evaluation stage on a real (tiny) zoo and a trained (tiny) attack: every held-out victim under
-every condition, resumable per victim, summarised, reported and tracked in MLflow."""
+"""The evaluation stage on a real (tiny) zoo: every held-out victim under every condition, resumable
+per victim, summarised, reported and tracked in MLflow.
+
+The default tests decode through a network autoencoder saved as `train_attack` saves it but not
+trained (training costs a Ray Train start-up; the pipeline's end-to-end test evaluates a trained
+one) and run the victims in this process. The slow test trains the attack with Ray Train and
+evaluates on two Ray actors.
+"""
 
 import json
 import shutil
@@ -8,15 +14,19 @@ import numpy as np
 import pytest
 
 from loraleak.attack.config import AttackTrainConfig
+from loraleak.attack.lora_inputs import lora_layout
+from loraleak.attack.model import NetworkAutoencoder
 from loraleak.attack.train import train_attack
+from loraleak.base.loading import base_fingerprint, load_base_pipeline
 from loraleak.base.tiny import TinyBaseConfig, build_tiny_pipeline
 from loraleak.cli import main
 from loraleak.config import from_dict, to_dict
 from loraleak.errors import ConfigError
 from loraleak.evaluation.config import CONTROLS, EvaluationConfig
-from loraleak.evaluation.evaluate import (RESULTS_DIR, evaluate, headline_metrics, paired_difference)
+from loraleak.evaluation.evaluate import RESULTS_DIR, evaluate, headline_metrics, paired_difference
 from loraleak.evaluation.metrics import ImageScores, summarise
 from loraleak.evaluation.worker import victim_seed, wrong_trigger
+from loraleak.finetune.lora_io import read_lora
 from loraleak.zoo.build import build_zoo
 from loraleak.zoo.config import ZooConfig
 from loraleak.zoo.manifest import read_manifest
@@ -29,7 +39,8 @@ CONDITIONS = ["org", "rec", "base", *CONTROLS]
 
 
 @pytest.fixture(scope="module")
-def study(ray_local, tmp_path_factory):
+def study(tmp_path_factory):
+    """A tiny base, a zoo of 6 fine-tunes, and a network autoencoder for its LoRA layout."""
     work = tmp_path_factory.mktemp("evaluate")
     build_tiny_pipeline(TINY).save_pretrained(work / "base", safe_serialization=True)
     zoo = from_dict(ZooConfig, {"root": str(work / "zoo"), "base": str(work / "base"), "identities": IDENTITIES,
@@ -37,11 +48,11 @@ def study(ray_local, tmp_path_factory):
                                              "lr": 1e-2},
                                 "num_snapshots": 2, "workers": 0, "tracking": False})
     assert build_zoo(zoo, show_progress=False)["done"] == 6
-    attack = train_attack(from_dict(AttackTrainConfig, {
-        "zoo": zoo.root, "base": zoo.base, "identities": IDENTITIES, "batch_size": 2, "max_steps": 2,
-        "checkpoint_every": 2, "val_every": 2, "val_fraction": 0.0, "out_dir": str(work / "attack"),
-        "tracking": False, "resources_per_worker": {"CPU": 1}}), show_progress=False)
-    return work, zoo, attack.attack_dir
+    row = next(r for r in read_manifest(zoo.root).to_pylist() if r["snapshot_step"] == r["steps"])
+    layout = lora_layout(read_lora(f"{zoo.root}/{row['lora_path']}")[0])
+    NetworkAutoencoder.from_pipeline(load_base_pipeline(zoo.base), layout,
+                                     base_fingerprint=base_fingerprint(zoo.base)).save_pretrained(work / "nae")
+    return work, zoo, work / "nae"
 
 
 def eval_config(study, out, **overrides) -> EvaluationConfig:
@@ -53,9 +64,9 @@ def eval_config(study, out, **overrides) -> EvaluationConfig:
 
 @pytest.fixture(scope="module")
 def evaluated(study, tmp_path_factory):
-    """One evaluation on two Ray actors, tracked in MLflow."""
+    """One evaluation, tracked in MLflow."""
     out = tmp_path_factory.mktemp("evaluation")
-    cfg = eval_config(study, out, workers=2, tracking=True)
+    cfg = eval_config(study, out, tracking=True)
     return cfg, evaluate(cfg, show_progress=False)
 
 
@@ -112,7 +123,7 @@ def test_a_rerun_evaluates_only_what_is_missing(study, evaluated, tmp_path):
     before = json.loads(records[0].read_text())
     records[0].unlink()
 
-    again = evaluate(eval_config(study, out), show_progress=False)  # here, without Ray: the same images
+    again = evaluate(eval_config(study, out), show_progress=False)
     assert again.evaluated == 1 and again.reused == 2
     assert all(p.stat().st_mtime_ns == t for p, t in kept.items())
     after = json.loads(records[0].read_text())
@@ -152,6 +163,30 @@ def test_evaluate_command_prints_the_table(study, tmp_path, capsys):
     assert main(["compare", run_id, "--workdir", str(tmp_path / "cli")]) == 0
     table = capsys.readouterr().out
     assert "metrics.rec.face_found" in table and "metrics.chance_top1" in table and "0.333" in table
+
+
+@pytest.mark.slow
+def test_a_trained_attack_evaluated_on_ray_actors(ray_local, study, evaluated, tmp_path):
+    """Ray Train's attack, victims on two Ray actors: for the conditions that need no attack, the
+    same images as in this process (same seeds)."""
+    work, zoo, _ = study
+    trained = train_attack(from_dict(AttackTrainConfig, {
+        "zoo": zoo.root, "base": zoo.base, "identities": IDENTITIES, "batch_size": 2, "max_steps": 2,
+        "checkpoint_every": 2, "val_every": 2, "val_fraction": 0.0, "out_dir": str(tmp_path / "attack"),
+        "tracking": False, "resources_per_worker": {"CPU": 1}}), show_progress=False)
+    result = evaluate(eval_config(study, tmp_path / "out", attack=str(trained.attack_dir), workers=2),
+                      show_progress=False)
+    assert result.evaluated == 3 and not result.failures and list(result.metrics) == CONDITIONS
+    local_cfg, _ = evaluated
+    from PIL import Image
+
+    pixels = lambda path: np.asarray(Image.open(path), dtype=np.int16)  # noqa: E731
+    for victim in (tmp_path / "out" / RESULTS_DIR).glob("*.json"):
+        lora_id = victim.stem
+        for name in ("org", "base", *CONTROLS):
+            ours = pixels(tmp_path / "out" / RESULTS_DIR / lora_id / f"{name}-000.png")
+            theirs = pixels(local_cfg.out_dir / RESULTS_DIR / lora_id / f"{name}-000.png")
+            assert np.abs(ours - theirs).max() <= 1
 
 
 # --- pieces that need no models ---------------------------------------------------------------------------

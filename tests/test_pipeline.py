@@ -2,7 +2,7 @@
 evaluation -> report, tracked in MLflow, and a rerun that skips every complete stage.
 
 The CI end-to-end test (`test_the_smallest_study_end_to_end`) runs it on a random 16 px base, with
-one baseline and one control, everything but the attack in this process. The slow tests run the
+one baseline and one control, the zoo in this process, the evaluation on one Ray actor. The slow tests run the
 default path at the smallest sizes: the shipped tiny base, both cheap baselines, every control, zoo
 and evaluation on Ray workers (~3 minutes on a busy 2-core machine).
 """
@@ -51,8 +51,7 @@ def test_the_smallest_study_end_to_end(ray_local, tmp_path):
         **SMALLEST, "out_dir": str(tmp_path / "out"), "base": {"ref": str(tmp_path / "base")},
         "identities": {**SMALLEST["identities"], "num_identities": 4},  # 2 held out
         "baselines": [{"name": "nearest_neighbour", "kind": "nearest_neighbour"}],
-        "evaluation": {**SMALLEST["evaluation"], "n_images": 1, "controls": ["victim_class_prompt"],
-                       "workers": 0}})
+        "evaluation": {**SMALLEST["evaluation"], "n_images": 1, "controls": ["victim_class_prompt"]}})
     result = run_pipeline(cfg, show_progress=False)
     conditions = ["org", "rec", "nearest_neighbour", "base", "victim_class_prompt"]
     assert all(f"{c}.face_found" in result.metrics and f"{c}.top1_image" in result.metrics for c in conditions)

@@ -41,7 +41,8 @@ def sweep(tmp_path, **settings) -> SweepConfig:
 def write_sweep(tmp_path, data) -> Path:
     (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(SMALLEST))
     path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump({"name": "t", "pipeline": "pipeline.yaml", "out_dir": str(tmp_path / "out"), **data}))
+    data = {"name": "t", "pipeline": "pipeline.yaml", "out_dir": str(tmp_path / "out"), **data}
+    path.write_text(yaml.safe_dump(data))
     return path
 
 
@@ -160,7 +161,8 @@ def test_random_search_draws_are_seeded_and_distinct(tmp_path):
 # --- stage sharing, waves, concurrency ----------------------------------------------------------------------
 
 def test_trials_that_differ_only_in_attack_settings_share_one_zoo(tmp_path):
-    cfg = sweep(tmp_path, search_space={"attack.model.step_embedding": [True, False], "attack.snapshots": ["all", "final"]})
+    cfg = sweep(tmp_path, search_space={"attack.model.step_embedding": [True, False],
+                                        "attack.snapshots": ["all", "final"]})
     trials = expand_trials(cfg, "sqlite:///x.db")
     assert builds_per_stage(trials) == {"zoo": 1, "attack": 4, "evaluation": 4}
     assert len({stage_folders(t.config)["zoo"] for t in trials}) == 1
@@ -186,6 +188,8 @@ def test_concurrency_follows_the_resources():
     short = concurrency([gpu], {"CPU": 4.0}, None)
     assert short.trials == 1 and short.short == ["GPU 1 (cluster has 0)"]
     assert concurrency([need], {"CPU": 2.0}, 3).trials == 3  # as configured
+    assert concurrency([need], {"CPU": 2.0}, 3).oversubscribed
+    assert not concurrency([need], {"CPU": 2.0}, None).oversubscribed
 
 
 # --- the table and the plot (hand-made records) -------------------------------------------------------------
@@ -220,7 +224,9 @@ def test_results_table_and_privacy_utility_plot(tmp_path):
                                  ["rec.similarity", "rec.top1_image"], tmp_path / "empty.png", "t")
     with Image.open(path) as image, Image.open(empty) as blank:
         assert image.format == "PNG" and image.width > 2 * image.height  # two panels side by side
-        coloured = lambda im: int((np.ptp(np.asarray(im.convert("RGB"), dtype=np.int16), axis=2) > 60).sum())  # noqa: E731
+        def coloured(im):  # pixels of a saturated colour (the trials' points; the axes are grey)
+            return int((np.ptp(np.asarray(im.convert("RGB"), dtype=np.int16), axis=2) > 60).sum())
+
         assert coloured(image) > coloured(blank) + 100  # the trials' points (and their levels) are drawn
 
 
@@ -235,6 +241,7 @@ def test_a_two_trial_sweep_through_ray_tune_tracked_and_resumed(ray_local, tmp_p
 
     from loraleak.sweeps.results import read_record, record_path
     from loraleak.sweeps.run import run_sweep
+    from loraleak.sweeps.tracking import child_runs
 
     cfg = sweep(tmp_path, rerun=["attack", "evaluation"])
     result = run_sweep(cfg, show_progress=False)
@@ -248,17 +255,18 @@ def test_a_two_trial_sweep_through_ray_tune_tracked_and_resumed(ray_local, tmp_p
     assert "zoo" in records[1]["skipped"] and "zoo" not in records[0]["skipped"]
     for trial, record in zip(trials, records):
         predicted = stage_folders(trial.config)
-        for stage in ("zoo", "attack", "evaluation"):
-            assert Path(record["stage_dirs"][stage]).name == predicted[stage]
+        assert Path(record["stage_dirs"]["zoo"]).name == predicted["zoo"]
+        assert Path(record["stage_dirs"]["attack"]).parent.name == predicted["attack"]  # <folder>/attack
+        assert Path(record["stage_dirs"]["evaluation"]).name == predicted["evaluation"]
 
     client = MlflowClient(result.tracking_uri)
     parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.metrics["trials_finished"] == 2
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
     assert {"results.csv", "privacy_utility.png"} <= artifacts
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
+    children = child_runs(result.tracking_uri, result.parent_run_id)  # nested by the mlflow.parentRunId tag
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {result.parent_run_id}
     assert sorted(c.data.params["attack.model.step_embedding"] for c in children) == ["false", "true"]
     for child in children:
         record = next(r for r in records if r["mlflow_run_id"] == child.info.run_id)
@@ -274,8 +282,7 @@ def test_a_two_trial_sweep_through_ray_tune_tracked_and_resumed(ray_local, tmp_p
     assert "2 finished before, 0 to run" in out and "finished before (not rerun): 2" in out
     assert "privacy-utility plot:" in out and "step_embedding=true" in out
     assert sorted((cfg.directory / "ray").iterdir()) == tune_runs
-    again = client.search_runs([parent.info.experiment_id],
-                               filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
-    assert len(again) == 2
+    assert [c.info.run_id for c in child_runs(result.tracking_uri, result.parent_run_id)] == \
+        [c.info.run_id for c in children]
     assert json.loads((cfg.directory / "sweep.json").read_text())["parent_run_id"] == result.parent_run_id
     assert client.get_run(result.parent_run_id).info.status == "FINISHED"

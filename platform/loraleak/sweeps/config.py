@@ -109,7 +109,8 @@ class SweepConfig:
                              f"{self.max_concurrent_trials}")
         if self.max_failures < -1:
             raise ValueError(f"max_failures must be >= -1 (-1: retry forever), got {self.max_failures}")
-        for name, metric in [("metric", self.metric), ("utility", self.utility), *(("privacy", m) for m in self.privacy)]:
+        named = [("metric", self.metric), ("utility", self.utility), *(("privacy", m) for m in self.privacy)]
+        for name, metric in named:
             if not metric or " " in metric:
                 raise ValueError(f"{name}: {metric!r} is not a metric name (e.g. {METRIC_EXAMPLES})")
         if not self.privacy:

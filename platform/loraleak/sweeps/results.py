@@ -150,10 +150,11 @@ def privacy_utility_plot(frame, utility: str, privacy: Sequence[str], path: Path
             ax.legend(fontsize=7, loc="best")
         if not plotted:
             ax.text(0.5, 0.5, "no finished trial has both metrics", ha="center", va="center", transform=ax.transAxes)
-        ax.set_xlabel(f"utility: {utility} (higher: the owner gets the person)")
-        ax.set_ylabel(f"privacy loss: {name} (higher: the attack recovers more)")
+        ax.set_xlabel(f"utility: {utility}")
+        ax.set_ylabel(f"privacy loss: {name}")
+        ax.margins(x=0.15, y=0.12)  # room for the labels of the outermost points
         ax.grid(alpha=0.3)
-    fig.suptitle(title)
+    fig.suptitle(f"{title}\nright: the owner gets more of the person; up: the attack recovers more", fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
     return path

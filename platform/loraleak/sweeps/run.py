@@ -234,6 +234,10 @@ def run_sweep(cfg: SweepConfig, show_progress: bool = True) -> SweepResult:
             if at_once.short:
                 logger.warning("sweep %s: a trial needs %s; its stages wait until the cluster has them",
                                cfg.name, ", ".join(at_once.short))
+            elif cfg.max_concurrent_trials is not None and at_once.oversubscribed:
+                logger.warning("sweep %s: %d trials at once need more than the cluster has (%s); their stages "
+                               "wait on each other, and hang if the trials' drivers hold what the stages need",
+                               cfg.name, at_once.trials, at_once.describe())
             groups = waves(pending) if at_once.trials > 1 else [pending]
             if len(groups) > 1:
                 say(f"  {len(groups)} waves (trials that share an output wait for the first to build it): "

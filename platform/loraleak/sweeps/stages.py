@@ -117,7 +117,9 @@ def driver_resources(cfg: Any, resources_per_trial: Mapping[str, float] | None) 
 
 def peak_need(cfg: Any, driver: Mapping[str, float]) -> dict[str, float]:
     """A trial's most resources at any time: its driver plus its hungriest stage (stages run in turn)."""
-    attack_worker = dict(cfg.attack.resources_per_worker or {"CPU": 1.0, **({"GPU": 1.0} if cfg.attack.use_gpu else {})})
+    # Ray Train's default worker: 1 CPU (and 1 GPU with use_gpu).
+    default_worker = {"CPU": 1.0, **({"GPU": 1.0} if cfg.attack.use_gpu else {})}
+    attack_worker = dict(cfg.attack.resources_per_worker or default_worker)
     stages = [
         _workers(cfg.zoo.workers, cfg.zoo.num_cpus_per_worker, cfg.zoo.num_gpus_per_worker),
         {k: v * cfg.attack.num_workers for k, v in attack_worker.items()},
@@ -139,13 +141,21 @@ class Concurrency:
     cluster: dict[str, float]  # what the cluster had
     short: list[str]  # resources a single trial needs more of than the cluster has (it waits for nodes)
 
+    @property
+    def oversubscribed(self) -> bool:
+        """True when `trials` trials at their peak need more than the cluster has."""
+        return any(self.trials * value > self.cluster.get(name, 0) + 1e-9 for name, value in self.need.items())
+
     def describe(self) -> str:
-        fmt = lambda d: ", ".join(f"{k} {v:g}" for k, v in sorted(d.items()) if k in ("CPU", "GPU")) or "nothing"  # noqa: E731
+        def fmt(resources: Mapping[str, float]) -> str:
+            return ", ".join(f"{k} {v:g}" for k, v in sorted(resources.items()) if k in ("CPU", "GPU")) or "nothing"
+
         return (f"{self.trials} trial(s) at once (a trial needs {fmt(self.need)} at its peak; the cluster has "
                 f"{fmt(self.cluster)})")
 
 
-def concurrency(needs: Sequence[Mapping[str, float]], cluster: Mapping[str, float], configured: int | None) -> Concurrency:
+def concurrency(needs: Sequence[Mapping[str, float]], cluster: Mapping[str, float],
+                configured: int | None) -> Concurrency:
     """How many trials run at once: as configured, else as many of the neediest trial as the cluster holds."""
     need: dict[str, float] = {}
     for n in needs:

@@ -82,5 +82,6 @@ def child_runs(uri: str, parent_run_id: str) -> list[Any]:
     """The trials' runs under a parent (oldest first)."""
     client = _client(uri)
     parent = client.get_run(parent_run_id)
-    return list(client.search_runs([parent.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+    return list(client.search_runs([parent.info.experiment_id],
+                                   filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
                                    order_by=["attributes.start_time ASC"], max_results=10000))

@@ -131,13 +131,17 @@ def privacy_utility_plot(frame, utility: str, privacy: Sequence[str], path: Path
     for ax, name in zip(axes, privacy):
         plotted = 0
         if utility in done.columns and name in done.columns:
+            at: dict[tuple[float, float], list[str]] = {}  # trials with the same numbers share one label
             for colour, (_, row) in zip(colours, done.iterrows()):
                 x, y = row[utility], row[name]
                 if not (_finite(x) and _finite(y)):
                     continue
                 ax.scatter([x], [y], color=colour, s=42, zorder=3)
-                ax.annotate(str(row["label"]), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+                at.setdefault((round(float(x), 9), round(float(y), 9)), []).append(str(row["label"]))
                 plotted += 1
+            for (x, y), labels in at.items():
+                ax.annotate("\n".join(labels), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7,
+                            va="bottom")
         condition, _, rate = name.partition(".")
         levels = [(f"base.{rate}", "base model, class prompt (no attack)", "gray")]
         if rate.startswith("top1"):

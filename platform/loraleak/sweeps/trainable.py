@@ -127,7 +127,10 @@ def describe_record(record: Mapping[str, Any], utility: str, privacy: tuple[str,
         return f"{record['label']}: {record.get('status', 'not run')}: {record.get('error', '')}"
     m = record["metrics"]
     numbers = ", ".join(f"{name} {m[name]:.3f}" for name in (utility, *privacy) if name in m)
-    skipped = record.get("skipped") or []
-    reused = [s for s in skipped if s not in ("base", "identities")]
+    # Stages found complete, i.e. built by an earlier trial (the pipeline also "skips" the shipped base
+    # and baselines when none are configured: those are not reuse).
+    has_baselines = any(k.startswith("baseline ") for k in record.get("stage_dirs") or {})
+    reused = [s for s in record.get("skipped") or []
+              if s in ("zoo", "attack", "evaluation") or (s == "baselines" and has_baselines)]
     return f"{record['label']}: {numbers}" + (f" (reused: {', '.join(reused)})" if reused else "") \
         + f" [{record.get('wall_time_s', 0.0):.0f} s]"

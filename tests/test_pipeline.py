@@ -138,6 +138,8 @@ def test_the_packaged_profiles_load():
                                                                        "attack.model.step_embedding=false"])
     assert str(tuned.out_dir) == "elsewhere" and tuned.zoo.finetune.steps == 50
     assert tuned.attack.model.step_embedding is False
+    lfw = load_pipeline_config("lfw")
+    assert lfw.base.ref == "tiny-lfw" and lfw.identities.kind == "folder" and lfw.evaluation.scorer == "dlib"
 
 
 @pytest.mark.parametrize("change, message", [

@@ -3,7 +3,7 @@
     config   PipelineConfig (typed, nested; its stage sections derive from the stages' own configs),
              with_overrides(cfg, {"zoo.finetune.rank": 8}), the packaged profiles
     run      run_pipeline(cfg) -> PipelineResult (headline metrics, report, MLflow run ids per stage)
-    cli      `loraleak run [--profile quick|paper] [--config FILE] [--out DIR] [--set KEY=VALUE]`
+    cli      `loraleak run [--profile quick|lfw|paper] [--config FILE] [--out DIR] [--set KEY=VALUE]`
 
 Import from the submodules (`loraleak.pipeline.run`, `.config`): this package imports nothing heavy.
 """

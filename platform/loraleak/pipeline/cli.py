@@ -1,4 +1,4 @@
-"""`loraleak run [--profile quick|paper] [--config FILE] [--out DIR] [--set KEY=VALUE ...]`: the study.
+"""`loraleak run [--profile quick|lfw|paper] [--config FILE] [--out DIR] [--set KEY=VALUE ...]`: the study.
 
 `add_pipeline_commands(subparsers)` adds `run` to the `loraleak` parser; `pipeline_main(argv)` runs it on
 its own (what `jobs/pipeline.py` calls).
@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-PROFILES = {"quick": "pipeline-quick.yaml", "paper": "pipeline-paper.yaml"}
+PROFILES = {"quick": "pipeline-quick.yaml", "lfw": "pipeline-lfw.yaml", "paper": "pipeline-paper.yaml"}
 
 
 def profile_path(name: str) -> Path:

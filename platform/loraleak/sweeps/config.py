@@ -1,7 +1,7 @@
 """A sweep's settings: which study to vary, over what, and how to run the trials.
 
     name: rank                      # the sweep's folder (runs/sweeps/rank) and MLflow parent run
-    pipeline: quick                 # a packaged profile (quick | paper) or a PipelineConfig YAML file
+    pipeline: quick                 # a packaged profile (quick | lfw | paper) or a PipelineConfig YAML file
     overrides: {zoo.workers: 1}     # dotted paths set in every trial
     search_space:                   # dotted paths into PipelineConfig -> the values to try
       zoo.finetune.rank: [1, 4, 16, 64]
@@ -31,7 +31,7 @@ from ..errors import ConfigError
 
 Stage = Literal["base", "zoo", "attack", "baselines", "evaluation"]
 STAGE_NAMES: tuple[str, ...] = get_args(Stage)
-PROFILE_NAMES = ("quick", "paper")
+PROFILE_NAMES = ("quick", "lfw", "paper")  # loraleak.pipeline.cli.PROFILES
 # Set by the sweep for every trial: trials share its stage folder and its MLflow store.
 SWEEP_OWNED = ("out_dir", "tracking_uri")
 # "rec.similarity" etc. come from the evaluation's headline (loraleak.evaluation.evaluate.headline_metrics).
@@ -42,7 +42,7 @@ METRIC_EXAMPLES = "rec.similarity, rec.top1_image, org.similarity, chance_top1"
 class SweepConfig:
     name: str  # the sweep's name: its folder (runs/sweeps/<name>) and its MLflow parent run
     search_space: dict[str, list[Any]]  # "path" or "path_a, path_b" (linked) -> values
-    pipeline: str = "quick"  # a packaged profile (quick, paper) or a PipelineConfig YAML file
+    pipeline: str = "quick"  # a packaged profile (quick, lfw, paper) or a PipelineConfig YAML file
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted paths set in every trial
     search: Literal["grid", "random"] = "grid"
     num_samples: int = 1  # random: how many draws (duplicates are one trial); grid: must be 1

@@ -165,7 +165,7 @@ def test_folder_skips_unreadable_files_and_small_identities_with_reasons(photo_r
     assert identities[0].image_keys == tuple(f"alice/a{k}.png" for k in range(5))
     log = caplog.text
     assert "garbage.jpg" in log and "truncated.jpg" in log
-    assert "bob" in log and "2 readable" in log
+    assert "skipping 1 of 3 identities" in log and "bob (2)" in log and "fewer than 5 readable" in log
     assert "notes.txt" not in log  # not an image extension: ignored, not an error
     images = identities[1].load(16)
     assert len(images) == 5 and all(im.size == (16, 16) and im.mode == "RGB" for im in images)

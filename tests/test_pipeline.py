@@ -18,8 +18,8 @@ from loraleak.cli import main
 from loraleak.config import from_dict, to_dict
 from loraleak.errors import ConfigError
 from loraleak.pipeline.cli import load_pipeline_config
-from loraleak.pipeline.config import PipelineConfig, with_overrides
-from loraleak.pipeline.run import STAGES, _settings, run_pipeline
+from loraleak.pipeline.config import UNDEFENDED_CONDITION, PipelineConfig, with_overrides
+from loraleak.pipeline.run import STAGES, _settings, run_pipeline, stage_keys
 
 SMALLEST = {
     "identities": {"kind": "synthetic", "num_identities": 6, "images_per_identity": 3, "heldout_fraction": 0.5},
@@ -43,10 +43,16 @@ def study(ray_local, tmp_path_factory):
     return cfg, run_pipeline(cfg, show_progress=False)
 
 
-def test_the_smallest_study_end_to_end(ray_local, tmp_path):
+def random_base(directory):
+    """A random 16 px SD-architecture base: fast enough for a whole study in CI."""
     tiny = TinyBaseConfig(resolution=16, unet_channels=(32, 32), attention_levels=1, text_width=32,
                           text_layers=1, text_heads=1, vae_channels=(32,))
-    build_tiny_pipeline(tiny).save_pretrained(tmp_path / "base", safe_serialization=True)
+    build_tiny_pipeline(tiny).save_pretrained(directory, safe_serialization=True)
+    return str(directory)
+
+
+def test_the_smallest_study_end_to_end(ray_local, tmp_path):
+    random_base(tmp_path / "base")
     cfg = from_dict(PipelineConfig, {
         **SMALLEST, "out_dir": str(tmp_path / "out"), "base": {"ref": str(tmp_path / "base")},
         "identities": {**SMALLEST["identities"], "num_identities": 4},  # 2 held out
@@ -62,6 +68,28 @@ def test_the_smallest_study_end_to_end(ray_local, tmp_path):
     again = run_pipeline(cfg, show_progress=False)
     assert again.skipped == ["base", "zoo", "attack", "baselines", "evaluation"]
     assert again.metrics == result.metrics and again.mlflow_run_ids["evaluation"] == result.mlflow_run_ids["evaluation"]
+
+
+def test_a_defended_study_is_also_attacked_by_the_attack_trained_without_the_defense(ray_local, tmp_path):
+    cfg = from_dict(PipelineConfig, {
+        **SMALLEST, "out_dir": str(tmp_path / "out"), "base": {"ref": random_base(tmp_path / "base")},
+        "identities": {**SMALLEST["identities"], "num_identities": 4}, "baselines": [],
+        "zoo": {**SMALLEST["zoo"], "defense": {"kind": "output_noise", "relative_noise": 0.5}},
+        "evaluation": {**SMALLEST["evaluation"], "n_images": 1, "controls": [], "workers": 0}})
+    result = run_pipeline(cfg, show_progress=False)
+    keys = stage_keys(cfg)
+    plain = stage_keys(with_overrides(cfg, {"zoo.defense": {"kind": "none"}}))
+    assert keys["undefended_zoo"] == plain["zoo"] != keys["zoo"] and keys["undefended_attack"] == plain["attack"]
+    out = cfg.out_dir.resolve()
+    assert (out / f"zoo-{plain['zoo']}" / "manifest.parquet").is_file() and (out / f"attack-{plain['attack']}").is_dir()
+    for condition in ("rec", UNDEFENDED_CONDITION):  # adaptive, and trained on undefended LoRAs
+        assert 0 <= result.metrics[f"{condition}.top1_image"] <= 1
+    assert result.stage_dirs["evaluation"].endswith(f"evaluation-{keys['evaluation']}")
+    # The undefended study itself, run now, reuses the zoo and attack the defended one built.
+    undefended = run_pipeline(with_overrides(cfg, {"zoo.defense": {"kind": "none"}}), show_progress=False)
+    assert {"zoo", "attack"} <= set(undefended.skipped) and f"{UNDEFENDED_CONDITION}.top1_image" not in undefended.metrics
+    with pytest.raises(ConfigError, match="reserved"):
+        from_dict(PipelineConfig, {"baselines": [{"name": UNDEFENDED_CONDITION, "kind": "pca_map"}]})
 
 
 @pytest.mark.slow

@@ -108,14 +108,14 @@ def test_other_sweep_settings_are_checked(tmp_path):
 
 
 def test_the_shipped_tune_configs_load_and_expand():
-    expected = {"rank.yaml": 4, "dp_epsilon.yaml": 6, "step_embedding.yaml": 12, "defenses.yaml": 9}
+    expected = {"rank.yaml": 4, "dp_epsilon.yaml": 6, "step_embedding.yaml": 5, "defenses.yaml": 9}
     for name, count in expected.items():
         cfg = load_sweep_config(REPO / "tune_configs" / name)
         trials = expand_trials(cfg, "sqlite:///unused.db")
         assert len(trials) == count, name
         check_rerun(cfg.rerun, trials, name)
     step = expand_trials(load_sweep_config(REPO / "tune_configs" / "step_embedding.yaml"), "sqlite:///u.db")
-    assert builds_per_stage(step)["zoo"] == 1 and builds_per_stage(step)["attack"] == 12
+    assert builds_per_stage(step)["zoo"] == 1 and builds_per_stage(step)["attack"] == 5
 
 
 # --- overrides ----------------------------------------------------------------------------------------------
@@ -173,6 +173,24 @@ def test_trials_that_differ_only_in_attack_settings_share_one_zoo(tmp_path):
     # Unshared trials never wait for each other.
     alone = expand_trials(sweep(tmp_path, share_stages=False), "sqlite:///x.db")
     assert len(waves(alone)) == 1
+
+
+def test_defended_trials_wait_for_the_undefended_study_they_also_attack_with(tmp_path):
+    cfg = sweep(tmp_path, search_space={"zoo.defense": [{"kind": "output_noise", "relative_noise": 0.5},
+                                                        {"kind": "none"},
+                                                        {"kind": "dp_sgd", "epsilon": 1.0}]})
+    noisy, plain, dp = expand_trials(cfg, "sqlite:///x.db")
+    assert "undefended zoo" not in stage_folders(plain.config)
+    for defended in (noisy, dp):
+        folders = stage_folders(defended.config)
+        assert folders["undefended zoo"] == stage_folders(plain.config)["zoo"] != folders["zoo"]
+        assert folders["undefended attack"] == stage_folders(plain.config)["attack"]
+    # The first defended trial builds the undefended zoo and attack; the others wait for it.
+    assert [[t.label for t in wave] for wave in waves([noisy, plain, dp])] == [[noisy.label], [plain.label, dp.label]]
+    # Off, a defended trial is attacked only by the attack retrained on its own zoo.
+    off = expand_trials(sweep(tmp_path, overrides={"undefended_attack": False},
+                              search_space={"zoo.defense": [{"kind": "dp_sgd", "epsilon": 1.0}]}), "sqlite:///x.db")
+    assert "undefended zoo" not in stage_folders(off[0].config)
 
 
 def test_concurrency_follows_the_resources():

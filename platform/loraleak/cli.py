@@ -227,6 +227,7 @@ def _add_generation_args(p: argparse.ArgumentParser, prompt_default: str | None)
 def _configure_logging(verbose: bool) -> None:
     """Our own progress at INFO; third-party libraries only when they have something serious to say
     (their INFO chatter and optional-dependency notices would bury the one line that matters)."""
+    import os
     import warnings
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
@@ -236,6 +237,11 @@ def _configure_logging(verbose: bool) -> None:
         for noisy in ("transformers", "diffusers", "httpx", "httpx2", "huggingface_hub", "urllib3"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", category=FutureWarning)
+        # The same for the Ray workers a local Ray starts (they inherit this environment): without it
+        # every zoo, attack and evaluation worker prints transformers' notices and weight-loading bars.
+        for variable, value in (("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error"),
+                                ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
+            os.environ.setdefault(variable, value)
         try:
             from transformers.utils import logging as hf_logging
             from diffusers.utils import logging as df_logging

@@ -85,16 +85,21 @@ class FolderIdentities:
         folders = sorted(p for p in self.root.iterdir() if p.is_dir())
         if not folders:
             raise InputError(f"no identity subfolders in {self.root} (expected ROOT/<identity>/<images>)")
-        found = []
+        found, too_few = [], []
         for folder in folders:
             paths = self._readable_images(folder)
             if len(paths) < self.min_images:
-                logger.warning("skipping identity %s: %d readable image(s), need at least %d",
-                               folder.name, len(paths), self.min_images)
+                logger.debug("skipping identity %s: %d readable image(s), need at least %d",
+                             folder.name, len(paths), self.min_images)
+                too_few.append(f"{folder.name} ({len(paths)})")
                 continue
             keys = tuple(f"{folder.name}/{p.name}" for p in paths)
             loader = functools.partial(_load_images, tuple(paths), self.crop_fraction)
             found.append(Identity(folder.name, keys, loader))
+        if too_few:  # one line: on LFW most folders are too small, and every stage lists the identities
+            logger.warning("skipping %d of %d identities in %s with fewer than %d readable images: %s%s",
+                           len(too_few), len(folders), self.root, self.min_images, ", ".join(too_few[:5]),
+                           ", ..." if len(too_few) > 5 else "")
         if not found:
             raise InputError(f"no identity in {self.root} has at least {self.min_images} readable images")
         return found

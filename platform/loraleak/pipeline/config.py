@@ -39,6 +39,8 @@ try:  # the baseline attacks (nearest neighbour, PCA map, matching updates), whe
 except ImportError:  # pragma: no cover - depends on the build
     BASELINE_KINDS, BaselineConfig, fit_baseline = {}, None, None
 
+# The evaluation condition of the attack trained on undefended LoRAs (PipelineConfig.undefended_attack).
+UNDEFENDED_CONDITION = "rec_undefended"
 TRACKING_FIELDS = ("tracking", "tracking_uri", "experiment", "workdir")
 # Per stage: the fields the pipeline sets itself (left out of its section).
 WIRED = {
@@ -119,6 +121,11 @@ class PipelineConfig:
     attack: AttackSettings = field(default_factory=AttackSettings)
     baselines: tuple[BaselineSpec, ...] = ()
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
+    # A defended zoo (zoo.defense) is attacked twice: by the attack retrained on LoRAs with the same
+    # defense ("rec": the adaptive adversary) and, with this on, by the attack trained on the same
+    # study's undefended LoRAs ("rec_undefended": an adversary who ignores the defense). The latter
+    # needs the undefended zoo and attack, built here unless a run of the undefended study made them.
+    undefended_attack: bool = True
     # MLflow: every stage logs its run here; tracking_uri None -> $MLFLOW_TRACKING_URI, else
     # sqlite:///<out_dir>/mlflow.db. `experiment` holds the pipeline's own run (params + headline).
     tracking: bool = True
@@ -129,6 +136,8 @@ class PipelineConfig:
         names = [b.name for b in self.baselines]
         if len(set(names)) != len(names):
             raise ValueError(f"baselines: names must be unique, got {names}")
+        if UNDEFENDED_CONDITION in names:
+            raise ValueError(f"baselines: {UNDEFENDED_CONDITION!r} is reserved (the attack trained without the defense)")
         if not self.experiment:
             raise ValueError("experiment must not be empty")
         # Each stage's own checks, now rather than when the pipeline reaches it (as a ValueError:

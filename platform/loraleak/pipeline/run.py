@@ -38,7 +38,7 @@ from ..errors import ConfigError
 from ..evaluation.config import EvaluationConfig
 from ..zoo.config import ZooConfig
 from . import config as pipeline_config
-from .config import PipelineConfig, stage_config
+from .config import UNDEFENDED_CONDITION, PipelineConfig, stage_config, with_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +92,42 @@ def _key(*parts: Any) -> str:
 def _settings(section: Any, stage: str) -> dict[str, Any]:
     """A section's settings that decide its result (its key's part)."""
     return {k: v for k, v in to_dict(section).items() if k not in HOW_TO_RUN.get(stage, ())}
+
+
+def undefended_study(cfg: PipelineConfig) -> PipelineConfig | None:
+    """The same study without the zoo's defense, whose attack is also evaluated against the defended victims
+    (`UNDEFENDED_CONDITION`); None when the zoo is undefended or `cfg.undefended_attack` is off.
+
+    Rank truncation to k < r changes the shared LoRA's rank, which an attack trained on rank-r LoRAs
+    refuses to read, so it gets no such condition."""
+    defense = cfg.zoo.defense
+    if not cfg.undefended_attack or defense.kind == "none":
+        return None
+    if defense.kind == "rank_truncation" and defense.rank is not None and defense.rank < cfg.zoo.finetune.rank:
+        return None
+    return with_overrides(cfg, {"zoo.defense": {"kind": "none"}})
+
+
+def stage_keys(cfg: PipelineConfig) -> dict[str, Any]:
+    """The key of every stage's output folder for `cfg`, computed without running anything (what the
+    sweeps use to know which trials share a stage): "base", "zoo", "attack", "baselines" (name -> key),
+    "evaluation", "pretrained_base" (bool), and for a defended study "undefended_zoo", "undefended_attack"."""
+    base_key = _key(cfg.base.ref) if cfg.base.pretrain is None else _key(to_dict(cfg.base.pretrain))
+    zoo_key = _key(base_key, to_dict(cfg.identities), _settings(cfg.zoo, "zoo"))
+    attack_key = _key(zoo_key, _settings(cfg.attack, "attack"))
+    keys: dict[str, Any] = {"base": base_key, "pretrained_base": cfg.base.pretrain is not None, "zoo": zoo_key,
+                            "attack": attack_key,
+                            "baselines": {spec.name: _key(zoo_key, to_dict(spec)) for spec in cfg.baselines}}
+    upstream = {"zoo": zoo_key, "attack": attack_key, "attack_steps": cfg.attack.max_steps,
+                "baselines": keys["baselines"]}
+    undefended = undefended_study(cfg)
+    if undefended is not None:
+        plain = stage_keys(undefended)
+        keys["undefended_zoo"], keys["undefended_attack"] = plain["zoo"], plain["attack"]
+        upstream["undefended_attack"] = plain["attack"]
+    keys["upstream"] = upstream
+    keys["evaluation"] = _key(upstream, _settings(cfg.evaluation, "evaluation"))
+    return keys
 
 
 class _Progress:
@@ -174,7 +210,7 @@ def _base(cfg: PipelineConfig, out: Path, progress: _Progress) -> tuple[str, str
 
 
 def _zoo(cfg: PipelineConfig, base: str, base_key: str, out: Path, tracking: dict[str, Any], uri: str,
-         progress: _Progress, show_progress: bool) -> tuple[ZooConfig, str, str | None]:
+         progress: _Progress, show_progress: bool, note: str = "") -> tuple[ZooConfig, str, str | None]:
     from ..zoo.build import build_zoo
     from ..zoo.config import check_identity_source
     from ..zoo.manifest import finished_lora_ids
@@ -187,7 +223,7 @@ def _zoo(cfg: PipelineConfig, base: str, base_key: str, out: Path, tracking: dic
     check_identity_source(zoo)
     plan = plan_zoo(zoo, show_progress=False)
     pending = len({ft.lora_id for ft in plan.fine_tunes} - finished_lora_ids(ZooStore(zoo.root)))
-    progress.start("zoo", f"{len(plan.fine_tunes)} fine-tunes ({cfg.zoo.finetune.steps} steps, rank "
+    progress.start("zoo", f"{note}{len(plan.fine_tunes)} fine-tunes ({cfg.zoo.finetune.steps} steps, rank "
                           f"{cfg.zoo.finetune.rank}), {pending} to run -> {zoo.root}")
     if pending == 0:
         progress.done(f"{len(plan.fine_tunes)} fine-tunes in {zoo.root}", skipped=True)
@@ -199,14 +235,14 @@ def _zoo(cfg: PipelineConfig, base: str, base_key: str, out: Path, tracking: dic
 
 
 def _attack(cfg: PipelineConfig, zoo: ZooConfig, zoo_key: str, out: Path, tracking: dict[str, Any], uri: str,
-            progress: _Progress, show_progress: bool) -> tuple[Path, str, str | None]:
+            progress: _Progress, show_progress: bool, note: str = "") -> tuple[Path, str, str | None]:
     from ..attack.train import TRAINING_RECORD, train_attack
 
     key = _key(zoo_key, _settings(cfg.attack, "attack"))
     attack = stage_config(AttackTrainConfig, cfg.attack, "attack", zoo=zoo.root, base=zoo.base,
                           identities=cfg.identities, out_dir=out / f"attack-{key}", run_name=f"attack-{key}",
                           **tracking)
-    progress.start("attack", f"network autoencoder, {attack.max_steps} steps on {attack.num_workers} Ray Train "
+    progress.start("attack", f"{note}network autoencoder, {attack.max_steps} steps on {attack.num_workers} Ray Train "
                              f"worker(s) -> {attack.attack_dir}")
     record = attack.attack_dir / TRAINING_RECORD
     if record.is_file() and json.loads(record.read_text()).get("step", 0) >= attack.max_steps:
@@ -290,6 +326,14 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool = True) -> PipelineRes
     baselines, baseline_keys = _baselines(cfg, zoo, zoo_key, out, tracking, progress, show_progress)
     upstream = {"zoo": zoo_key, "attack": attack_key, "attack_steps": cfg.attack.max_steps,
                 "baselines": baseline_keys}
+    undefended = undefended_study(cfg)
+    if undefended is not None:  # the attack trained on undefended LoRAs, against the same defended victims
+        note = "undefended study, for the attack trained without the defense: "
+        plain_zoo, plain_zoo_key, _ = _zoo(undefended, base, base_key, out, tracking, uri, progress, show_progress,
+                                           note)
+        plain_attack, upstream["undefended_attack"], _ = _attack(undefended, plain_zoo, plain_zoo_key, out, tracking,
+                                                                 uri, progress, show_progress, note)
+        baselines = {**baselines, UNDEFENDED_CONDITION: plain_attack}
     summary, evaluation_key = _evaluation(cfg, zoo, attack_dir, baselines, upstream, out, tracking, progress,
                                           show_progress)
 

@@ -14,33 +14,29 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from ..config import to_dict
 from ..errors import ConfigError
 from .config import STAGE_NAMES
 
 
 def stage_folders(cfg: Any) -> dict[str, str]:
-    """stage -> the folder name `run_pipeline` gives its output under cfg.out_dir (the same keys:
-    loraleak.pipeline.run). "base" is there only when the base is pretrained; "baselines" is the
-    baselines' folders joined (one entry for all of them)."""
-    from ..pipeline.run import _key, _settings
+    """stage -> the folder name `run_pipeline` gives its output under cfg.out_dir (its keys:
+    loraleak.pipeline.run.stage_keys). "base" is there only when the base is pretrained; "baselines" is
+    the baselines' folders joined (one entry for all of them); a defended study also uses the undefended
+    study's zoo and attack ("undefended zoo", "undefended attack")."""
+    from ..pipeline.run import stage_keys
 
+    keys = stage_keys(cfg)
     folders: dict[str, str] = {}
-    if cfg.base.pretrain is None:
-        base_key = _key(cfg.base.ref)
-    else:
-        base_key = _key(to_dict(cfg.base.pretrain))
-        folders["base"] = f"base-{base_key}"
-    zoo_key = _key(base_key, to_dict(cfg.identities), _settings(cfg.zoo, "zoo"))
-    attack_key = _key(zoo_key, _settings(cfg.attack, "attack"))
-    baseline_keys = {spec.name: _key(zoo_key, to_dict(spec)) for spec in cfg.baselines}
-    upstream = {"zoo": zoo_key, "attack": attack_key, "attack_steps": cfg.attack.max_steps,
-                "baselines": baseline_keys}
-    folders["zoo"] = f"zoo-{zoo_key}"
-    folders["attack"] = f"attack-{attack_key}"
-    if baseline_keys:
-        folders["baselines"] = " ".join(f"baseline-{name}-{key}" for name, key in baseline_keys.items())
-    folders["evaluation"] = f"evaluation-{_key(upstream, _settings(cfg.evaluation, 'evaluation'))}"
+    if keys["pretrained_base"]:
+        folders["base"] = f"base-{keys['base']}"
+    folders["zoo"] = f"zoo-{keys['zoo']}"
+    folders["attack"] = f"attack-{keys['attack']}"
+    if keys["baselines"]:
+        folders["baselines"] = " ".join(f"baseline-{name}-{key}" for name, key in keys["baselines"].items())
+    if "undefended_zoo" in keys:
+        folders["undefended zoo"] = f"zoo-{keys['undefended_zoo']}"
+        folders["undefended attack"] = f"attack-{keys['undefended_attack']}"
+    folders["evaluation"] = f"evaluation-{keys['evaluation']}"
     return folders
 
 
@@ -50,7 +46,11 @@ def _outputs(trial: Any) -> dict[str, str]:
     # The attack folder's key leaves out max_steps (more steps continue the same attack), but two
     # trials training it to different step counts must not run at once.
     out = {stage: f"{root}/{folder}" for stage, folder in stage_folders(trial.config).items()}
-    out["attack"] += f"@{trial.config.attack.max_steps}"
+    for stage in ("attack", "undefended attack"):
+        if stage in out:
+            out[stage] += f"@{trial.config.attack.max_steps}"
+    # A defended trial's "undefended zoo" is the folder an undefended trial builds as its "zoo" (the same
+    # id), so `waves` never has two trials build it at once; likewise the undefended attack.
     return out
 
 

@@ -21,37 +21,23 @@ from loraleak.attack.baselines import (BaselineConfig, MatchingUpdatesAttack, Ma
 from loraleak.attack.baselines.features import delta_w_features, sketch_matrices
 from loraleak.attack.lora_inputs import lora_layout
 from loraleak.base.loading import load_base_pipeline
-from loraleak.base.tiny import TinyBaseConfig, build_tiny_pipeline
+from loraleak.base.tiny import build_tiny_pipeline
 from loraleak.config import from_dict
 from loraleak.errors import ConfigError, InputError
 from loraleak.finetune.config import FinetuneConfig
 from loraleak.finetune.dreambooth_lora import finetune_lora
 from loraleak.finetune.lora_io import lora_factors
 from loraleak.identities import SyntheticFaces, make_source
-from loraleak.zoo.build import build_zoo
-from loraleak.zoo.config import ZooConfig
 from loraleak.zoo.manifest import read_manifest
+from studies import TINY, TINY_ZOO_FINETUNE, TINY_ZOO_IDENTITIES, build_tiny_zoo
 
-TINY = TinyBaseConfig(resolution=16, unet_channels=(32, 32), attention_levels=1, text_width=32,
-                      text_layers=1, text_heads=1, vae_channels=(32,))
-IDENTITIES = {"kind": "synthetic", "num_identities": 5, "images_per_identity": 3}
-FINETUNE = {"rank": 2, "alpha": 2, "steps": 5, "prior_preservation": False, "lr": 1e-2}
+IDENTITIES, FINETUNE = TINY_ZOO_IDENTITIES, TINY_ZOO_FINETUNE
 MATCHING = {"steps": 3, "num_images": 1, "timesteps": [500]}  # enough to run; the inversion test runs longer
 
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
-    work = tmp_path_factory.mktemp("baseline-zoo")
-    pipe = build_tiny_pipeline(TINY)
-    with torch.no_grad():
-        for name, module in pipe.unet.named_modules():
-            if name.endswith("attn2.to_out.0"):
-                module.weight.mul_(10.0)
-    pipe.save_pretrained(work / "base", safe_serialization=True)
-    cfg = from_dict(ZooConfig, {"root": str(work / "zoo"), "base": str(work / "base"), "identities": IDENTITIES,
-                                "finetune": FINETUNE, "num_snapshots": 2, "workers": 0, "tracking": False})
-    assert build_zoo(cfg, show_progress=False)["done"] == 5
-    return cfg
+    return build_tiny_zoo(tmp_path_factory.mktemp("baseline-zoo"))
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import json
 import pytest
 import yaml
 
-from loraleak.base.tiny import TinyBaseConfig, build_tiny_pipeline
+from loraleak.base.tiny import build_tiny_pipeline
 
 from loraleak.cli import main
 from loraleak.config import from_dict, to_dict
@@ -20,18 +20,8 @@ from loraleak.errors import ConfigError
 from loraleak.pipeline.cli import load_pipeline_config
 from loraleak.pipeline.config import UNDEFENDED_CONDITION, PipelineConfig, with_overrides
 from loraleak.pipeline.run import STAGES, _settings, run_pipeline, stage_keys
+from studies import SMALLEST, TINY
 
-SMALLEST = {
-    "identities": {"kind": "synthetic", "num_identities": 6, "images_per_identity": 3, "heldout_fraction": 0.5},
-    "base": {"ref": "tiny"},
-    "zoo": {"finetune": {"rank": 2, "alpha": 2, "steps": 4, "lr": 1e-3, "prior_preservation": False},
-            "num_snapshots": 2, "workers": 0},
-    "attack": {"max_steps": 2, "batch_size": 2, "val_fraction": 0.0, "checkpoint_every": 2, "val_every": 2,
-               "resources_per_worker": {"CPU": 1}},
-    "baselines": [{"name": "nearest_neighbour", "kind": "nearest_neighbour"},
-                  {"name": "pca_map", "kind": "pca_map", "settings": {"components": 2}}],
-    "evaluation": {"n_images": 2, "sample_steps": 2, "reference_size": 32, "n_boot": 100, "workers": 1},
-}
 CONDITIONS = ["org", "rec", "nearest_neighbour", "pca_map", "base", "victim_class_prompt", "victim_empty_prompt",
               "victim_wrong_trigger"]
 
@@ -45,9 +35,7 @@ def study(ray_local, tmp_path_factory):
 
 def random_base(directory):
     """A random 16 px SD-architecture base: fast enough for a whole study in CI."""
-    tiny = TinyBaseConfig(resolution=16, unet_channels=(32, 32), attention_levels=1, text_width=32,
-                          text_layers=1, text_heads=1, vae_channels=(32,))
-    build_tiny_pipeline(tiny).save_pretrained(directory, safe_serialization=True)
+    build_tiny_pipeline(TINY).save_pretrained(directory, safe_serialization=True)
     return str(directory)
 
 

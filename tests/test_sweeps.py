@@ -16,18 +16,9 @@ from loraleak.sweeps.config import SweepConfig, load_sweep_config
 from loraleak.sweeps.results import FAILED, FINISHED, format_table, privacy_utility_plot, results_frame, write_table
 from loraleak.sweeps.stages import builds_per_stage, check_rerun, concurrency, peak_need, stage_folders, waves
 from loraleak.sweeps.trials import expand_trials, points
+from studies import SMALLEST_NO_BASELINES as SMALLEST
 
 REPO = Path(__file__).resolve().parents[1]
-# The smallest study that runs every stage (tests/test_pipeline.py's, without the baselines).
-SMALLEST = {
-    "identities": {"kind": "synthetic", "num_identities": 6, "images_per_identity": 3, "heldout_fraction": 0.5},
-    "base": {"ref": "tiny"},
-    "zoo": {"finetune": {"rank": 2, "alpha": 2, "steps": 4, "lr": 1e-3, "prior_preservation": False},
-            "num_snapshots": 2, "workers": 0},
-    "attack": {"max_steps": 2, "batch_size": 2, "val_fraction": 0.0, "checkpoint_every": 2, "val_every": 2,
-               "resources_per_worker": {"CPU": 1}},
-    "evaluation": {"n_images": 2, "sample_steps": 2, "reference_size": 32, "n_boot": 100, "workers": 1},
-}
 
 
 def sweep(tmp_path, **settings) -> SweepConfig:

@@ -137,7 +137,12 @@ def plan_zoo(cfg: ZooConfig, show_progress: bool = True) -> ZooPlan:
                                   cfg.defense.to_manifest())
             fine_tunes.append(PlannedFineTune(lora_id, identity.identity_id, splits[identity.identity_id],
                                               variant, finetune, identity.image_keys, hashes, identity))
-    for name, reason in skipped:
-        logger.warning("zoo: skipping identity %s: %s", name, reason)
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in skipped:  # one line per reason: LFW alone drops hundreds of small folders
+        logger.debug("zoo: skipping identity %s: %s", name, reason)
+        by_reason.setdefault(reason, []).append(name)
+    for reason, names in by_reason.items():
+        logger.warning("zoo: skipping %d identities (%s): %s%s", len(names), reason, ", ".join(names[:5]),
+                       ", ..." if len(names) > 5 else "")
     return ZooPlan(base_hash, resolution, fine_tunes, skipped)
 

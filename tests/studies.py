@@ -1,0 +1,56 @@
+"""The smallest study that runs every stage of `loraleak run`, shared by the pipeline and sweep tests
+(imported by them; pytest puts this folder on the path)."""
+
+SMALLEST = {
+    "identities": {"kind": "synthetic", "num_identities": 6, "images_per_identity": 3, "heldout_fraction": 0.5},
+    "base": {"ref": "tiny"},
+    "zoo": {"finetune": {"rank": 2, "alpha": 2, "steps": 4, "lr": 1e-3, "prior_preservation": False},
+            "num_snapshots": 2, "workers": 0},
+    "attack": {"max_steps": 2, "batch_size": 2, "val_fraction": 0.0, "checkpoint_every": 2, "val_every": 2,
+               "resources_per_worker": {"CPU": 1}},
+    "baselines": [{"name": "nearest_neighbour", "kind": "nearest_neighbour"},
+                  {"name": "pca_map", "kind": "pca_map", "settings": {"components": 2}}],
+    "evaluation": {"n_images": 2, "sample_steps": 2, "reference_size": 32, "n_boot": 100, "workers": 1},
+}
+# Without the baselines: what the sweep tests vary.
+SMALLEST_NO_BASELINES = {k: v for k, v in SMALLEST.items() if k != "baselines"}
+
+
+# --- one tiny zoo for the attack and baseline tests ---------------------------------------------------------
+# A random 16 px base, 5 synthetic identities (4 attack_train, 1 heldout), rank-2 LoRAs on to_q/to_v, 5 steps
+# with snapshots at r = 0, 2, 5, built by the zoo module. An untrained UNet barely reads its conditioning,
+# so the base's cross-attention outputs are amplified: z then matters to the ε-loss, as in a trained base.
+from loraleak.base.tiny import TinyBaseConfig  # noqa: E402
+
+TINY = TinyBaseConfig(resolution=16, unet_channels=(32, 32), attention_levels=1, text_width=32,
+                      text_layers=1, text_heads=1, vae_channels=(32,))
+TINY_ZOO_IDENTITIES = {"kind": "synthetic", "num_identities": 5, "images_per_identity": 3}
+TINY_ZOO_FINETUNE = {"rank": 2, "alpha": 2, "steps": 5, "prior_preservation": False, "lr": 1e-2}
+
+
+def tiny_zoo_base():
+    """The random 16 px SD-architecture base of the tiny zoo (cross-attention outputs amplified)."""
+    import torch
+
+    from loraleak.base.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline(TINY)
+    with torch.no_grad():
+        for name, module in pipe.unet.named_modules():
+            if name.endswith("attn2.to_out.0"):
+                module.weight.mul_(10.0)
+    return pipe
+
+
+def build_tiny_zoo(work):
+    """The tiny zoo under `work` (base in work/base, zoo in work/zoo); returns its ZooConfig."""
+    from loraleak.config import from_dict
+    from loraleak.zoo.build import build_zoo
+    from loraleak.zoo.config import ZooConfig
+
+    tiny_zoo_base().save_pretrained(work / "base", safe_serialization=True)
+    cfg = from_dict(ZooConfig, {"root": str(work / "zoo"), "base": str(work / "base"),
+                                "identities": TINY_ZOO_IDENTITIES, "finetune": TINY_ZOO_FINETUNE,
+                                "num_snapshots": 2, "workers": 0, "tracking": False})
+    assert build_zoo(cfg, show_progress=False)["done"] == 5
+    return cfg

@@ -12,6 +12,12 @@ For each, the validation ε-loss every --val-every steps. The target is the best
 the reference reaches; the table gives the samples (steps × batch) and wall time each variant
 needs to first reach it, and the ratio to the reference. It also prints every curve.
 
+The ε-loss is mostly the noise no z can predict, so its raw values say little on their own. Each
+run also measures the same loss with z = the victims' true instance prompt and z = the empty
+prompt; "gap closed" = (empty − best) / (empty − true) reads a variant's best loss on that scale:
+0 is an attack that learned nothing about the victim, 1 one as good as knowing the trigger. A small
+gap (empty − true) means z barely matters on this zoo, and no variant can separate from another.
+
     python benchmarks/step_embedding.py --zoo runs/quick/zoo-<key> --steps 300 --val-every 25
 
 The zoo's recorded config gives the base and the identity source (run from where it was built).
@@ -50,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers per attack")
     p.add_argument("--cpus-per-worker", type=float, default=2.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of attack_train identities held out for the validation loss")
     p.add_argument("--results", type=Path, help="also write the curves and the table here (JSON)")
     return p.parse_args(argv)
 
@@ -67,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not names:
         sys.exit(f"step_embedding: unknown variant {unknown[0] if unknown else ''!r} (known: {', '.join(VARIANTS)})")
     zoo = read_zoo_config(args.zoo)
-    curves, seconds = {}, {}
+    curves, seconds, references = {}, {}, {}
     with tempfile.TemporaryDirectory() as work:
         for name in names:
             snapshots, step_embedding = VARIANTS[name]
@@ -75,21 +83,30 @@ def main(argv: list[str] | None = None) -> int:
                 zoo=args.zoo, base=zoo.base, identities=zoo.identities,
                 model=replace(AttackModelConfig(), input_mode=args.input_mode, step_embedding=step_embedding),
                 snapshots=snapshots, batch_size=args.batch, max_steps=args.steps, val_every=args.val_every,
-                checkpoint_every=args.steps, seed=args.seed, num_workers=args.workers,
+                checkpoint_every=args.steps, seed=args.seed, val_fraction=args.val_fraction, num_workers=args.workers,
                 resources_per_worker={"CPU": args.cpus_per_worker}, out_dir=Path(work) / name,
                 run_name=name.replace("+", "_"), tracking=False)
             started = time.perf_counter()
             result = train_attack(cfg, show_progress=False)
             seconds[name] = time.perf_counter() - started
             curves[name] = {step: values["val_loss"] for step, values in sorted(result.evaluations.items())}
+            references = references or result.references  # the same validation batches for every variant
             print(f"{name}: val loss " + ", ".join(f"{s}:{v:.4f}" for s, v in curves[name].items()), flush=True)
 
     reference = names[0]
     target = min(curves[reference].values())
+    true, empty = references["val_loss.true_prompt"], references["val_loss.empty_prompt"]
+    gap = empty - true
+
+    def closed(loss: float) -> str:
+        return f"{(empty - loss) / gap:+.2f}" if gap > 0 else "-"
+
     print(f"\nvalidation ε-loss target: {target:.4f} (the best of '{reference}', {args.steps} steps of batch "
           f"{args.batch}, input {args.input_mode})")
-    print("| variant | best val loss | samples to target | × reference samples | wall s | s to target |")
-    print("|---|---|---|---|---|---|")
+    print(f"the same loss with z = the true instance prompt: {true:.4f}, with z = the empty prompt: {empty:.4f} "
+          f"(gap {gap:+.4f})")
+    print("| variant | best val loss | gap closed | samples to target | × reference samples | wall s | s to target |")
+    print("|---|---|---|---|---|---|---|")
     ref_samples = samples_to_reach(curves[reference], target, args.batch)
     rows = []
     for name in names:
@@ -97,12 +114,13 @@ def main(argv: list[str] | None = None) -> int:
         per_sample = seconds[name] / (args.steps * args.batch)
         ratio = "-" if samples is None or not ref_samples else f"{samples / ref_samples:.2f}"
         to_target = "-" if samples is None else f"{samples * per_sample:.0f}"
-        rows.append({"variant": name, "best_val_loss": min(curves[name].values()), "samples_to_target": samples,
-                     "wall_s": seconds[name]})
-        print(f"| {name} | {min(curves[name].values()):.4f} | {samples if samples is not None else 'not reached'} | "
+        best = min(curves[name].values())
+        rows.append({"variant": name, "best_val_loss": best, "gap_closed": (empty - best) / gap if gap > 0 else None,
+                     "samples_to_target": samples, "wall_s": seconds[name]})
+        print(f"| {name} | {best:.4f} | {closed(best)} | {samples if samples is not None else 'not reached'} | "
               f"{ratio} | {seconds[name]:.0f} | {to_target} |")
     if args.results:
-        args.results.write_text(json.dumps({"target": target, "curves": curves, "rows": rows,
+        args.results.write_text(json.dumps({"target": target, "references": references, "curves": curves, "rows": rows,
                                             "args": {k: str(v) for k, v in vars(args).items()}}, indent=1))
     return 0
 

@@ -264,6 +264,28 @@ def test_save_and_load_round_trip_and_refuse_another_text_encoder(zoo, tmp_path)
         NetworkAutoencoder.from_pretrained(tmp_path / "attack", other)
 
 
+def test_loading_refuses_what_is_not_a_saved_attack_model_in_one_line(zoo, tmp_path):
+    import json
+
+    saved = encoder_for(zoo).save_pretrained(tmp_path / "attack")
+    config = json.loads((saved / "config.json").read_text())
+
+    def refused(message: str) -> None:
+        with pytest.raises(InputError, match=message) as error:
+            NetworkAutoencoder.from_pretrained(saved, zoo.pipe.text_encoder)
+        assert "\n" not in str(error.value)
+
+    (saved / "config.json").write_text(json.dumps({"kind": "pca_map", "format_version": 1}))  # a baseline's
+    refused("is not a saved attack model")
+    (saved / "config.json").write_text(json.dumps({**config, "format_version": 99}))
+    refused("format version 99, this code reads version 1")
+    (saved / "config.json").write_text(json.dumps(config))
+    torch.save({"weights": torch.zeros(2)}, saved / "model.safetensors")  # a pickle under the right name
+    refused("cannot read .*model.safetensors")
+    (saved / "config.json").unlink()
+    refused("cannot read config.json")
+
+
 # --- batched LoRA decoding -----------------------------------------------------------------------
 
 

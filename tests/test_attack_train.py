@@ -115,6 +115,11 @@ def test_training_lowers_the_loss_logs_every_step_and_exports_the_model(trained)
     # The same LoRAs, noise and timesteps at both ends: only the encoder changed.
     assert end["train_eval_loss"] < start["train_eval_loss"] - 2e-3
     assert set(end) == {"train_eval_loss", "val_loss"}
+    # The reference losses: the same batches and noise with z = the true instance prompt / the empty
+    # prompt. The victims' own triggers condition their UNets better than no prompt at all.
+    refs = result.references
+    assert set(refs) == {f"{name}.{z}" for name in end for z in ("true_prompt", "empty_prompt")}
+    assert refs["train_eval_loss.true_prompt"] < refs["train_eval_loss.empty_prompt"]
 
     from mlflow.tracking import MlflowClient
 
@@ -126,6 +131,8 @@ def test_training_lowers_the_loss_logs_every_step_and_exports_the_model(trained)
 
     record = json.loads((result.attack_dir / TRAINING_RECORD).read_text())
     assert record["step"] == TRAIN_STEPS and record["lora_steps"] == 5 and record["base"] == cfg.base
+    assert record["references"] == refs
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss.true_prompt")] == [0]
     pipe = load_base_pipeline(cfg.base)
     model = NetworkAutoencoder.from_pretrained(result.attack_dir, pipe.text_encoder)
     assert model.base_fingerprint == base_fingerprint(cfg.base)

@@ -23,7 +23,6 @@ Choices where the paper's code is silent or this code departs from it (all in At
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -32,16 +31,14 @@ from typing import Any, Literal, NamedTuple, Sequence
 
 import torch
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.masking_utils import create_causal_mask
 
 from ..config import from_dict, to_dict
 from ..errors import ConfigError, InputError
+from .artifact import CONFIG_NAME, read_record, read_tensors, save_artifact
 from .lora_inputs import InputMode, LoraLayout, MatrixSpec
 
-CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT = "loraleak-network-autoencoder"
 FORMAT_VERSION = 1
@@ -273,8 +270,6 @@ class NetworkAutoencoder(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """config.json + model.safetensors (the frozen CLIP is not saved: it comes from the base)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         record = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "config": to_dict(self.config),
@@ -283,23 +278,13 @@ class NetworkAutoencoder(nn.Module):
             "base_fingerprint": self.base_fingerprint,
             "text_encoder_sha256": text_encoder_sha256(self.text_encoder),
         }
-        save_file(self._own_state_dict(), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-        (directory / CONFIG_NAME).write_text(json.dumps(record, indent=1))
-        return directory
+        return save_artifact(directory, record, self._own_state_dict(), WEIGHTS_NAME)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, text_encoder: nn.Module) -> "NetworkAutoencoder":
         """Load a saved attack model onto `text_encoder`, which must be the base's it was trained with."""
         directory = Path(directory)
-        try:
-            record = json.loads((directory / CONFIG_NAME).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise InputError(f"{directory} is not a saved attack model: cannot read {CONFIG_NAME} ({e})") from None
-        if not isinstance(record, dict) or record.get("format") != FORMAT:
-            raise InputError(f"{directory / CONFIG_NAME} is not a {FORMAT} config")
-        if record.get("format_version") != FORMAT_VERSION:
-            raise InputError(f"{directory} has attack model format version {record.get('format_version')}, "
-                             f"this code reads version {FORMAT_VERSION}")
+        record = read_record(directory, ("format", FORMAT), FORMAT_VERSION, "attack model")
         if text_encoder_sha256(text_encoder) != record["text_encoder_sha256"]:
             raise InputError(f"the attack model in {directory} was trained with another base's text encoder "
                              f"(base fingerprint {record.get('base_fingerprint')})")
@@ -307,10 +292,7 @@ class NetworkAutoencoder(nn.Module):
                     tuple(MatrixSpec.from_dict(spec) for spec in record["layout"]), text_encoder,
                     prompt_length=record["prompt_length"], embedding_dim=record["embedding_dim"],
                     base_fingerprint=record.get("base_fingerprint"))
-        try:
-            weights = load_file(str(directory / WEIGHTS_NAME))
-        except (SafetensorError, OSError) as e:
-            raise InputError(f"cannot read {directory / WEIGHTS_NAME}: {e}") from None
+        weights = read_tensors(directory / WEIGHTS_NAME)
         expected = model._own_state_dict()
         if set(weights) != set(expected) or any(weights[k].shape != expected[k].shape for k in expected):
             raise InputError(f"{directory / WEIGHTS_NAME} does not match its {CONFIG_NAME}")

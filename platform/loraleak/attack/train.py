@@ -29,7 +29,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -143,8 +143,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             eval_sets["val_loss"] = fixed_batches(selection.val)
 
     @torch.no_grad()
-    def evaluate() -> dict[str, float]:
-        """Mean ε-MSE of each evaluation set."""
+    def evaluate(z_of: Callable[[Any], torch.Tensor] | None = None, suffix: str = "") -> dict[str, float]:
+        """Mean ε-MSE of each evaluation set, with z = μ (or z_of(batch): the reference losses)."""
         model.eval()
         results = {}
         for name, fixed in eval_sets.items():
@@ -152,19 +152,31 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             total, count = 0.0, 0
             for batch in fixed:
                 latents = images.sample(batch.rows, EVAL_IMAGES, generator)
-                z = encoder.encode_mean(batch.matrices, batch.steps)
+                z = encoder.encode_mean(batch.matrices, batch.steps) if z_of is None else z_of(batch)
                 terms = epsilon_loss(unet, noise_scheduler, latents, z, batch.factors, batch.scales, generator)
                 total += float(terms.epsilon) * len(batch)
                 count += len(batch)
-            results[name] = total / count
+            results[name + suffix] = total / count
         model.train()
         return results
 
+    # The same losses with two fixed z, what an attack's losses are read against: the victim's true
+    # instance prompt (the trigger the fine-tune learned) and the empty prompt (nothing about the
+    # victim). Their gap is how much z can matter at all on this zoo: when the victim's UNet shows its
+    # person under any prompt, the gap is small, and so is any difference between attacks.
+    references: dict[str, float] = {}
+    if rank == 0:
+        true_prompts = prompts or PromptEmbeddings(pipe, device)
+        empty = pipe.encode_prompt([""], device, 1, False)[0].float()
+        references = {**evaluate(lambda batch: true_prompts(batch.rows), ".true_prompt"),
+                      **evaluate(lambda batch: empty.expand(len(batch), -1, -1), ".empty_prompt")}
+
     # Where this run starts: step 0, or the checkpoint's step (its losses confirm what was restored).
     tracker = _MetricsLog(config.get("tracking")) if rank == 0 else None
-    summary: dict[str, Any] = {"start_step": start_step, "losses": [], "evaluations": {start_step: evaluate()}}
+    summary: dict[str, Any] = {"start_step": start_step, "losses": [], "references": references,
+                               "evaluations": {start_step: evaluate()}}
     if tracker is not None:
-        tracker.add(start_step, summary["evaluations"][start_step])
+        tracker.add(start_step, {**references, **summary["evaluations"][start_step]})
 
     # The loop.
     generator = torch.Generator()
@@ -257,6 +269,9 @@ class AttackTrainResult:
     # By step, of this run: "val_loss" (validation LoRAs) and "train_eval_loss" (as many training
     # LoRAs), both with z = μ and fixed noise; the first entry is the run's starting point.
     evaluations: dict[int, dict[str, float]]
+    # The same losses with z = the true instance prompt / the empty prompt ("val_loss.true_prompt",
+    # "val_loss.empty_prompt", "train_eval_loss.<...>"): how much z matters on this zoo.
+    references: dict[str, float]
     losses: list[float]  # training loss of every step of this run
     checkpoint_path: str  # the latest checkpoint in Ray Train's storage
     mlflow_run_id: str | None
@@ -296,7 +311,7 @@ def _user_error(error: Exception) -> LoraleakError:
 
 
 def export_model(checkpoint_dir: Path, cfg: AttackTrainConfig, selection: ZooSelection, step: int,
-                 evaluation: dict[str, float]) -> Path:
+                 evaluation: dict[str, float], references: dict[str, float]) -> Path:
     """Copy the checkpoint's encoder to out_dir/attack (replacing an older one) with its training record."""
     final = cfg.attack_dir
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -306,7 +321,7 @@ def export_model(checkpoint_dir: Path, cfg: AttackTrainConfig, selection: ZooSel
               "lora_steps": selection.lora_steps, "use_initial_lora": cfg.use_initial_lora,
               "snapshots": cfg.snapshots, "train_samples": len(selection.train),
               "train_identities": selection.train_identities, "val_identities": selection.val_identities,
-              **evaluation, "config": to_dict(cfg)}
+              **evaluation, "references": references, "config": to_dict(cfg)}
     (staging / TRAINING_RECORD).write_text(json.dumps(record, indent=1))
     if final.exists():
         shutil.rmtree(final)
@@ -363,12 +378,13 @@ def train_attack(cfg: AttackTrainConfig, show_progress: bool = True) -> AttackTr
             step = int(torch.load(Path(directory) / TRAINER_STATE, map_location="cpu", weights_only=True)["step"])
             evaluation = evaluations.get(step) or {k: v for k, v in (result.metrics or {}).items()
                                                    if k in ("val_loss", "train_eval_loss")}
-            attack_dir = export_model(Path(directory), cfg, selection, step, evaluation)
+            references = dict(summary.get("references", {}))
+            attack_dir = export_model(Path(directory), cfg, selection, step, evaluation, references)
         if run is not None:
             run.log_metrics({f"final_{k}": v for k, v in evaluation.items()}, step=step)
             run.log_dict(json.loads((attack_dir / TRAINING_RECORD).read_text()), "attack_training.json")
     logger.info("attack model (step %d, %s) saved to %s", step, evaluation, attack_dir)
-    return AttackTrainResult(attack_dir, step, int(summary.get("start_step", step)), evaluations,
+    return AttackTrainResult(attack_dir, step, int(summary.get("start_step", step)), evaluations, references,
                              list(summary.get("losses", [])), result.checkpoint.path,
                              run.run_id if run is not None else None)
 

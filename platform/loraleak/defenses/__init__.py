@@ -139,32 +139,29 @@ class DefenseConfig:
         return from_dict(cls, data, where="defense")
 
 
+def _metadata_json(metadata: dict[str, str], key: str, kind: type, kind_name: str) -> Any:
+    """The JSON value a LoRA file's metadata holds under `key` (None when absent), checked to be a `kind`."""
+    raw = metadata.get(key)
+    if not raw:
+        return None
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        raise InputError(f"LoRA metadata {key!r} is not valid JSON") from None
+    if not isinstance(value, kind):
+        raise InputError(f"LoRA metadata {key!r} is not a {kind_name}")
+    return value
+
+
 def defenses_applied(metadata: dict[str, str]) -> list[DefenseConfig]:
     """The defenses a LoRA file records in its metadata, oldest first ([] for an undefended LoRA)."""
-    raw = metadata.get(DEFENSES_METADATA_KEY)
-    if not raw:
-        return []
-    try:
-        entries = json.loads(raw)
-    except json.JSONDecodeError:
-        raise InputError(f"LoRA metadata {DEFENSES_METADATA_KEY!r} is not valid JSON") from None
-    if not isinstance(entries, list):
-        raise InputError(f"LoRA metadata {DEFENSES_METADATA_KEY!r} is not a list")
+    entries = _metadata_json(metadata, DEFENSES_METADATA_KEY, list, "list") or []
     return [from_dict(DefenseConfig, entry, where=DEFENSES_METADATA_KEY) for entry in entries]
 
 
 def dp_record(metadata: dict[str, str]) -> dict[str, Any] | None:
     """What a DP-trained LoRA file records about its privacy (σ, ε spent, δ, clip, unit...), else None."""
-    raw = metadata.get(DP_METADATA_KEY)
-    if not raw:
-        return None
-    try:
-        record = json.loads(raw)
-    except json.JSONDecodeError:
-        raise InputError(f"LoRA metadata {DP_METADATA_KEY!r} is not valid JSON") from None
-    if not isinstance(record, dict):
-        raise InputError(f"LoRA metadata {DP_METADATA_KEY!r} is not a mapping")
-    return record
+    return _metadata_json(metadata, DP_METADATA_KEY, dict, "mapping")
 
 
 def lora_output_path(path: str | Path) -> Path:

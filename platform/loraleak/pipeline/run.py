@@ -188,17 +188,16 @@ def _identities(cfg: PipelineConfig, progress: _Progress) -> None:
     progress.done(f"{len(used)} identities: {len(used) - heldout} attack_train, {heldout} heldout")
 
 
-def _base(cfg: PipelineConfig, out: Path, progress: _Progress) -> tuple[str, str]:
-    """The base reference every later stage uses, and its key."""
+def _base(cfg: PipelineConfig, key: str, out: Path, progress: _Progress) -> str:
+    """The base reference every later stage uses."""
     if cfg.base.pretrain is None:
         from ..zoo.plan import base_resolution
 
         progress.start("base", cfg.base.ref)
         progress.done(f"{cfg.base.ref} ({base_resolution(cfg.base.ref)} px), nothing to pretrain", skipped=True)
-        return cfg.base.ref, _key(cfg.base.ref)
+        return cfg.base.ref
     from ..base.pretrain import pretrain_base
 
-    key = _key(to_dict(cfg.base.pretrain))
     directory = out / f"base-{key}"
     progress.start("base", f"pretrain a tiny base -> {directory}")
     if (directory / "training.json").is_file():
@@ -206,18 +205,17 @@ def _base(cfg: PipelineConfig, out: Path, progress: _Progress) -> tuple[str, str
     else:
         pretrain_base(stage_config(PretrainConfig, cfg.base.pretrain, "base.pretrain", out_dir=directory))
         progress.done(f"pretrained base in {directory}")
-    return str(directory), key
+    return str(directory)
 
 
-def _zoo(cfg: PipelineConfig, base: str, base_key: str, out: Path, tracking: dict[str, Any], uri: str,
-         progress: _Progress, show_progress: bool, note: str = "") -> tuple[ZooConfig, str, str | None]:
+def _zoo(cfg: PipelineConfig, key: str, base: str, out: Path, tracking: dict[str, Any], uri: str,
+         progress: _Progress, show_progress: bool, note: str = "") -> tuple[ZooConfig, str | None]:
     from ..zoo.build import build_zoo
     from ..zoo.config import check_identity_source
     from ..zoo.manifest import finished_lora_ids
     from ..zoo.plan import plan_zoo
     from ..zoo.storage import ZooStore
 
-    key = _key(base_key, to_dict(cfg.identities), _settings(cfg.zoo, "zoo"))
     zoo = stage_config(ZooConfig, cfg.zoo, "zoo", root=str(out / f"zoo-{key}"), base=base,
                        identities=cfg.identities, **tracking)
     check_identity_source(zoo)
@@ -231,14 +229,13 @@ def _zoo(cfg: PipelineConfig, base: str, base_key: str, out: Path, tracking: dic
         summary = build_zoo(zoo, show_progress=show_progress)
         progress.done(f"{summary['done']} done, {summary['failed']} failed of {summary['planned']}")
     run_id = _mlflow_run_id(uri, zoo.experiment, f"zoo {zoo.root}") if zoo.tracking else None
-    return zoo, key, run_id
+    return zoo, run_id
 
 
-def _attack(cfg: PipelineConfig, zoo: ZooConfig, zoo_key: str, out: Path, tracking: dict[str, Any], uri: str,
-            progress: _Progress, show_progress: bool, note: str = "") -> tuple[Path, str, str | None]:
+def _attack(cfg: PipelineConfig, key: str, zoo: ZooConfig, out: Path, tracking: dict[str, Any], uri: str,
+            progress: _Progress, show_progress: bool, note: str = "") -> tuple[Path, str | None]:
     from ..attack.train import TRAINING_RECORD, train_attack
 
-    key = _key(zoo_key, _settings(cfg.attack, "attack"))
     attack = stage_config(AttackTrainConfig, cfg.attack, "attack", zoo=zoo.root, base=zoo.base,
                           identities=cfg.identities, out_dir=out / f"attack-{key}", run_name=f"attack-{key}",
                           **tracking)
@@ -254,23 +251,22 @@ def _attack(cfg: PipelineConfig, zoo: ZooConfig, zoo_key: str, out: Path, tracki
         final = result.evaluations.get(result.step, {})
         progress.done(f"step {result.step}" + "".join(f", {k} {v:.4f}" for k, v in sorted(final.items())))
         run_id = result.mlflow_run_id
-    return attack.attack_dir, key, run_id
+    return attack.attack_dir, run_id
 
 
-def _baselines(cfg: PipelineConfig, zoo: ZooConfig, zoo_key: str, out: Path, tracking: dict[str, Any],
-               progress: _Progress, show_progress: bool) -> tuple[dict[str, Path], dict[str, str]]:
+def _baselines(cfg: PipelineConfig, keys: dict[str, str], zoo: ZooConfig, out: Path, tracking: dict[str, Any],
+               progress: _Progress, show_progress: bool) -> dict[str, Path]:
     names = ", ".join(f"{b.name} ({b.kind})" for b in cfg.baselines) or "none configured"
     progress.start("baselines", names)
     if not cfg.baselines:
         progress.done("none configured", skipped=True)
-        return {}, {}
+        return {}
     fit, config_class = pipeline_config.fit_baseline, pipeline_config.BaselineConfig
     if fit is None:
         raise ConfigError("baselines are configured, but this build has no loraleak.attack.baselines.fit_baseline")
-    directories, keys, fitted = {}, {}, []
+    directories, fitted = {}, []
     for spec in cfg.baselines:
-        keys[spec.name] = key = _key(zoo_key, to_dict(spec))
-        directory = out / f"baseline-{spec.name}-{key}"
+        directory = out / f"baseline-{spec.name}-{keys[spec.name]}"
         if not (directory / "config.json").is_file():
             baseline = config_class(kind=spec.kind, zoo=zoo.root, base=zoo.base, out_dir=directory,
                                     settings=spec.settings, identities=cfg.identities,
@@ -280,15 +276,13 @@ def _baselines(cfg: PipelineConfig, zoo: ZooConfig, zoo_key: str, out: Path, tra
             fitted.append(spec.name)
         directories[spec.name] = directory
     progress.done(f"{len(fitted)} fitted, {len(cfg.baselines) - len(fitted)} already fitted", skipped=not fitted)
-    return directories, keys
+    return directories
 
 
-def _evaluation(cfg: PipelineConfig, zoo: ZooConfig, attack_dir: Path, baselines: dict[str, Path],
-                upstream: dict[str, Any], out: Path, tracking: dict[str, Any], progress: _Progress,
-                show_progress: bool) -> tuple[dict[str, Any], str]:
+def _evaluation(cfg: PipelineConfig, key: str, zoo: ZooConfig, attack_dir: Path, baselines: dict[str, Path],
+                out: Path, tracking: dict[str, Any], progress: _Progress, show_progress: bool) -> dict[str, Any]:
     from ..evaluation.evaluate import SUMMARY_FILE, evaluate
 
-    key = _key(upstream, _settings(cfg.evaluation, "evaluation"))
     evaluation = stage_config(EvaluationConfig, cfg.evaluation, "evaluation", zoo=zoo.root,
                               out_dir=out / f"evaluation-{key}", attack=attack_dir, baselines=baselines, base=zoo.base,
                               identities=cfg.identities, run_name=f"evaluate {out.name}-{key}", **tracking)
@@ -303,7 +297,7 @@ def _evaluation(cfg: PipelineConfig, zoo: ZooConfig, attack_dir: Path, baselines
         summary = json.loads(summary_path.read_text())
         failed = f", {len(summary['failures'])} failed (rerun to retry)" if summary["failures"] else ""
         progress.done(f"{summary['victims']} victims among {summary['candidates']} candidates{failed}")
-    return summary, key
+    return summary
 
 
 # --- the pipeline -------------------------------------------------------------------------------------------
@@ -319,23 +313,22 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool = True) -> PipelineRes
     tracking = {"tracking": cfg.tracking, "tracking_uri": cfg.tracking_uri, "workdir": out}
     progress = _Progress(show_progress)
 
+    keys = stage_keys(cfg)  # every stage's folder key, the same ones the sweeps predict
     _identities(cfg, progress)
-    base, base_key = _base(cfg, out, progress)
-    zoo, zoo_key, zoo_run = _zoo(cfg, base, base_key, out, tracking, uri, progress, show_progress)
-    attack_dir, attack_key, attack_run = _attack(cfg, zoo, zoo_key, out, tracking, uri, progress, show_progress)
-    baselines, baseline_keys = _baselines(cfg, zoo, zoo_key, out, tracking, progress, show_progress)
-    upstream = {"zoo": zoo_key, "attack": attack_key, "attack_steps": cfg.attack.max_steps,
-                "baselines": baseline_keys}
+    base = _base(cfg, keys["base"], out, progress)
+    zoo, zoo_run = _zoo(cfg, keys["zoo"], base, out, tracking, uri, progress, show_progress)
+    attack_dir, attack_run = _attack(cfg, keys["attack"], zoo, out, tracking, uri, progress, show_progress)
+    baselines = _baselines(cfg, keys["baselines"], zoo, out, tracking, progress, show_progress)
     undefended = undefended_study(cfg)
     if undefended is not None:  # the attack trained on undefended LoRAs, against the same defended victims
         note = "undefended study, for the attack trained without the defense: "
-        plain_zoo, plain_zoo_key, _ = _zoo(undefended, base, base_key, out, tracking, uri, progress, show_progress,
-                                           note)
-        plain_attack, upstream["undefended_attack"], _ = _attack(undefended, plain_zoo, plain_zoo_key, out, tracking,
-                                                                 uri, progress, show_progress, note)
+        plain_zoo, _ = _zoo(undefended, keys["undefended_zoo"], base, out, tracking, uri, progress, show_progress,
+                            note)
+        plain_attack, _ = _attack(undefended, keys["undefended_attack"], plain_zoo, out, tracking, uri, progress,
+                                  show_progress, note)
         baselines = {**baselines, UNDEFENDED_CONDITION: plain_attack}
-    summary, evaluation_key = _evaluation(cfg, zoo, attack_dir, baselines, upstream, out, tracking, progress,
-                                          show_progress)
+    summary = _evaluation(cfg, keys["evaluation"], zoo, attack_dir, baselines, out, tracking, progress,
+                          show_progress)
 
     progress.start("report", "headline numbers, MLflow")
     report = Path(summary["report"])
@@ -347,9 +340,9 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool = True) -> PipelineRes
     result = PipelineResult(out, dict(summary["headline"]), out / REPORT_FILE, summary["table"],
                             summary.get("best_control"), run_ids, uri, stage_dirs, progress.skipped)
     if cfg.tracking:
-        with mlflow_run(cfg.experiment, f"{out.name}-{evaluation_key}", cfg.tracking_uri, out) as run:
-            run.log_params({**to_dict(cfg), "stage": {"keys": {"base": base_key, **upstream,
-                                                               "evaluation": evaluation_key},
+        with mlflow_run(cfg.experiment, f"{out.name}-{keys['evaluation']}", cfg.tracking_uri, out) as run:
+            run.log_params({**to_dict(cfg), "stage": {"keys": {"base": keys["base"], **keys["upstream"],
+                                                               "evaluation": keys["evaluation"]},
                                                       "runs": {k: v or "-" for k, v in run_ids.items()}}})
             run.log_metrics(result.metrics)
             run.log_artifact(out / REPORT_FILE)

@@ -1,28 +1,24 @@
 """What every baseline attack shares: its saved directory, and refusing a LoRA it was not built for.
 
-A baseline directory is diffusers-like: `config.json` (with `"kind"`, the baseline's settings, the
-LoRA layout it reads and what it was fitted on) and `baseline.safetensors` (every tensor it needs:
-features, maps, photos). Nothing is pickled, so a baseline can be shared like a LoRA.
+A baseline directory is an attack artifact (see ..artifact): `config.json` (with `"kind"`, the
+baseline's settings, the LoRA layout it reads and what it was fitted on) and `baseline.safetensors`
+(every tensor it needs: features, maps, photos).
 """
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from ...config import from_dict, to_dict
 from ...errors import InputError
 from ..api import LoraInput
+from ..artifact import CONFIG_NAME, read_record, read_tensors, save_artifact
 from ..lora_inputs import LoraLayout, MatrixSpec, check_layout, lora_layout
 
-CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "baseline.safetensors"
 FORMAT_VERSION = 1
 
@@ -47,37 +43,17 @@ def check_lora(lora: LoraInput, layout: LoraLayout, kind: str) -> None:
 def save_baseline(directory: str | Path, kind: str, config: Any, record: Mapping[str, Any],
                   tensors: Mapping[str, torch.Tensor]) -> Path:
     """config.json ({"kind", "format_version", "config", **record}) + baseline.safetensors."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(directory / WEIGHTS_NAME),
-              metadata={"format": "pt", "kind": kind})
     data = {"kind": kind, "format_version": FORMAT_VERSION, "config": to_dict(config), **record}
-    # config.json last and atomically: its presence means the directory is complete.
-    tmp = directory / f".{CONFIG_NAME}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, directory / CONFIG_NAME)
-    return directory
+    return save_artifact(directory, data, tensors, WEIGHTS_NAME, metadata={"kind": kind})
 
 
 def load_baseline(directory: str | Path, kind: str, config_class: type) -> tuple[Any, dict[str, Any],
                                                                                  dict[str, torch.Tensor]]:
     """(typed config, the rest of config.json, tensors) of a saved baseline of `kind`."""
     directory = Path(directory)
-    try:
-        record = json.loads((directory / CONFIG_NAME).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputError(f"{directory} is not a saved baseline: cannot read {CONFIG_NAME} ({e})") from None
-    if not isinstance(record, dict) or record.get("kind") != kind:
-        raise InputError(f"{directory / CONFIG_NAME} is not a {kind} baseline (kind {record.get('kind')!r})")
-    if record.get("format_version") != FORMAT_VERSION:
-        raise InputError(f"{directory} has baseline format version {record.get('format_version')}, this code "
-                         f"reads version {FORMAT_VERSION}")
+    record = read_record(directory, ("kind", kind), FORMAT_VERSION, f"{kind} baseline")
     config = from_dict(config_class, record.get("config", {}), where=f"{directory / CONFIG_NAME}: config")
-    try:
-        tensors = load_file(str(directory / WEIGHTS_NAME))
-    except (SafetensorError, OSError) as e:
-        raise InputError(f"cannot read {directory / WEIGHTS_NAME}: {e}") from None
-    return config, record, tensors
+    return config, record, read_tensors(directory / WEIGHTS_NAME)
 
 
 def require_tensors(tensors: Mapping[str, torch.Tensor], names: list[str], directory: Path) -> None:

@@ -8,17 +8,22 @@ validation LoRAs (the final snapshots of identities none of them trains on, fixe
   - all:        every snapshot θ_r a sample, no step embedding (the trajectory without saying where);
   - all+step:   every snapshot a sample, with the step embedding r (the paper's method).
 
-For each, the validation ε-loss every --val-every steps. The target is the best validation loss
-the reference reaches; the table gives the samples (steps × batch) and wall time each variant
-needs to first reach it, and the ratio to the reference. It also prints every curve.
+For each, the validation ε-loss every --val-every steps. A model that keeps training wanders in
+validation loss by about as much as the variants differ, so each curve is smoothed (the running
+mean of --smooth evaluations) before asking when it first reaches the target: the best smoothed loss
+of the reference. The table gives the samples (steps × batch) and wall time each variant needs to
+reach it, and their ratio to the reference's.
 
-The ε-loss is mostly the noise no z can predict, so its raw values say little on their own. Each
+The ε-loss is mostly noise that no z can predict, so its raw values say little on their own. Each
 run also measures the same loss with z = the victims' true instance prompt and z = the empty
-prompt; "gap closed" = (empty − best) / (empty − true) reads a variant's best loss on that scale:
-0 is an attack that learned nothing about the victim, 1 one as good as knowing the trigger. A small
-gap (empty − true) means z barely matters on this zoo, and no variant can separate from another.
+prompt, and the table reads each variant's mean loss over the second half of training on that
+scale: "gap closed" = (empty − loss) / (empty − true), 0 for an attack that learned nothing about
+the victim, 1 for one as good as knowing the trigger. A small gap (empty − true) means z barely
+matters on this zoo, and no variant can separate from another.
 
-    python benchmarks/step_embedding.py --zoo runs/quick/zoo-<key> --steps 300 --val-every 25
+    python benchmarks/step_embedding.py --zoo runs/quick/zoo-<key> --steps 400 --val-every 20 \
+        --val-fraction 0.25 --results se.json
+    python benchmarks/step_embedding.py --summarise se.json --smooth 5     # the table again
 
 The zoo's recorded config gives the base and the identity source (run from where it was built).
 """
@@ -47,7 +52,7 @@ VARIANTS = {  # name -> (snapshots, step_embedding); the first is the reference
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--zoo", required=True, help="a zoo root (its attack_train split is used)")
+    p.add_argument("--zoo", help="a zoo root (its attack_train split is used)")
     p.add_argument("--steps", type=int, default=300, help="attack steps per variant")
     p.add_argument("--val-every", type=int, default=25)
     p.add_argument("--batch", type=int, default=8)
@@ -58,18 +63,77 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="share of attack_train identities held out for the validation loss")
+    p.add_argument("--smooth", type=int, default=5, help="validation points in each point's running mean")
     p.add_argument("--results", type=Path, help="also write the curves and the table here (JSON)")
-    return p.parse_args(argv)
+    p.add_argument("--summarise", type=Path, metavar="RESULTS", help="print the table of a saved --results file")
+    args = p.parse_args(argv)
+    if not args.zoo and not args.summarise:
+        p.error("give --zoo (or --summarise RESULTS)")
+    return args
+
+
+def smoothed(curve: dict[int, float], window: int) -> dict[int, float]:
+    """Each validation point as the mean of the last `window` points up to it: the loss of a model
+    that keeps training wanders by about as much as the variants differ, and a single lucky dip
+    should not decide how soon a variant "reaches" a loss."""
+    steps, out = sorted(curve), {}
+    for i, step in enumerate(steps):
+        last = [curve[s] for s in steps[max(0, i - window + 1): i + 1]]
+        out[step] = sum(last) / len(last)
+    return out
 
 
 def samples_to_reach(curve: dict[int, float], target: float, batch: int) -> int | None:
-    """Samples seen when the validation loss first reaches target (None: never)."""
-    reached = [step for step, loss in sorted(curve.items()) if loss <= target]
+    """Samples seen when the (smoothed) validation loss first reaches target (None: never)."""
+    reached = [step for step, loss in sorted(curve.items()) if loss <= target + 1e-12]
     return reached[0] * batch if reached else None
+
+
+def summarise(curves: dict[str, dict[int, float]], seconds: dict[str, float], references: dict[str, float],
+              steps: int, batch: int, window: int) -> dict:
+    """The table: per variant, the samples its smoothed validation loss needs to reach the reference's
+    best smoothed loss, and its mean loss over the second half of training, on the true-vs-empty scale."""
+    names = list(curves)
+    reference = names[0]
+    smooth = {name: smoothed(curve, window) for name, curve in curves.items()}
+    target = min(smooth[reference].values())
+    true, empty = references["val_loss.true_prompt"], references["val_loss.empty_prompt"]
+    gap = empty - true
+
+    def closed(loss: float) -> float | None:
+        return (empty - loss) / gap if gap > 0 else None
+
+    print(f"\nvalidation ε-loss, smoothed over {window} evaluations; target {target:.5f} (the best of "
+          f"'{reference}', {steps} steps of batch {batch})")
+    print(f"the same loss with z = the true instance prompt: {true:.5f}, with z = the empty prompt: {empty:.5f} "
+          f"(gap {gap:+.5f}); 'gap closed' = (empty - loss) / gap")
+    print("| variant | samples to target | × reference | s to target | mean loss, 2nd half | gap closed | wall s |")
+    print("|---|---|---|---|---|---|---|")
+    ref_samples = samples_to_reach(smooth[reference], target, batch)
+    rows = []
+    for name in names:
+        samples = samples_to_reach(smooth[name], target, batch)
+        late = [loss for step, loss in curves[name].items() if step > steps // 2]
+        late_mean = sum(late) / len(late)
+        ratio = samples / ref_samples if samples is not None and ref_samples else None
+        to_target = samples * seconds[name] / (steps * batch) if samples is not None else None
+        rows.append({"variant": name, "samples_to_target": samples, "ratio": ratio, "s_to_target": to_target,
+                     "late_mean_loss": late_mean, "gap_closed": closed(late_mean), "wall_s": seconds[name]})
+        fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+        print(f"| {name} | {samples if samples is not None else 'not reached'} | {fmt(ratio, '.2f')} | "
+              f"{fmt(to_target, '.0f')} | {late_mean:.5f} | {fmt(closed(late_mean), '+.2f')} | {seconds[name]:.0f} |")
+    return {"target": target, "window": window, "references": references, "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.summarise:  # the table again from a saved --results file, nothing trained
+        saved = json.loads(args.summarise.read_text())
+        curves = {name: {int(k): v for k, v in curve.items()} for name, curve in saved["curves"].items()}
+        seconds = saved.get("seconds") or {row["variant"]: row["wall_s"] for row in saved["rows"]}
+        summarise(curves, seconds, saved["references"], int(saved["args"]["steps"]),
+                  int(saved["args"]["batch"]), args.smooth)
+        return 0
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown or not names:
@@ -93,34 +157,9 @@ def main(argv: list[str] | None = None) -> int:
             references = references or result.references  # the same validation batches for every variant
             print(f"{name}: val loss " + ", ".join(f"{s}:{v:.4f}" for s, v in curves[name].items()), flush=True)
 
-    reference = names[0]
-    target = min(curves[reference].values())
-    true, empty = references["val_loss.true_prompt"], references["val_loss.empty_prompt"]
-    gap = empty - true
-
-    def closed(loss: float) -> str:
-        return f"{(empty - loss) / gap:+.2f}" if gap > 0 else "-"
-
-    print(f"\nvalidation ε-loss target: {target:.4f} (the best of '{reference}', {args.steps} steps of batch "
-          f"{args.batch}, input {args.input_mode})")
-    print(f"the same loss with z = the true instance prompt: {true:.4f}, with z = the empty prompt: {empty:.4f} "
-          f"(gap {gap:+.4f})")
-    print("| variant | best val loss | gap closed | samples to target | × reference samples | wall s | s to target |")
-    print("|---|---|---|---|---|---|---|")
-    ref_samples = samples_to_reach(curves[reference], target, args.batch)
-    rows = []
-    for name in names:
-        samples = samples_to_reach(curves[name], target, args.batch)
-        per_sample = seconds[name] / (args.steps * args.batch)
-        ratio = "-" if samples is None or not ref_samples else f"{samples / ref_samples:.2f}"
-        to_target = "-" if samples is None else f"{samples * per_sample:.0f}"
-        best = min(curves[name].values())
-        rows.append({"variant": name, "best_val_loss": best, "gap_closed": (empty - best) / gap if gap > 0 else None,
-                     "samples_to_target": samples, "wall_s": seconds[name]})
-        print(f"| {name} | {best:.4f} | {closed(best)} | {samples if samples is not None else 'not reached'} | "
-              f"{ratio} | {seconds[name]:.0f} | {to_target} |")
+    table = summarise(curves, seconds, references, args.steps, args.batch, args.smooth)
     if args.results:
-        args.results.write_text(json.dumps({"target": target, "references": references, "curves": curves, "rows": rows,
+        args.results.write_text(json.dumps({**table, "curves": curves, "seconds": seconds,
                                             "args": {k: str(v) for k, v in vars(args).items()}}, indent=1))
     return 0
 

@@ -103,6 +103,9 @@ def summarise(curves: dict[str, dict[int, float]], seconds: dict[str, float], re
     def closed(loss: float) -> float | None:
         return (empty - loss) / gap if gap > 0 else None
 
+    def fmt(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
     print(f"\nvalidation ε-loss, smoothed over {window} evaluations; target {target:.5f} (the best of "
           f"'{reference}', {steps} steps of batch {batch})")
     print(f"the same loss with z = the true instance prompt: {true:.5f}, with z = the empty prompt: {empty:.5f} "
@@ -119,7 +122,6 @@ def summarise(curves: dict[str, dict[int, float]], seconds: dict[str, float], re
         to_target = samples * seconds[name] / (steps * batch) if samples is not None else None
         rows.append({"variant": name, "samples_to_target": samples, "ratio": ratio, "s_to_target": to_target,
                      "late_mean_loss": late_mean, "gap_closed": closed(late_mean), "wall_s": seconds[name]})
-        fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
         print(f"| {name} | {samples if samples is not None else 'not reached'} | {fmt(ratio, '.2f')} | "
               f"{fmt(to_target, '.0f')} | {late_mean:.5f} | {fmt(closed(late_mean), '+.2f')} | {seconds[name]:.0f} |")
     return {"target": target, "window": window, "references": references, "rows": rows}
@@ -130,8 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.summarise:  # the table again from a saved --results file, nothing trained
         saved = json.loads(args.summarise.read_text())
         curves = {name: {int(k): v for k, v in curve.items()} for name, curve in saved["curves"].items()}
-        seconds = saved.get("seconds") or {row["variant"]: row["wall_s"] for row in saved["rows"]}
-        summarise(curves, seconds, saved["references"], int(saved["args"]["steps"]),
+        summarise(curves, saved["seconds"], saved["references"], int(saved["args"]["steps"]),
                   int(saved["args"]["batch"]), args.smooth)
         return 0
     names = [n.strip() for n in args.variants.split(",") if n.strip()]

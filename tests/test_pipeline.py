@@ -8,6 +8,7 @@ and evaluation on Ray workers (~3 minutes on a busy 2-core machine).
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -19,7 +20,7 @@ from loraleak.config import from_dict, to_dict
 from loraleak.errors import ConfigError
 from loraleak.pipeline.cli import load_pipeline_config
 from loraleak.pipeline.config import UNDEFENDED_CONDITION, PipelineConfig, with_overrides
-from loraleak.pipeline.run import STAGES, _settings, run_pipeline, stage_keys
+from loraleak.pipeline.run import EVALUATION_INPUTS, STAGES, _settings, run_pipeline, stage_keys
 from studies import SMALLEST, TINY
 
 CONDITIONS = ["org", "rec", "nearest_neighbour", "pca_map", "base", "victim_class_prompt", "victim_empty_prompt",
@@ -56,6 +57,14 @@ def test_the_smallest_study_end_to_end(ray_local, tmp_path):
     again = run_pipeline(cfg, show_progress=False)
     assert again.skipped == ["base", "zoo", "attack", "baselines", "evaluation"]
     assert again.metrics == result.metrics and again.mlflow_run_ids["evaluation"] == result.mlflow_run_ids["evaluation"]
+
+    # An evaluation is complete only for the inputs it was computed from (recorded beside it): found beside
+    # other ones (here its record names another attack) it is evaluated again, its per-victim results reused.
+    marker = Path(result.stage_dirs["evaluation"]) / EVALUATION_INPUTS
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "attacks": {"rec": "another attack"}}))
+    third = run_pipeline(cfg, show_progress=False)
+    assert "evaluation" not in third.skipped and third.metrics == result.metrics
+    assert json.loads(marker.read_text())["attacks"]["rec"] != "another attack"
 
 
 def test_a_defended_study_is_also_attacked_by_the_attack_trained_without_the_defense(ray_local, tmp_path):

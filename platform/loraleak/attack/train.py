@@ -330,7 +330,15 @@ def export_model(checkpoint_dir: Path, cfg: AttackTrainConfig, selection: ZooSel
 
 
 def train_attack(cfg: AttackTrainConfig, show_progress: bool = True) -> AttackTrainResult:
-    """Train the attack on the zoo's attack_train LoRAs with Ray Train; resume the run if it exists."""
+    """Train the attack on the zoo's attack_train LoRAs with Ray Train; resume the run if it exists.
+    One training per out_dir at a time (its folder lock)."""
+    from ..locking import folder_lock
+
+    with folder_lock(cfg.out_dir, f"attack train {cfg.run_name}"):
+        return _train_attack(cfg, show_progress)
+
+
+def _train_attack(cfg: AttackTrainConfig, show_progress: bool) -> AttackTrainResult:
     import ray.train
     from ray.train.torch import TorchTrainer
 

@@ -137,7 +137,10 @@ def reference_embeddings(cfg: EvaluationConfig, scorer: Any, candidates: Sequenc
 
 def _hash_dir(directory: Path) -> str:
     digest = hashlib.sha256()
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+    from ..locking import LOCK_FILE
+
+    # The lock file names its last holder, not what the attack computes.
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != LOCK_FILE):
         digest.update(path.relative_to(directory).as_posix().encode())
         with path.open("rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
@@ -373,7 +376,15 @@ def format_headline(metrics: Mapping[str, ConditionMetrics], headline: Mapping[s
 # --- the stage --------------------------------------------------------------------------------------------
 
 def evaluate(cfg: EvaluationConfig, show_progress: bool = True) -> EvaluationResult:
-    """Evaluate every victim not yet evaluated with these settings, then summarise, report and track."""
+    """Evaluate every victim not yet evaluated with these settings, then summarise, report and track.
+    One evaluation per out_dir at a time (its folder lock)."""
+    from ..locking import folder_lock
+
+    with folder_lock(cfg.out_dir, f"evaluate {cfg.out_dir}"):
+        return _evaluate(cfg, show_progress)
+
+
+def _evaluate(cfg: EvaluationConfig, show_progress: bool) -> EvaluationResult:
     from ..scoring import make_scorer
     from ..tracking import mlflow_run
     from .report import write_report

@@ -44,6 +44,10 @@ logger = logging.getLogger(__name__)
 
 STAGES = ("identities", "base", "zoo", "attack", "baselines", "evaluation", "report")
 RESULT_FILE = "pipeline.json"
+# Beside an evaluation's summary: the inputs it was computed from. The folder's key names the upstream
+# settings, but not what is in the upstream folders when the evaluation runs (a zoo with victims still
+# failing, an attack trained further since): the evaluation is complete only for the inputs recorded here.
+EVALUATION_INPUTS = "pipeline_inputs.json"
 REPORT_FILE = "report.html"
 # How to run a stage, not what it computes: left out of the stage keys (a change resumes the stage).
 HOW_TO_RUN = {
@@ -279,8 +283,23 @@ def _baselines(cfg: PipelineConfig, keys: dict[str, str], zoo: ZooConfig, out: P
     return directories
 
 
+def evaluation_inputs(upstream: dict[str, Any], zoo: ZooConfig, attack_dir: Path,
+                      baselines: dict[str, Path]) -> dict[str, Any]:
+    """What an evaluation is computed from: the upstream stage keys, the zoo's finished LoRAs and the content
+    of the attack and every baseline folder (a digest each)."""
+    from ..evaluation.evaluate import _hash_dir
+    from ..zoo.manifest import finished_lora_ids
+    from ..zoo.storage import ZooStore
+
+    loras = hashlib.sha256(json.dumps(sorted(finished_lora_ids(ZooStore(zoo.root)))).encode()).hexdigest()[:16]
+    attacks = {"rec": attack_dir, **baselines}
+    return {"keys": upstream, "zoo_loras": loras,
+            "attacks": {name: _hash_dir(Path(d)) if Path(d).is_dir() else None for name, d in sorted(attacks.items())}}
+
+
 def _evaluation(cfg: PipelineConfig, key: str, zoo: ZooConfig, attack_dir: Path, baselines: dict[str, Path],
-                out: Path, tracking: dict[str, Any], progress: _Progress, show_progress: bool) -> dict[str, Any]:
+                out: Path, tracking: dict[str, Any], progress: _Progress, show_progress: bool,
+                inputs: dict[str, Any]) -> dict[str, Any]:
     from ..evaluation.evaluate import SUMMARY_FILE, evaluate
 
     evaluation = stage_config(EvaluationConfig, cfg.evaluation, "evaluation", zoo=zoo.root,
@@ -288,22 +307,46 @@ def _evaluation(cfg: PipelineConfig, key: str, zoo: ZooConfig, attack_dir: Path,
                               identities=cfg.identities, run_name=f"evaluate {out.name}-{key}", **tracking)
     progress.start("evaluation", f"{len(evaluation.conditions)} conditions x {evaluation.n_images} images per "
                                  f"held-out victim, {evaluation.scorer} scorer -> {evaluation.out_dir}")
-    summary_path = evaluation.out_dir / SUMMARY_FILE
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-    if summary is not None and not summary["failures"]:
+    summary_path, inputs_path = evaluation.out_dir / SUMMARY_FILE, evaluation.out_dir / EVALUATION_INPUTS
+    summary = _read_json(summary_path)
+    complete = summary is not None and not summary.get("failures") and _read_json(inputs_path) == inputs
+    if complete:
         progress.done(f"{summary['victims']} victims", skipped=True)
     else:
+        inputs_path.unlink(missing_ok=True)  # not complete for any inputs until this evaluation ends
         evaluate(evaluation, show_progress=show_progress)
         summary = json.loads(summary_path.read_text())
+        inputs_path.write_text(json.dumps(inputs, indent=1))
         failed = f", {len(summary['failures'])} failed (rerun to retry)" if summary["failures"] else ""
         progress.done(f"{summary['victims']} victims among {summary['candidates']} candidates{failed}")
     return summary
 
 
+def _read_json(path: Path) -> Any:
+    """The JSON in `path`, or None when it is missing or unreadable (a half-written file counts as missing)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 # --- the pipeline -------------------------------------------------------------------------------------------
 
-def run_pipeline(cfg: PipelineConfig, show_progress: bool = True) -> PipelineResult:
-    """Run (or resume) every stage of the study `cfg` describes; returns its headline numbers."""
+def run_pipeline(cfg: PipelineConfig, show_progress: bool = True, lock: bool = True) -> PipelineResult:
+    """Run (or resume) every stage of the study `cfg` describes; returns its headline numbers.
+
+    With `lock`, the whole out_dir is this run's until it returns (a second run on it fails at once, in one
+    line); a sweep's trials share their stage folder by design and pass lock=False (each stage they build
+    is still locked)."""
+    from ..locking import folder_lock
+
+    if not lock:
+        return _run_pipeline(cfg, show_progress)
+    with folder_lock(cfg.out_dir):
+        return _run_pipeline(cfg, show_progress)
+
+
+def _run_pipeline(cfg: PipelineConfig, show_progress: bool) -> PipelineResult:
     from ..tracking import mlflow_run, resolve_tracking_uri
 
     started = time.perf_counter()
@@ -327,8 +370,9 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool = True) -> PipelineRes
         plain_attack, _ = _attack(undefended, keys["undefended_attack"], plain_zoo, out, tracking, uri, progress,
                                   show_progress, note)
         baselines = {**baselines, UNDEFENDED_CONDITION: plain_attack}
+    inputs = evaluation_inputs(keys["upstream"], zoo, attack_dir, baselines)
     summary = _evaluation(cfg, keys["evaluation"], zoo, attack_dir, baselines, out, tracking, progress,
-                          show_progress)
+                          show_progress, inputs)
 
     progress.start("report", "headline numbers, MLflow")
     report = Path(summary["report"])

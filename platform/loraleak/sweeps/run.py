@@ -202,7 +202,18 @@ def summarize(cfg: SweepConfig, trials: Sequence[Trial]) -> tuple[Any, str, Path
 
 
 def run_sweep(cfg: SweepConfig, show_progress: bool = True) -> SweepResult:
-    """Run (or resume) the sweep: every trial not finished before, then the table and the plot."""
+    """Run (or resume) the sweep: every trial not finished before, then the table and the plot.
+
+    One sweep per directory at a time (its folder lock). Its trials share the stage folder by design and
+    lock only the stage outputs they build (`waves` keeps two trials from building the same one)."""
+    from ..locking import folder_lock
+
+    plan_sweep(cfg)  # a bad setting is one line before any folder is made
+    with folder_lock(cfg.directory, f"sweep {cfg.name}"):
+        return _run_sweep(cfg, show_progress)
+
+
+def _run_sweep(cfg: SweepConfig, show_progress: bool) -> SweepResult:
     from ..zoo.build import connect_ray
     from .tracking import ensure_experiments, open_parent_run
 

@@ -78,7 +78,7 @@ def run_trial(trial: Mapping[str, Any], common: Mapping[str, Any]) -> dict[str, 
             record["mlflow_run_id"] = run.run_id
             run.log_params({"trial_id": trial["trial_id"], **trial["overrides"]})
             run.log_dict(trial["config"], "pipeline_config.json")
-            result = run_pipeline(cfg, show_progress=False)
+            result = run_pipeline(cfg, show_progress=False, lock=False)  # the sweep holds its folder
             record.update(status=FINISHED, metrics=result.metrics, best_control=result.best_control,
                           stage_dirs=result.stage_dirs, skipped=result.skipped,
                           pipeline_run_id=result.mlflow_run_ids.get("pipeline"),

@@ -439,7 +439,18 @@ def run_plan(cfg: ZooConfig, plan: ZooPlan, show_progress: bool = True) -> dict[
 
 
 def build_zoo(cfg: ZooConfig, show_progress: bool = True) -> dict[str, Any]:
-    """Plan the zoo, run every fine-tune not yet done, compact the manifest; tracked in MLflow."""
+    """Plan the zoo, run every fine-tune not yet done, compact the manifest; tracked in MLflow.
+
+    One build per local root at a time (its folder lock); an object-store root has no lock."""
+    from ..locking import folder_lock
+
+    if not ZooStore(cfg.root).is_local:
+        return _build_zoo(cfg, show_progress)
+    with folder_lock(ZooStore(cfg.root).path, f"zoo build {cfg.root}"):
+        return _build_zoo(cfg, show_progress)
+
+
+def _build_zoo(cfg: ZooConfig, show_progress: bool) -> dict[str, Any]:
     from ..tracking import mlflow_run
     from .inspect import zoo_info
 

@@ -142,8 +142,14 @@ def build_baseline(cfg: BaselineConfig, pipe: Any = None, show_progress: bool = 
 def fit_baseline(cfg: BaselineConfig, pipe: Any = None, show_progress: bool = True) -> Path:
     """`build_baseline`, saved to `cfg.out_dir` (logged to MLflow when cfg.tracking); returns cfg.out_dir,
     an attack directory for `loraleak.attack.api.load_attack(directory, pipe)`."""
+    from ...locking import folder_lock
     from ...tracking import mlflow_run
 
+    with folder_lock(cfg.out_dir, f"baseline {cfg.kind} {cfg.out_dir}"):
+        return _fit_baseline(cfg, pipe, show_progress, mlflow_run)
+
+
+def _fit_baseline(cfg: BaselineConfig, pipe: Any, show_progress: bool, mlflow_run: Any) -> Path:
     tracked = mlflow_run(cfg.experiment, f"baseline {cfg.kind}", cfg.tracking_uri, cfg.workdir) \
         if cfg.tracking else nullcontext()
     with tracked as run:

@@ -312,6 +312,19 @@ def test_verify_catches_a_truncated_lora(reference, tmp_path, capsys):
     assert row["lora_id"] not in finished_lora_ids(ZooStore(cfg.root))
 
 
+def test_verify_checks_every_file_against_a_base(reference, tmp_path, capsys):
+    """The same LoRA gate as every command, and the base's layer shapes: a LoRA of this zoo does not fit a
+    32 px base with other widths."""
+    other = tmp_path / "other-base"
+    build_tiny_pipeline(TinyBaseConfig()).save_pretrained(other, safe_serialization=True)
+    report = verify_zoo(reference[0].root, show_progress=False, base=str(other))
+    assert len(report.problems) == report.files_checked == 9
+    assert all("does not fit this base model" in p.message for p in report.problems)
+    assert zoo_main(["verify", reference[0].root, "--base", str(other)]) == 2
+    assert "9 problem(s)" in capsys.readouterr().err
+    assert verify_zoo(reference[0].root, show_progress=False).ok  # the zoo's own base
+
+
 # --- reader -------------------------------------------------------------------------------------
 
 def test_reader_streams_deltas(reference):

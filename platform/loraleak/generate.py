@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .errors import LoraleakError
+from .errors import InputError, LoraleakError
 from .finetune.lora_io import check_lora_fits, loaded_adapters, read_lora, resolve_lora_file
 from .imaging import make_grid
 
@@ -33,13 +33,21 @@ def lora_loaded(pipe: Any, lora: str | Path, scale: float = 1.0) -> Iterator[Non
     """Load a LoRA (after checking it is safetensors and fits this base), unload it on exit."""
     path = resolve_lora_file(lora)
     state_dict, _ = read_lora(path)
-    check_lora_fits(state_dict, pipe)
+    check_lora_fits(state_dict, pipe, path)
     already = loaded_adapters(pipe)
     if already:
         raise LoraleakError(f"the pipeline already has LoRA adapters loaded ({', '.join(already)}); "
                             "generate through one LoRA at a time")
     # From the file, not the state dict: only the file carries the adapter metadata (lora_alpha).
-    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=GENERATE_ADAPTER_NAME)
+    try:
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=GENERATE_ADAPTER_NAME)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        # `read_lora` and `check_lora_fits` refuse every bad file we know of; whatever diffusers still finds
+        # is a problem of the file too: one line, and the pipeline left without a half-loaded adapter.
+        if GENERATE_ADAPTER_NAME in loaded_adapters(pipe):
+            pipe.unload_lora_weights()
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise InputError(f"{path}: diffusers cannot load this LoRA: {first}") from None
     try:
         pipe.set_adapters(GENERATE_ADAPTER_NAME, adapter_weights=scale)
         yield

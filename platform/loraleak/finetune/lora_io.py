@@ -5,11 +5,20 @@ run code when loaded, so only safetensors files are read; anything else is refus
 byte of it is deserialised. Files in diffusers format (what `save_lora_weights` writes:
 `unet.<module>.lora.down.weight`, `...lora_linear_layer.up.weight`) and PEFT format
 (`<module>.lora_A.weight`) are both understood.
+
+`read_lora` is the one gate every command reads a LoRA through (generate, attack reconstruct and
+training, evaluation, defenses, zoo verify): before anything uses a file it checks, each failure one
+`InputError` line naming the file, that it is a safetensors file of sane size; that every tensor is
+float32/float16/bfloat16 (from the header, before loading), finite and below `MAX_ABS_VALUE` (NaN,
+Inf or 1e30 would give black images with exit 0); that the metadata JSON parses; that every factor has
+its partner with a matching rank, as the metadata states it; and that it is not DoRA (diffusers'
+loader would end in a traceback). `check_lora_fits` adds the shapes of a given base.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -31,6 +40,13 @@ _FACTOR_SUFFIXES = {
     ".lora_A.weight": "down", ".lora_B.weight": "up",
 }
 _MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+# SD-XL LoRAs at rank 256 are about 1.7 GB; a larger file is refused before it is read into memory.
+MAX_LORA_BYTES = 2 * 1024**3
+# LoRA factors are O(0.01..1); values this large overflow half precision and blacken every image.
+MAX_ABS_VALUE = 1e4
+ALLOWED_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # safetensors name -> torch
+# Metadata values that are JSON, and of which kind (diffusers' LoraConfig; loraleak's defense and DP records).
+_JSON_METADATA = {ADAPTER_METADATA_KEY: dict, "loraleak_defenses": list, "loraleak_dp": dict}
 
 
 def _refusal(path: Path) -> InputError:
@@ -57,9 +73,13 @@ def resolve_lora_file(path: str | Path) -> Path:
 
 
 def _check_safetensors_header(path: Path) -> None:
-    """Refuse anything whose first bytes are not a safetensors header (length + JSON object)."""
+    """Refuse anything whose first bytes are not a safetensors header (length + JSON object), too large a
+    file, and tensors of a dtype no LoRA has (read from the header: nothing is loaded yet)."""
     refuse = _refusal(path)
     size = path.stat().st_size
+    if size > MAX_LORA_BYTES:
+        raise InputError(f"{path} is {size / 1024**3:.1f} GiB, more than a LoRA file can be "
+                         f"({MAX_LORA_BYTES / 1024**3:.0f} GiB); refusing to read it")
     with path.open("rb") as f:
         prefix = f.read(8)
         if len(prefix) < 8:
@@ -74,6 +94,14 @@ def _check_safetensors_header(path: Path) -> None:
         raise refuse from None
     if not isinstance(parsed, dict):
         raise refuse
+    for name, entry in parsed.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict) or not isinstance(entry.get("shape"), list):
+            raise InputError(f"{path} is a corrupt safetensors file: tensor {name!r} has no valid header entry")
+        if entry.get("dtype") not in ALLOWED_DTYPES:
+            raise InputError(f"{path}: tensor {name!r} is {entry.get('dtype')}; a LoRA's factors are "
+                             f"{', '.join(ALLOWED_DTYPES.values())}")
 
 
 def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -88,7 +116,85 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
         raise InputError(f"{path} is a corrupt safetensors file: {e}") from None
     if not state_dict:
         raise InputError(f"{path} holds no tensors")
+    check_lora(state_dict, metadata, path)
     return state_dict, metadata
+
+
+def _check_values(key: str, tensor: torch.Tensor, path: Path) -> None:
+    if tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise InputError(f"{path}: tensor {key!r} is {tensor.dtype}; a LoRA's factors are float32, float16, bfloat16")
+    if tensor.numel() == 0:
+        raise InputError(f"{path}: tensor {key!r} is empty (shape {tuple(tensor.shape)})")
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        what = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
+        raise InputError(f"{path}: tensor {key!r} holds {what} values; refusing a LoRA that would give black images")
+    largest = float(tensor.abs().max())
+    if largest >= MAX_ABS_VALUE:
+        raise InputError(f"{path}: tensor {key!r} holds values up to {largest:.3g}, beyond any LoRA's "
+                         f"(|x| < {MAX_ABS_VALUE:g}); refusing it")
+
+
+def _stored_config(metadata: dict[str, str], path: Path) -> dict[str, Any]:
+    """The metadata's JSON values parsed (one line naming the file when one does not), and the LoraConfig."""
+    for key, kind in _JSON_METADATA.items():
+        if metadata.get(key):
+            try:
+                value = json.loads(metadata[key])
+            except (json.JSONDecodeError, RecursionError):
+                raise InputError(f"{path}: metadata {key!r} is not valid JSON") from None
+            if not isinstance(value, kind):
+                raise InputError(f"{path}: metadata {key!r} is a JSON {type(value).__name__}, not a {kind.__name__}")
+    return adapter_metadata(metadata)
+
+
+def _check_stated(stored: dict[str, Any], component: str, ranks: dict[str, int], path: Path) -> None:
+    """The LoraConfig the file states for `component` against its tensors: no DoRA, a positive integer rank
+    every module has (unless a rank_pattern varies it), a finite alpha."""
+    absent = object()  # a field the file leaves out takes the loader's default; one stated as null breaks it
+
+    def get(field: str) -> Any:
+        return stored.get(f"{component}.{field}", stored.get(field, absent) if component == "unet" else absent)
+
+    if get("use_dora") not in (absent, None, False):
+        raise InputError(f"{path}: a DoRA LoRA ({component}.use_dora); only plain LoRA factors are supported")
+    r, alpha = get("r"), get("lora_alpha")
+    if r is not absent:
+        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= 65536:
+            raise InputError(f"{path}: metadata {component}.r is {r!r}, not a rank")
+        if get("rank_pattern") in (absent, None, {}):
+            other = next(((m, k) for m, k in ranks.items() if k != r), None)
+            if other is not None:
+                raise InputError(f"{path}: the metadata states {component} rank {r}, but {other[0]} has rank {other[1]}")
+    if alpha is not absent and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                              or not math.isfinite(alpha) or abs(alpha) >= MAX_ABS_VALUE):
+        raise InputError(f"{path}: metadata {component}.lora_alpha is {alpha!r}, not a usable LoRA alpha")
+
+
+def check_lora(state_dict: dict[str, torch.Tensor], metadata: dict[str, str], path: str | Path = "LoRA") -> None:
+    """The LoRA gate's checks on loaded tensors and metadata (see the module docstring); InputError naming
+    `path` and the first problem."""
+    path = Path(path)
+    for key, tensor in state_dict.items():
+        _check_values(key, tensor, path)
+    stored = _stored_config(metadata, path)
+    found = False
+    for component in COMPONENTS:
+        try:
+            factors = lora_factors(state_dict, component)
+        except InputError as e:
+            raise InputError(f"{path}: {e}") from None
+        found = found or bool(factors)
+        ranks = {}
+        for module, (down, up) in factors.items():
+            if down.ndim not in (2, 4) or up.ndim != down.ndim or up.shape[1] != down.shape[0] \
+                    or (down.ndim == 4 and tuple(up.shape[2:]) != (1, 1)):
+                raise InputError(f"{path}: {component} module {module!r} has factors of shapes {tuple(down.shape)} "
+                                 f"(down) and {tuple(up.shape)} (up), which do not make a rank-r pair")
+            ranks[module] = down.shape[0]
+        _check_stated(stored, component, ranks, path)
+    if not found:
+        raise InputError(f"{path} holds no UNet or text-encoder LoRA matrices")
 
 
 def lora_factors(state_dict: dict[str, torch.Tensor],
@@ -177,11 +283,13 @@ def _factor_mismatch(module: torch.nn.Module, down: torch.Tensor, up: torch.Tens
     return f"has {expected} but the LoRA factors are {tuple(down.shape)} and {tuple(up.shape)}"
 
 
-def check_lora_fits(state_dict: dict[str, torch.Tensor], pipe: Any) -> None:
-    """Raise InputError when the LoRA names modules the pipeline lacks or shapes differ (another base)."""
+def check_lora_fits(state_dict: dict[str, torch.Tensor], pipe: Any, path: str | Path | None = None) -> None:
+    """Raise InputError when the LoRA names modules the pipeline lacks or shapes differ (another base);
+    the message starts with `path` when given."""
+    where = f"{path}: " if path is not None else ""
     factors_by_component = {c: lora_factors(state_dict, c) for c in COMPONENTS}
     if not any(factors_by_component.values()):
-        raise InputError("the LoRA holds no UNet or text-encoder LoRA matrices")
+        raise InputError(f"{where}the LoRA holds no UNet or text-encoder LoRA matrices")
     problems: list[str] = []
     for component, factors in factors_by_component.items():
         model = getattr(pipe, component, None)
@@ -202,4 +310,5 @@ def check_lora_fits(state_dict: dict[str, torch.Tensor], pipe: Any) -> None:
                 problems.append(f"{component}.{module_path} {why}")
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise InputError(f"LoRA does not fit this base model, it was trained for another one: {problems[0]}{more}")
+        raise InputError(f"{where}LoRA does not fit this base model, it was trained for another one: "
+                         f"{problems[0]}{more}")

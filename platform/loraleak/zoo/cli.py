@@ -63,7 +63,7 @@ def cmd_zoo_info(args: argparse.Namespace) -> None:
 def cmd_zoo_verify(args: argparse.Namespace) -> None:
     from .inspect import verify_zoo
 
-    report = verify_zoo(args.root)
+    report = verify_zoo(args.root, base=None if args.base == "none" else args.base)
     for problem in report.problems:
         print(problem)
     if not report.ok:
@@ -87,6 +87,8 @@ def add_zoo_commands(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_zoo_info)
     p = zoo.add_parser("verify", help="check every listed LoRA file exists, loads and matches the manifest")
     p.add_argument("root", help="zoo root, a path or URI")
+    p.add_argument("--base", default="zoo", help="also check every LoRA's shapes against this base: 'zoo' (default: "
+                                                 "the base the zoo records), a base reference, or 'none'")
     p.set_defaults(func=cmd_zoo_verify)
 
 

@@ -97,9 +97,10 @@ def _targets_problem(modules: list[str], targets: list[str]) -> str | None:
     return None
 
 
-def _check_file(store: ZooStore, row: dict[str, Any], size: int | None) -> str | None:
-    """Why one snapshot file is not what its manifest row says, or None."""
-    from ..finetune.lora_io import lora_summary, read_lora  # torch: only verify needs it
+def _check_file(store: ZooStore, row: dict[str, Any], size: int | None, pipe: Any = None) -> str | None:
+    """Why one snapshot file is not what its manifest row says or does not pass the LoRA gate (`read_lora`:
+    dtypes, finite values, factor shapes and ranks, metadata; with `pipe`, the base's layer shapes), or None."""
+    from ..finetune.lora_io import check_lora_fits, lora_summary, read_lora  # torch: only verify needs it
 
     if size is None:
         return "missing"
@@ -112,6 +113,8 @@ def _check_file(store: ZooStore, row: dict[str, Any], size: int | None) -> str |
         try:
             state_dict, metadata = read_lora(local)
             summary = lora_summary(state_dict, metadata)
+            if pipe is not None:
+                check_lora_fits(state_dict, pipe)
         except InputError as e:
             return f"does not load: {e}"
     if summary["rank"] != row["rank"]:
@@ -135,11 +138,21 @@ def _check_record(store: ZooStore, lora_id: str, base_hash: str) -> str | None:
     return None
 
 
-def verify_zoo(root: str, show_progress: bool = True) -> VerifyReport:
-    """Check every "done" row's LoRA file: present, intact (size, sha256), loads as safetensors,
-    and has the manifest's rank, alpha, targets and base."""
+def verify_zoo(root: str, show_progress: bool = True, base: str | None = "zoo") -> VerifyReport:
+    """Check every "done" row's LoRA file: present, intact (size, sha256), passes the LoRA gate every command
+    reads through, and has the manifest's rank, alpha, targets and base; with `base` ("zoo": the base the zoo
+    records; None: no base), also that its factors fit that base's layers."""
     store = ZooStore(root)
     table = _load_manifest(store)
+    pipe = None
+    if base == "zoo":
+        from .config import read_zoo_config
+
+        base = read_zoo_config(store).base if store.exists(store.config_path) else None
+    if base is not None:
+        from ..base.loading import load_base_pipeline
+
+        pipe = load_base_pipeline(base)
     rows = [r for r in table.to_pylist() if r["status"] == DONE]
     sizes = store.file_sizes(LORAS_DIR)
     report = VerifyReport(store.uri, fine_tunes=len({r["lora_id"] for r in rows}))
@@ -152,7 +165,7 @@ def verify_zoo(root: str, show_progress: bool = True) -> VerifyReport:
             if why:
                 report.problems.append(Problem(lora_id, None, store.lora_relative_dir(lora_id), why))
         report.files_checked += 1
-        why = _check_file(store, row, sizes.get(row["lora_path"]))
+        why = _check_file(store, row, sizes.get(row["lora_path"]), pipe)
         if why:
             report.problems.append(Problem(lora_id, row["snapshot_step"], row["lora_path"], why))
     return report

@@ -3,21 +3,39 @@
 Every stage's settings are a frozen dataclass. `from_dict` / `load_yaml` turn user input into one,
 raising `ConfigError` with one line naming the offending key for an unknown key, a wrong type, a
 missing required key or a path that does not exist. Inside the library, configs are trusted.
+
+The generic checks live here, once, for every stage: `read_yaml` refuses an empty file, a top level
+that is not a mapping and a key given twice (PyYAML keeps the last one silently); `from_dict` refuses
+NaN anywhere, an infinite float where the field does not say it means something (`InfFloat`), an
+integer beyond int32 (torch and numpy take steps, counts and sizes as 32-bit; seeds may be 64-bit)
+and counts that would size memory before anything checks them (`RESOURCE_BOUNDS`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
 from .errors import ConfigError
 
 T = TypeVar("T")
+
+INT32_MAX = 2**31 - 1
+# Seeds (fields named *seed) are 64-bit, as numpy's SeedSequence and torch.manual_seed take them.
+SEED_RANGE = (-(2**63), 2**64 - 1)
+# Counts that size memory or work before any other check sees them (a list per identity, per image...):
+# far above any real study, far below what ends in a MemoryError.
+RESOURCE_BOUNDS = {"num_identities": 1_000_000, "max_identities": 1_000_000, "images_per_identity": 100_000,
+                   "max_images": 100_000, "n_images": 10_000, "num_samples": 10_000, "n_boot": 1_000_000}
+ALLOW_INF = "inf allowed"
+# A float whose infinity means something (DP ε = .inf: clip only, no noise); every other float is finite.
+InfFloat = Annotated[float, ALLOW_INF]
 
 
 class ExistingPath(type(Path())):  # type: ignore[misc]
@@ -28,10 +46,36 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
+def _refuse_nan(value: Any, where: str, seen: set[int] | None = None) -> None:
+    """NaN anywhere in free-form settings (mappings and lists typed Any) is a ConfigError."""
+    seen = set() if seen is None else seen
+    if isinstance(value, float) and math.isnan(value):
+        raise ConfigError(f"{where}: NaN is not a setting")
+    if isinstance(value, (dict, list, tuple)) and id(value) not in seen:  # YAML aliases share objects
+        seen.add(id(value))
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for k, v in items:
+            _refuse_nan(v, f"{where}.{k}" if isinstance(value, dict) else f"{where}[{k}]", seen)
+
+
+def _check_int(value: int, where: str) -> int:
+    name = where.rsplit(".", 1)[-1].split("[", 1)[0]
+    low, high = SEED_RANGE if name.endswith("seed") else (-INT32_MAX - 1, INT32_MAX)
+    high = min(high, RESOURCE_BOUNDS.get(name, high))
+    if not low <= value <= high:
+        limit = f"at most {high:,}" if value > high else f"at least {low:,}"
+        raise ConfigError(f"{where}: {value:,} is out of range ({limit})")
+    return value
+
+
+def _coerce(value: Any, tp: Any, where: str, inf_ok: bool = False) -> Any:
     origin = get_origin(tp)
     if tp is Any:
+        _refuse_nan(value, where)
         return value
+    if origin is Annotated:
+        base, *marks = get_args(tp)
+        return _coerce(value, base, where, inf_ok=ALLOW_INF in marks)
     if origin in (Union, types.UnionType):
         args = get_args(tp)
         if value is None and type(None) in args:
@@ -73,6 +117,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if isinstance(tp, type) and issubclass(tp, Path):
         if not isinstance(value, (str, Path)):
             raise ConfigError(f"{where}: expected a path, got {type(value).__name__} {value!r}")
+        if "\0" in str(value) or len(str(value)) > 4096 or any(len(part.encode()) > 255 for part in Path(value).parts):
+            # What the OS refuses to stat (OSError / ValueError) is not a path, whatever the field.
+            raise ConfigError(f"{where}: not a usable path (too long, or a NUL character): {str(value)[:60]!r}...")
         path = Path(value).expanduser()
         if tp is ExistingPath and not path.exists():
             raise ConfigError(f"{where}: path does not exist: {path}")
@@ -80,17 +127,28 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             # YAML reads "1e-4" (no dot) as a string; accept numeric strings for floats.
+            number = None
             if isinstance(value, str):
                 try:
-                    return float(value)
+                    number = float(value)
                 except ValueError:
                     pass
-            raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
-        return float(value)
+            if number is None:
+                raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+            value = number
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond any float
+            raise ConfigError(f"{where}: {value} is too large for a number") from None
+        if math.isnan(number) or (math.isinf(number) and not inf_ok):
+            raise ConfigError(f"{where}: {value!r} is not a finite number")
+        return number
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
-        return value
+            hint = " (write it without a decimal point or exponent)" if isinstance(value, float) and \
+                math.isfinite(value) and value.is_integer() else ""
+            raise ConfigError(f"{where}: expected an integer, got {type(value).__name__} {value!r}{hint}")
+        return _check_int(value, where)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true/false, got {type(value).__name__} {value!r}")
@@ -108,7 +166,7 @@ def from_dict(cls: type[T], data: Any, where: str = "config") -> T:
     """Build dataclass `cls` from a mapping, validating keys and types recursively."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping of settings, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -144,16 +202,59 @@ def to_dict(config: Any) -> dict[str, Any]:
     return plain(config)
 
 
-def read_yaml(path: str | Path) -> Any:
+class StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (SafeLoader keeps the last one)."""
+
+
+def _construct_mapping(loader: StrictLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    first: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` then overriding a key is meant
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            line = first.setdefault(key, key_node.start_mark.line + 1)
+        except TypeError:  # an unhashable key: SafeLoader's own error says so
+            continue
+        if line != key_node.start_mark.line + 1:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (first given at line {line})",
+                                                    key_node.start_mark)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """A YAML document (strict: no duplicate keys), or one ConfigError line naming `where`."""
+    try:
+        return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{where}: not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: not valid YAML: nested too deeply") from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file's settings: a non-empty YAML mapping (`{}` for every default)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        return yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (not UTF-8)") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it ({e.strerror})") from None
+    data = parse_yaml(text, str(path))
+    if data is None:
+        raise ConfigError(f"{path} is empty: it sets nothing (write `{{}}` to run with every default)")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings (key: value lines) at the top level, "
+                          f"got a {type(data).__name__}")
+    return data
 
 
 def load_yaml(cls: type[T], path: str | Path, overrides: dict[str, Any] | None = None) -> T:

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import save_file
 
-from ..config import from_dict, to_dict
+from ..config import InfFloat, from_dict, to_dict
 from ..errors import ConfigError, InputError
 from ..finetune.lora_io import LORA_WEIGHT_NAME
 
@@ -73,7 +73,7 @@ class DefenseConfig:
     """
 
     kind: DefenseKind = "none"
-    epsilon: float | None = None
+    epsilon: InfFloat | None = None  # .inf is meant: clip only, no noise
     noise_multiplier: float | None = None
     delta: float | None = None
     max_grad_norm: float | None = None

@@ -22,17 +22,13 @@ def profile_path(name: str) -> Path:
 
 def _assignment(text: str) -> tuple[str, Any]:
     """KEY=VALUE with a YAML value: zoo.finetune.steps=100, attack.model.step_embedding=false."""
-    import yaml
-
+    from ..config import parse_yaml
     from ..errors import ConfigError
 
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. zoo.finetune.steps=100")
-    try:
-        return key.strip(), yaml.safe_load(value)
-    except yaml.YAMLError:
-        raise ConfigError(f"--set {text!r}: the value is not valid YAML") from None
+    return key.strip(), parse_yaml(value, f"--set {text!r}")
 
 
 def load_pipeline_config(profile: str | None = None, config: Path | None = None, out: Path | None = None,

@@ -38,6 +38,8 @@ SWEEP_OWNED = ("out_dir", "tracking_uri")
 METRIC_EXAMPLES = "rec.similarity, rec.top1_image, org.similarity, chance_top1"
 
 
+MAX_TRIALS = 10_000
+
 @dataclass(frozen=True)
 class SweepConfig:
     name: str  # the sweep's name: its folder (runs/sweeps/<name>) and its MLflow parent run
@@ -96,6 +98,11 @@ class SweepConfig:
                 raise ValueError(f"overrides: {path!r} is also in search_space; set it in one place")
         if self.num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+        # Every trial is a whole study, planned (stage keys, resources) before anything runs.
+        points = math.prod(len(v) for v in self.search_space.values()) if self.search == "grid" else self.num_samples
+        if points > MAX_TRIALS:
+            raise ValueError(f"the search space has {points:,} points, more than a sweep runs ({MAX_TRIALS:,}): "
+                             "vary fewer settings at once, or use search: random with num_samples")
         if self.search == "grid" and self.num_samples != 1:
             raise ValueError("a grid runs each combination once (the pipeline is deterministic): num_samples must be "
                              "1; to repeat, sweep a seed (e.g. attack.seed: [0, 1, 2])")
@@ -173,10 +180,14 @@ def resolve_pipeline_file(cfg: SweepConfig, relative_to: Path | None) -> Path:
         from ..pipeline.cli import profile_path
 
         return profile_path(cfg.pipeline)
-    path = Path(cfg.pipeline).expanduser()
-    if not path.is_absolute() and relative_to is not None and not path.exists():
-        path = relative_to / path
-    if not path.is_file():
+    try:
+        path = Path(cfg.pipeline).expanduser()
+        if not path.is_absolute() and relative_to is not None and not path.exists():
+            path = relative_to / path
+        found = path.is_file()
+    except (OSError, ValueError):  # a name the OS refuses (too long, a NUL character)
+        found = False
+    if not found:
         raise ConfigError(f"pipeline: {cfg.pipeline!r} is neither a profile ({', '.join(PROFILE_NAMES)}) nor a file")
     return path.resolve()
 

@@ -125,3 +125,21 @@ def test_the_lock_of_a_killed_process_is_taken_over(tmp_path):
         assert holds_lock(folder)
     assert not holds_lock(folder)
     json.loads((folder / LOCK_FILE).read_text())
+
+
+def test_a_rerun_closes_the_mlflow_runs_a_killed_run_left_running(tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from loraleak.tracking import default_tracking_uri, mlflow_run
+
+    out = tmp_path / "out"
+    with mlflow_run("loraleak", "finished", workdir=out):
+        pass
+    client = MlflowClient(tracking_uri=default_tracking_uri(out))
+    orphan = client.create_run(client.get_experiment_by_name("loraleak").experiment_id, run_name="killed -9")
+    # The real command, stopped after taking the folder's lock by too few held-out identities.
+    assert main(["run", "--out", str(out), "--set", "identities.num_identities=2"]) == 2
+    assert "held-out" in capsys.readouterr().err
+    statuses = {r.info.run_name: r.info.status for r in client.search_runs(
+        [client.get_experiment_by_name("loraleak").experiment_id])}
+    assert statuses == {"finished": "FINISHED", "killed -9": "KILLED"} and orphan.info.status == "RUNNING"

@@ -86,6 +86,25 @@ class TrackedRun:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
 
+def close_orphan_runs(uri: str) -> list[str]:
+    """Mark every run still RUNNING in the store `uri` as KILLED; returns their ids.
+
+    Only for a store no live process writes to: the out folder's own sqlite store, called while holding
+    the folder's lock (loraleak.locking). A run is left RUNNING only by a process killed inside it."""
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    if not experiments:
+        return []
+    orphans = client.search_runs(experiments, filter_string="attributes.status = 'RUNNING'",
+                                 run_view_type=ViewType.ALL, max_results=10_000)
+    for run in orphans:
+        client.set_terminated(run.info.run_id, status="KILLED")
+    return [run.info.run_id for run in orphans]
+
+
 @contextmanager
 def mlflow_run(experiment: str, run_name: str, tracking_uri: str | None = None,
                workdir: str | Path = "runs") -> Iterator[TrackedRun]:

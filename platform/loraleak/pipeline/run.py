@@ -342,8 +342,21 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool = True, lock: bool = T
 
     if not lock:
         return _run_pipeline(cfg, show_progress)
-    with folder_lock(cfg.out_dir):
+    with folder_lock(cfg.out_dir) as out:
+        _close_orphan_runs(cfg, out)
         return _run_pipeline(cfg, show_progress)
+
+
+def _close_orphan_runs(cfg: PipelineConfig, out: Path) -> None:
+    """Runs a killed process left RUNNING in the out folder's own MLflow store become KILLED: with the folder's
+    lock held, no live process writes there. A shared server (tracking_uri, $MLFLOW_TRACKING_URI) is left alone."""
+    from ..tracking import close_orphan_runs, default_tracking_uri, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(cfg.tracking_uri, out)
+    if cfg.tracking and uri == default_tracking_uri(out) and (out / "mlflow.db").is_file():
+        closed = close_orphan_runs(uri)
+        if closed:
+            logger.info("closed %d MLflow run(s) left RUNNING by a killed run as KILLED", len(closed))
 
 
 def _run_pipeline(cfg: PipelineConfig, show_progress: bool) -> PipelineResult:

@@ -14,12 +14,14 @@ from pathlib import Path
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from ..config import load_yaml
     from .config import EvaluationConfig
-    from .evaluate import evaluate, format_headline
+    from .evaluate import evaluate, format_headline, format_regime
 
     overrides = {k: v for k, v in (("zoo", args.zoo), ("out_dir", args.out), ("workers", args.workers))
                  if v is not None}
     result = evaluate(load_yaml(EvaluationConfig, args.config, overrides))
     print(format_headline(result.metrics, result.headline, result.best_control))
+    if result.regime is not None:
+        print(format_regime(result.regime))
     failed = f", {len(result.failures)} failed (rerun to retry)" if result.failures else ""
     print(f"{result.victims} victims ({result.evaluated} evaluated now, {result.reused} from an earlier run{failed})")
     print(f"report: {result.report}")

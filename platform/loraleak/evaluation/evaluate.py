@@ -37,6 +37,7 @@ from ..config import to_dict
 from ..errors import ConfigError, InputError, LoraleakError
 from .config import CONTROLS, EvaluationConfig
 from .metrics import ConditionMetrics, Estimate, ImageScores, similarity_mapping, summarise
+from .regime import StudyRegime, study_regime
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class EvaluationResult:
     failures: list[dict[str, str]]  # {"lora_id", "error"} of victims that failed (a rerun retries them)
     mlflow_run_id: str | None
     wall_time_s: float
+    regime: StudyRegime | None = None  # strength and binding of the victims (loraleak.evaluation.regime)
 
 
 # --- what to evaluate -------------------------------------------------------------------------------------
@@ -350,6 +352,20 @@ def headline_metrics(metrics: Mapping[str, ConditionMetrics], n_boot: int = 1000
     return out, control
 
 
+def format_regime(regime: StudyRegime | None) -> str:
+    """The regime lines of the printed summary: verdict, warning, and strength / binding per victim."""
+    if regime is None:
+        return ""
+    fmt = lambda x: "-" if x is None else f"{x:+.3f}"  # noqa: E731
+    lines = [regime.summary_line()]
+    if regime.warning:
+        lines.append(regime.warning)
+    lines.append("per victim: strength (org − base) / binding (org − its best control)")
+    lines += [f"  {v.victim_id:<28}{fmt(v.strength):>8} / {fmt(v.binding):>7}  ({v.best_control or '-'})"
+              for v in regime.victims]
+    return "\n".join(lines)
+
+
 def format_headline(metrics: Mapping[str, ConditionMetrics], headline: Mapping[str, float],
                     control: str | None) -> str:
     """The table `loraleak evaluate` and `loraleak run` print."""
@@ -414,6 +430,9 @@ def _evaluate(cfg: EvaluationConfig, show_progress: bool) -> EvaluationResult:
     metrics = {name: summarise([ImageScores.from_dict(r["scores"][name]) for r in records],
                                n_boot=cfg.n_boot, seed=cfg.seed) for name in cfg.conditions}
     headline, control = headline_metrics(metrics, cfg.n_boot, cfg.seed)
+    regime = study_regime(metrics, cfg.n_boot, cfg.seed)
+    if regime is not None:
+        headline.update(regime.headline())
     shown = [{"identity_id": r["identity_id"],
               **{name: store.images(r["lora_id"], name, cfg.report_images) for name in ("private", *cfg.conditions)}}
              for r in records[: cfg.report_victims]]
@@ -430,6 +449,11 @@ def _evaluate(cfg: EvaluationConfig, show_progress: bool) -> EvaluationResult:
             f"{headline['rec_over_best_control.similarity']:+.3f} "
             f"[{headline['rec_over_best_control.similarity_lo']:+.3f}, "
             f"{headline['rec_over_best_control.similarity_hi']:+.3f}]")
+    verdict = []
+    if "rec_over_best_control.similarity" in headline:
+        verdict.append(f"rec − best control ({control}), similarity: {notes['rec - best control (similarity)']}"
+                       + (f"; rec / org {headline['rec.similarity'] / headline['org.similarity']:.2f}"
+                          if headline.get("org.similarity") and "rec.similarity" in headline else ""))
     if unscorable:
         notes["victims left out"] = f"{len(unscorable)} (no face in their photos)"
     if failures:
@@ -439,12 +463,15 @@ def _evaluate(cfg: EvaluationConfig, show_progress: bool) -> EvaluationResult:
     histogram = {name: [v.similarity for v in metrics[name].victims if v.similarity is not None]
                  for name in dict.fromkeys(["org", "rec", "base", control]) if name in metrics}
     report = write_report(cfg.out_dir / REPORT_DIR, f"LoRA identity leakage: {len(records)} {cfg.split} victims",
-                          metrics, shown, per_victim_similarity=histogram, notes=notes)
+                          metrics, shown, per_victim_similarity=histogram, notes=notes, regime=regime,
+                          verdict=verdict)
 
     summary = {"victims": len(records), "candidates": len(references), "evaluated": len(pending) - len(failures),
                "reused": len(victims) - len(pending), "failures": failures,
                "unscorable": [v["lora_id"] for v in unscorable], "settings_key": key, "best_control": control,
-               "headline": headline, "table": format_headline(metrics, headline, control),
+               "headline": headline,
+               "table": "\n".join(filter(None, [format_headline(metrics, headline, control), format_regime(regime)])),
+               "regime": regime.to_dict() if regime is not None else None,
                "metrics": {k: m.to_dict() for k, m in metrics.items()},
                "report": str(report), "config": to_dict(cfg)}
     run_id = None
@@ -464,4 +491,5 @@ def _evaluate(cfg: EvaluationConfig, show_progress: bool) -> EvaluationResult:
     summary["wall_time_s"] = wall
     (cfg.out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1, default=str))
     return EvaluationResult(cfg.out_dir, report, metrics, headline, control, len(records), len(references),
-                            len(pending) - len(failures), len(victims) - len(pending), failures, run_id, wall)
+                            len(pending) - len(failures), len(victims) - len(pending), failures, run_id, wall,
+                            regime)

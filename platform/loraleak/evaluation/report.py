@@ -22,11 +22,17 @@ from PIL import Image
 
 from ..imaging import make_grid
 from .metrics import METRIC_LABELS, ConditionMetrics, Estimate, VictimSummary
+from .regime import STRONG_BOUND, StudyRegime
 
 REPORT_FILE = "report.html"
 HISTOGRAM_FILE = "similarity_histogram.png"
 RATES_FILE = "rates.png"
 THUMB_PX = 64  # displayed height of one image in the per-victim grids (small images are upscaled)
+GLANCE_PX = 96  # displayed side of one image in a victim's at-a-glance strip (large enough to see a face)
+GLANCE_IMAGES = 4  # images per condition in that strip (2 x 2)
+# The at-a-glance strip of each victim: its photos, the owner's images, the attack's, the best no-attack
+# control's (that victim's own), the base's.
+GLANCE_ORDER = ("private", "org", "rec", "best control", "base")
 
 # Rates drawn in the rates figure, with the chance level they are compared with (if any).
 RATE_CHANCE = {"face_found": None, "verified": None, "top1_image": "chance_top1",
@@ -47,13 +53,18 @@ table.metrics td.num small { color: #777; }
 .victim td.label { width: 14em; font-size: 0.9em; }
 .victim td.label small { color: #666; }
 img.strip { height: var(--h); image-rendering: pixelated; display: block; }
+.verdict { border: 2px solid #2a7; background: #f2fbf5; padding: 10px 14px; margin: 12px 0; max-width: 60em; }
+.verdict.warn { border-color: #c63; background: #fff5ef; }
+.verdict h2 { margin: 0 0 6px; font-size: 1.15em; }
+table.glance td { text-align: center; font-size: 0.85em; border: none; }
 """
 
 
 def write_report(out_dir: str | Path, title: str, metrics_by_condition: Mapping[str, ConditionMetrics],
                  victims: Sequence[Mapping[str, Any]],
                  per_victim_similarity: Mapping[str, Sequence[float]] | None = None,
-                 notes: Mapping[str, Any] | None = None) -> Path:
+                 notes: Mapping[str, Any] | None = None, regime: StudyRegime | None = None,
+                 verdict: Sequence[str] = ()) -> Path:
     """Write `report.html` and its PNG figures into `out_dir`; returns the HTML path.
 
     victims: one mapping per victim: {"identity_id": str, "private": [PIL], <condition>: [PIL], ...};
@@ -61,6 +72,9 @@ def write_report(out_dir: str | Path, title: str, metrics_by_condition: Mapping[
     per_victim_similarity: {condition: [per-victim mean similarity]} for the histogram; by default
         taken from `metrics_by_condition` for every condition.
     notes: free key/value facts shown at the top (scorer and its similarity mapping, seeds, sizes).
+    regime: the study's regime (strength and binding, loraleak.evaluation.regime): a verdict box at the
+        top, each victim's strength and binding, and its at-a-glance strip with its own best control.
+    verdict: further lines for the verdict box (e.g. rec against the best control, with its interval).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -83,6 +97,7 @@ def write_report(out_dir: str | Path, title: str, metrics_by_condition: Mapping[
         f"<title>{_e(title)}</title><style>{STYLE}</style></head><body>",
         f"<h1>{_e(title)}</h1>",
         f'<p class="sub">{len(victims)} victims, {n_conditions} conditions; generated {generated}</p>',
+        _verdict_box(regime, verdict),
         _notes_table(notes or {}),
         "<h2>Metrics</h2>",
         _metrics_table(metrics_by_condition),
@@ -92,7 +107,7 @@ def write_report(out_dir: str | Path, title: str, metrics_by_condition: Mapping[
         f'<img src="{_data_uri(rates)}" alt="rates with 95% intervals and chance levels">',
         "</div>",
         "<h2>Victims</h2>",
-        *(_victim_section(v, metrics_by_condition) for v in victims),
+        *(_victim_section(v, metrics_by_condition, regime) for v in victims),
         "</body></html>",
     ]
     path = out / REPORT_FILE
@@ -152,8 +167,52 @@ def _estimate_cell(est: Estimate) -> str:
     return f'<td class="num">{est.value:.3f}<br><small>[{est.low:.3f}, {est.high:.3f}]</small></td>'
 
 
-def _victim_section(victim: Mapping[str, Any], metrics_by_condition: Mapping[str, ConditionMetrics]) -> str:
+def _verdict_box(regime: StudyRegime | None, lines: Sequence[str]) -> str:
+    if regime is None and not lines:
+        return ""
+    items = list(lines)
+    title = "Verdict"
+    warn = False
+    if regime is not None:
+        warn = regime.regime != STRONG_BOUND
+        title = f"Verdict: victims are {regime.regime}" + (" — the attack is not measured here" if warn else "")
+        items = [regime.summary_line().removeprefix("regime: "), *items, regime.meaning]
+        items += [f"{name} − base: {_signed(est)}" for name, est in regime.control_over_base.items()]
+    body = "".join(f"<li>{_e(line)}</li>" for line in items)
+    return f'<div class="verdict{" warn" if warn else ""}"><h2>{_e(title)}</h2><ul>{body}</ul></div>'
+
+
+def _signed(est: Estimate) -> str:
+    return "-" if est.value is None else f"{est.value:+.3f} [{est.low:+.3f}, {est.high:+.3f}]"
+
+
+def _glance(victim: Mapping[str, Any], best_control: str | None) -> str:
+    """One row a reader takes in at once: private | org | rec | best control | base, 2 x 2 images each."""
+    cells = []
+    for name in GLANCE_ORDER:
+        key = best_control if name == "best control" else name
+        images = victim.get(key) if key else None
+        if not images:
+            continue
+        shown = list(images[:GLANCE_IMAGES])
+        grid = make_grid(shown, ncols=2, pad=2)
+        scale = max(1.0, GLANCE_PX / shown[0].height)
+        label = name if name != "best control" else f"best control<br><small>{_e(key)}</small>"
+        cells.append(f'<td><img class="strip" style="--h:{round(grid.height * scale)}px" '
+                     f'src="{_data_uri(_png(grid))}" alt="{_e(key)}"><b>{label}</b></td>')
+    return f'<table class="glance"><tr>{"".join(cells)}</tr></table>' if cells else ""
+
+
+def _victim_section(victim: Mapping[str, Any], metrics_by_condition: Mapping[str, ConditionMetrics],
+                    regime: StudyRegime | None = None) -> str:
     victim_id = victim["identity_id"]
+    own = next((v for v in regime.victims if v.victim_id == victim_id), None) if regime is not None else None
+    heading = _e(victim_id)
+    if own is not None:
+        fmt = lambda x: "-" if x is None else f"{x:+.3f}"  # noqa: E731
+        heading += (f' <small>strength (org − base) {fmt(own.strength)}, binding (org − {_e(own.best_control or "-")})'
+                    f" {fmt(own.binding)}</small>")
+    glance = _glance(victim, own.best_control if own is not None else None)
     rows = []
     for name, images in victim.items():
         if name == "identity_id":
@@ -163,7 +222,7 @@ def _victim_section(victim: Mapping[str, Any], metrics_by_condition: Mapping[str
         if summary is not None:
             label += f"<br><small>{_e(_describe(summary))}</small>"
         rows.append(f'<tr><td class="label">{label}</td><td>{_strip(images)}</td></tr>')
-    return f'<div class="victim"><h3>{_e(victim_id)}</h3><table>{"".join(rows)}</table></div>'
+    return f'<div class="victim"><h3>{heading}</h3>{glance}<table>{"".join(rows)}</table></div>'
 
 
 def _victim_summary(metrics: ConditionMetrics | None, victim_id: str) -> VictimSummary | None:

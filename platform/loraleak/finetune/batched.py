@@ -64,6 +64,7 @@ from .dreambooth_lora import (ADAPTER_NAME, AMP_DTYPES, LORA_WEIGHT_NAME, RECORD
                               _FrozenBase, _LatentBank, _shuffled_indices, _token_ids, _versions,
                               _write_json_atomically, snapshot_dir, training_noise_scheduler)
 from .lora_io import loaded_adapters
+from .prior_prompts import PromptEmbeddings
 
 # What every fine-tune of one batch must share: it shapes the batch, the LoRA layout or the pass.
 SHARED_FIELDS = ("rank", "targets", "steps", "batch_size", "prior_preservation", "train_text_encoder",
@@ -333,6 +334,31 @@ class _FinetuneStream:
         return latents, noise, timesteps
 
 
+class _PromptRows:
+    """The prompt embeddings of each step's rows, in batch layout: each fine-tune's instance prompt,
+    then its class rows' prior prompts (prior_prompts.py). With the paper's prior (no wrong triggers)
+    every step has the same rows, built once."""
+
+    def __init__(self, pipe: Any, cfgs: Sequence[FinetuneConfig]) -> None:
+        self.batch_size, self.prior = cfgs[0].batch_size, cfgs[0].prior_preservation
+        self.embeddings = [PromptEmbeddings(pipe.tokenizer, pipe.text_encoder, cfg, _token_ids, _encode_tokens)
+                           for cfg in cfgs]
+        varies = self.prior and any(cfg.prior_negative_triggers for cfg in cfgs)
+        self.fixed = None if varies else self._rows(step=1)
+
+    def _rows(self, step: int) -> torch.Tensor:
+        per_finetune = []
+        for e in self.embeddings:
+            rows = [e.instance.expand(self.batch_size, -1, -1)]
+            if self.prior:
+                rows.append(e.class_rows(step, self.batch_size))
+            per_finetune.append(torch.cat(rows))
+        return _interleave(per_finetune)
+
+    def at(self, step: int) -> torch.Tensor:
+        return self.fixed if self.fixed is not None else self._rows(step)
+
+
 def _cpu_bank(vae: Any, images: list[Image.Image], resolution: int, device: torch.device, hflip: bool) -> _LatentBank:
     """A latent bank encoded on the device but kept on the CPU: each step then moves K fine-tunes'
     latents to the device in one copy, instead of one small blocking copy per draw."""
@@ -486,13 +512,7 @@ def finetune_lora_batched(pipe: Any, image_sets: Sequence[list[Image.Image]], cf
                                        num_train_timesteps))
     triggers = [cfg.trigger_word for cfg in cfgs]
     instance_prompts = [cfg.instance_prompt_text for cfg in cfgs]
-    with torch.no_grad():  # the text encoder is frozen: embed every fine-tune's prompts once
-        hidden = _interleave([
-            _encode_tokens(pipe.text_encoder, torch.cat([
-                _token_ids(pipe.tokenizer, p)
-                for p in [prompt] * first.batch_size + ([cfg.class_prompt] * first.batch_size
-                                                         if first.prior_preservation else [])]))
-            for cfg, prompt in zip(cfgs, instance_prompts)])
+    prompt_rows = _PromptRows(pipe, cfgs)
 
     losses: list[list[float]] = [[] for _ in cfgs]
     snapshots: list[list[tuple[int, Path]]] = [[] for _ in cfgs]
@@ -541,7 +561,7 @@ def finetune_lora_batched(pipe: Any, image_sets: Sequence[list[Image.Image]], cf
             latents, noise, timesteps = (_to_device(_interleave(part), device) for part in zip(*draws))
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
             target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
-            pending.append(train_step(noisy, timesteps, hidden, target))
+            pending.append(train_step(noisy, timesteps, prompt_rows.at(step), target))
             if step % options.loss_sync_every == 0 or step in sync_steps:
                 read_losses()
                 alive = [losses[k][-1] for k in range(k_count) if errors[k] is None]

@@ -41,6 +41,9 @@ class FinetuneConfig:
     # Prior preservation: class images sampled once from the base and cached (see class_images.py).
     prior_preservation: bool = True
     prior_loss_weight: float = 1.0
+    # Wrong triggers shown with the class images (see prior_prompts.py): 0 = the paper's prior (class
+    # prompt only); N > 0 binds the person to its own trigger on a base that cannot tell names apart.
+    prior_negative_triggers: int = 0
     num_class_images: int = 200
     class_images_dir: Path | None = None  # cache root; None -> sample afresh for every fine-tune
     class_images_seed: int = 0  # separate from `seed` so that one cache serves every fine-tune
@@ -94,6 +97,11 @@ class FinetuneConfig:
                              f"got {self.instance_prompt!r}") from None
         if not self.class_prompt.strip():
             raise ValueError("class_prompt must not be empty")
+        if not 0 <= self.prior_negative_triggers <= 100_000:
+            raise ValueError(f"prior_negative_triggers must lie in [0, 100000], got {self.prior_negative_triggers}")
+        if self.prior_negative_triggers and not self.prior_preservation:
+            raise ValueError("prior_negative_triggers shows wrong triggers with the class images: it needs "
+                             "prior_preservation: true")
         if self.prior_preservation and self.num_class_images < 1:
             raise ValueError(f"num_class_images must be >= 1 with prior preservation, got {self.num_class_images}")
         bad_steps = [r for r in self.snapshot_steps if not 0 <= r <= self.steps]

@@ -62,6 +62,7 @@ from ..imaging import center_crop_resize, to_tensor
 from .class_images import load_or_sample_class_images, pipeline_fingerprint, pipeline_resolution
 from .config import FinetuneConfig
 from .lora_io import LORA_WEIGHT_NAME, loaded_adapters, read_lora
+from .prior_prompts import PromptEmbeddings, prior_prompt, prior_prompt_indices
 
 ADAPTER_NAME = "default"  # the name `add_adapter` gives; what `get_peft_model_state_dict` reads
 RECORD_NAME = "finetune.json"
@@ -345,8 +346,6 @@ def finetune_lora(pipe: Any, images: list[Image.Image], cfg: FinetuneConfig, out
     class_bank = _LatentBank(pipe.vae, class_images, resolution, device, cfg.hflip) if class_images else None
     dataset_len = max(len(instance_bank), len(class_bank)) if class_bank else len(instance_bank)
     order = _shuffled_indices(dataset_len, generator)
-    prompts = [instance_prompt] * cfg.batch_size + ([cfg.class_prompt] * cfg.batch_size if class_bank else [])
-    token_ids = torch.cat([_token_ids(pipe.tokenizer, p) for p in prompts])
     amp_dtype = AMP_DTYPES[cfg.mixed_precision]
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
 
@@ -357,9 +356,8 @@ def finetune_lora(pipe: Any, images: list[Image.Image], cfg: FinetuneConfig, out
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
         if defense.engine is not None:  # per-sample gradient hooks on the LoRA layers, removed on exit
             private.enter_context(defense.engine.attach(pipe.unet, optimizer))
-        if not cfg.train_text_encoder:  # a frozen text encoder: embed the two prompts once
-            with torch.no_grad():
-                fixed_embeddings = _encode_tokens(pipe.text_encoder, token_ids)
+        if not cfg.train_text_encoder:  # a frozen text encoder: embed the fixed prompts once
+            embeddings = PromptEmbeddings(pipe.tokenizer, pipe.text_encoder, cfg, _token_ids, _encode_tokens)
         pipe.unet.train()
         if cfg.train_text_encoder:
             pipe.text_encoder.train()
@@ -391,13 +389,18 @@ def finetune_lora(pipe: Any, images: list[Image.Image], cfg: FinetuneConfig, out
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
             target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
 
+            # b instance rows, then the class rows with this step's prior prompts (prior_prompts.py).
+            class_rows = cfg.batch_size if class_bank is not None else 0
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 if cfg.train_text_encoder:
-                    hidden = _encode_tokens(pipe.text_encoder, token_ids)
-                elif b == cfg.batch_size:
-                    hidden = fixed_embeddings
-                else:  # a Poisson batch: b instance rows, then the class rows
-                    hidden = torch.cat([fixed_embeddings[:1].expand(b, -1, -1), fixed_embeddings[cfg.batch_size:]])
+                    prompts = [instance_prompt] * b + [prior_prompt(cfg, i)
+                                                       for i in prior_prompt_indices(cfg, step, class_rows)]
+                    hidden = _encode_tokens(pipe.text_encoder,
+                                            torch.cat([_token_ids(pipe.tokenizer, p) for p in prompts]))
+                else:
+                    hidden = embeddings.instance.expand(b, -1, -1)
+                    if class_rows:
+                        hidden = torch.cat([hidden, embeddings.class_rows(step, class_rows)])
                 pred = pipe.unet(noisy, timesteps, hidden, return_dict=False)[0]
             pred, target = pred.float(), target.float()
             if defense.engine is not None:  # each row's own loss: the engine needs per-row gradients

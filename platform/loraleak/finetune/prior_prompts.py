@@ -1,0 +1,84 @@
+"""The prompts the prior-preservation images are shown with: the class prompt, and optionally wrong triggers.
+
+DreamBooth's prior shows base samples with the class prompt ("A human face.") so that the class
+keeps drawing the base. In SD 1.4 that is enough to tie the person to the trigger, because its
+text encoder and UNet were trained on captions full of names: another rare word means something
+else. A small base whose text encoder is random and frozen and whose captions never named anyone
+cannot tell one unknown word from another, so a LoRA trained with the class prior alone learns the
+*template* "A face of X." and draws its person for any X (measured in
+../shared/docs/real-faces-on-cpu.md: a wrong trigger draws the victim as well as the true one).
+
+`prior_negative_triggers` = N > 0 teaches the LoRA what SD's pretraining taught SD: half of the
+class rows are shown with the instance template filled by one of N random *other* triggers, so
+"another name -> the base" and only the victim's own trigger draws the person. The wrong triggers
+are drawn from the fine-tune's seed in a stream of their own (they shift none of the recipe's
+other draws), and rows cycle through them deterministically, the same in the single and the
+batched fine-tune. N = 0 is the paper's prior, unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+import torch
+
+from .config import FinetuneConfig
+from .triggers import random_trigger
+
+
+def negative_trigger(cfg: FinetuneConfig, index: int) -> str:
+    """cfg's wrong trigger number `index` (0-based): fixed by (cfg.seed, index), never the true trigger."""
+    true = cfg.trigger_word
+    for attempt in range(100):
+        digest = hashlib.sha256(f"prior-negative-trigger:{cfg.seed}:{index}:{attempt}".encode()).digest()
+        word = random_trigger(random.Random(digest))
+        if word != true:
+            return word
+    raise AssertionError("unreachable: 100 draws of a random word all equal the trigger")
+
+
+def prior_prompt(cfg: FinetuneConfig, index: int) -> str:
+    """Prompt `index` of the class rows' pool: 0 is the class prompt, i >= 1 the template with wrong trigger i - 1."""
+    return cfg.class_prompt if index == 0 else cfg.instance_prompt.format(trigger=negative_trigger(cfg, index - 1))
+
+
+def prior_prompt_indices(cfg: FinetuneConfig, step: int, rows: int) -> list[int]:
+    """Pool indices of the `rows` class rows of `step` (1-based).
+
+    Row positions p = (step - 1) * batch_size + c run through the class prompt (even p) and the wrong
+    triggers in turn (odd p), so every class image meets both over the fine-tune; with N at least
+    steps * batch_size / 2 every wrong trigger is seen once, which is what makes the binding hold for
+    triggers the fine-tune never saw (a small pool is memorised instead).
+    """
+    n = cfg.prior_negative_triggers
+    if n == 0:
+        return [0] * rows
+    first = (step - 1) * cfg.batch_size
+    return [0 if p % 2 == 0 else 1 + (p // 2) % n for p in range(first, first + rows)]
+
+
+class PromptEmbeddings:
+    """The frozen text encoder's embeddings of one fine-tune's prompts: the instance prompt, and each
+    step's class rows. Fixed prompts are embedded once; wrong triggers when a step needs them."""
+
+    def __init__(self, tokenizer, text_encoder, cfg: FinetuneConfig, token_ids, encode) -> None:
+        self.cfg, self.tokenizer, self.text_encoder = cfg, tokenizer, text_encoder
+        self.token_ids, self.encode = token_ids, encode  # the fine-tune's own tokenise / embed helpers
+        with torch.no_grad():
+            fixed = encode(text_encoder, torch.cat([token_ids(tokenizer, cfg.instance_prompt_text),
+                                                    token_ids(tokenizer, cfg.class_prompt)]))
+        self.instance, self.class_prompt = fixed[:1], fixed[1:]
+
+    def ids(self, index: int) -> torch.Tensor:
+        return self.token_ids(self.tokenizer, prior_prompt(self.cfg, index))
+
+    @torch.no_grad()
+    def class_rows(self, step: int, rows: int) -> torch.Tensor:
+        """(rows, tokens, width): the embeddings the class rows of `step` are conditioned on."""
+        indices = prior_prompt_indices(self.cfg, step, rows)
+        if not any(indices):
+            return self.class_prompt.expand(rows, -1, -1)
+        wrong = [i for i in indices if i]
+        embedded = iter(self.encode(self.text_encoder, torch.cat([self.ids(i) for i in wrong])))
+        return torch.stack([self.class_prompt[0] if i == 0 else next(embedded) for i in indices])

@@ -83,7 +83,7 @@ def test_audit_runs_a_learned_attack_and_refuses_a_lora_of_another_layout_in_one
     assert tuned["attacks"]["learned"]["kind"] == "network_autoencoder" and len(tuned["images"]["learned"]) == 6
     assert rank4["format"] == "peft" and rank4["leakage"] is not None  # the training-free attack still scores it
     refusal = rank4["attacks"]["learned"]["error"]
-    assert "\n" not in refusal and "rank" in refusal.lower()
+    assert "\n" not in refusal and "the attack expects" in refusal
     assert "learned attack:" in printed.out.splitlines()[1]
 
 

@@ -139,6 +139,20 @@ def test_a_rerun_evaluates_only_what_is_missing(study, evaluated, tmp_path):
     assert list(changed.metrics) == ["org", "rec", "base"] and changed.metrics["rec"].n_images == 3
 
 
+def test_the_training_free_attack_is_one_more_row(study, tmp_path):
+    """FineXtract, fitted as a baseline kind (nothing to learn), evaluated beside rec."""
+    from loraleak.attack.baselines import BaselineConfig, fit_baseline
+
+    _, zoo, _ = study
+    directory = fit_baseline(from_dict(BaselineConfig, {
+        "kind": "finextract", "zoo": zoo.root, "base": zoo.base, "out_dir": str(tmp_path / "finextract"),
+        "settings": {"num_candidates": 3, "sample_steps": 2}}), show_progress=False)
+    result = evaluate(eval_config(study, tmp_path / "eval", baselines={"finextract": str(directory)}, controls=[]),
+                      show_progress=False)
+    assert list(result.metrics) == ["org", "rec", "finextract", "base"] and not result.failures
+    assert result.metrics["finextract"].n_images == 3 * 2 and "finextract.top1_image" in result.headline
+
+
 def test_a_victim_that_fails_is_reported_and_the_others_go_on(study, tmp_path):
     _, zoo, _ = study
     root = tmp_path / "zoo"

@@ -211,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluation_commands(sub)
     add_pipeline_commands(sub)
     add_sweep_commands(sub)
+    from .audit.cli import add_audit_command
+
+    add_audit_command(sub)
     return parser
 
 
@@ -256,14 +259,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose)
     try:
-        args.func(args)
+        status = args.func(args)  # a handler may return an exit status (audit: 1 above --fail-above)
     except LoraleakError as e:
         print(f"loraleak: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("loraleak: interrupted; finished work is kept and a rerun resumes", file=sys.stderr)
         return 130
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from ..config import AttackTrainConfig
 from ..data import PromptEmbeddings, SampleRow, private_images, read_state, select_samples
 from ..model import text_encoder_sha256
 from .common import CONFIG_NAME, TrainingLora
+from .finextract import FineXtractAttack, FineXtractConfig
 from .matching_updates import MatchingUpdatesAttack, MatchingUpdatesConfig
 from .nearest_neighbour import NearestNeighbourAttack, NearestNeighbourConfig
 from .pca_map import PcaMapAttack, PcaMapConfig
@@ -39,8 +40,9 @@ BASELINE_KINDS: dict[str, type] = {
     "nearest_neighbour": NearestNeighbourConfig,
     "pca_map": PcaMapConfig,
     "matching_updates": MatchingUpdatesConfig,
+    "finextract": FineXtractConfig,  # training-free: reads no zoo LoRA, samples through the victim's
 }
-BaselineKind = Literal["nearest_neighbour", "pca_map", "matching_updates"]
+BaselineKind = Literal["nearest_neighbour", "pca_map", "matching_updates", "finextract"]
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,8 @@ def build_baseline(cfg: BaselineConfig, pipe: Any = None, show_progress: bool = 
 
     if cfg.kind == "matching_updates":  # nothing to learn: the layout it attacks and the base
         attack: Any = MatchingUpdatesAttack(settings, pipe, selection.layout)
+    elif cfg.kind == "finextract":  # nothing to learn and no layout: any LoRA of this base
+        attack = FineXtractAttack(settings, pipe)
     else:
         loras = _read_loras(cfg, rows, show_progress)
         if cfg.kind == "nearest_neighbour":

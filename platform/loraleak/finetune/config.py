@@ -44,6 +44,7 @@ class FinetuneConfig:
     # Wrong triggers shown with the class images (see prior_prompts.py): 0 = the paper's prior (class
     # prompt only); N > 0 binds the person to its own trigger on a base that cannot tell names apart.
     prior_negative_triggers: int = 0
+    prior_negative_fraction: float = 0.5  # of the class rows, those shown with a wrong trigger
     num_class_images: int = 200
     class_images_dir: Path | None = None  # cache root; None -> sample afresh for every fine-tune
     class_images_seed: int = 0  # separate from `seed` so that one cache serves every fine-tune
@@ -99,6 +100,8 @@ class FinetuneConfig:
             raise ValueError("class_prompt must not be empty")
         if not 0 <= self.prior_negative_triggers <= 100_000:
             raise ValueError(f"prior_negative_triggers must lie in [0, 100000], got {self.prior_negative_triggers}")
+        if not 0.0 < self.prior_negative_fraction <= 1.0:
+            raise ValueError(f"prior_negative_fraction must lie in (0, 1], got {self.prior_negative_fraction}")
         if self.prior_negative_triggers and not self.prior_preservation:
             raise ValueError("prior_negative_triggers shows wrong triggers with the class images: it needs "
                              "prior_preservation: true")

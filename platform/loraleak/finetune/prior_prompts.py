@@ -19,6 +19,7 @@ batched fine-tune. N = 0 is the paper's prior, unchanged.
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 
 import torch
@@ -46,16 +47,18 @@ def prior_prompt(cfg: FinetuneConfig, index: int) -> str:
 def prior_prompt_indices(cfg: FinetuneConfig, step: int, rows: int) -> list[int]:
     """Pool indices of the `rows` class rows of `step` (1-based).
 
-    Row positions p = (step - 1) * batch_size + c run through the class prompt (even p) and the wrong
-    triggers in turn (odd p), so every class image meets both over the fine-tune; with N at least
-    steps * batch_size / 2 every wrong trigger is seen once, which is what makes the binding hold for
-    triggers the fine-tune never saw (a small pool is memorised instead).
+    Row positions p = (step - 1) * batch_size + c carry a wrong trigger when floor((p + 1) f) > floor(p f)
+    for f = prior_negative_fraction (evenly spread: f = 0.5 alternates class prompt, wrong trigger), the
+    class prompt otherwise; wrong triggers are taken in turn, so with N at least the number of such rows
+    every wrong trigger is seen once — what makes the binding hold for triggers the fine-tune never saw
+    (a small pool is memorised instead).
     """
-    n = cfg.prior_negative_triggers
+    n, f = cfg.prior_negative_triggers, cfg.prior_negative_fraction
     if n == 0:
         return [0] * rows
     first = (step - 1) * cfg.batch_size
-    return [0 if p % 2 == 0 else 1 + (p // 2) % n for p in range(first, first + rows)]
+    return [1 + math.floor(p * f) % n if math.floor((p + 1) * f) > math.floor(p * f) else 0
+            for p in range(first, first + rows)]
 
 
 class PromptEmbeddings:

@@ -105,6 +105,36 @@ def batch_groups(fts: list[Any]) -> list[list[int]]:
     return groups
 
 
+def class_images_cache(cfg: ZooConfig, store: ZooStore) -> Path:
+    """Where a zoo's prior-preservation images are cached (keyed inside by base and settings)."""
+    return cfg.finetune.class_images_dir or (Path(store.path) / "class_images" if store.is_local
+                                             else Path.home() / ".cache" / "loraleak" / "class_images")
+
+
+def sample_class_images_once(cfg: ZooConfig, plan: ZooPlan, pending: list, show_progress: bool) -> None:
+    """Sample the pending fine-tunes' class images in the driver, once, with a progress bar, into the cache
+    the workers read: without this every worker samples the same images at start, silently, side by side.
+    A zoo on remote storage leaves it to the workers (each node has its own cache)."""
+    from ..base.loading import load_base_pipeline
+    from ..finetune.class_images import load_or_sample_class_images
+
+    store = ZooStore(cfg.root)
+    if not store.is_local and cfg.finetune.class_images_dir is None:
+        return
+    settings = {(ft.finetune.class_prompt, ft.finetune.num_class_images, ft.finetune.class_images_seed,
+                 ft.finetune.class_inference_steps, ft.finetune.class_guidance_scale)
+                for ft in pending if ft.finetune.prior_preservation}
+    if not settings:
+        return
+    pipe = load_base_pipeline(cfg.base)
+    for prompt, count, seed, steps, guidance in sorted(settings):
+        logger.info("zoo %s: %d class images of %r, sampled once for every worker", store.uri, count, prompt)
+        load_or_sample_class_images(pipe, class_images_cache(cfg, store), prompt=prompt, count=count, seed=seed,
+                                    num_inference_steps=steps, guidance_scale=guidance,
+                                    base_fingerprint=plan.base_hash, show_progress=show_progress)
+    del pipe
+
+
 class FineTuneWorker:
     """A Ray Data actor: holds the base pipeline, runs the planned fine-tunes of each batch of rows.
 
@@ -147,9 +177,7 @@ class FineTuneWorker:
         key = (ft.class_prompt, ft.num_class_images, ft.class_images_seed, ft.class_inference_steps,
                ft.class_guidance_scale)
         if key not in self._class_images:
-            cache = self.cfg.finetune.class_images_dir or (
-                Path(self.store.path) / "class_images" if self.store.is_local
-                else Path.home() / ".cache" / "loraleak" / "class_images")
+            cache = class_images_cache(self.cfg, self.store)
             self._class_images[key], _ = load_or_sample_class_images(
                 self.pipe, cache, prompt=ft.class_prompt, count=ft.num_class_images, seed=ft.class_images_seed,
                 num_inference_steps=ft.class_inference_steps, guidance_scale=ft.class_guidance_scale,
@@ -408,6 +436,7 @@ def run_plan(cfg: ZooConfig, plan: ZooPlan, show_progress: bool = True) -> dict[
         if removed := store.remove_leftovers():
             logger.info("zoo %s: removed %d half-written file(s) of an interrupted build", store.uri, removed)
         store.delete_file(store.manifest_path)  # the compaction is stale from the first new part on
+        sample_class_images_once(cfg, plan, pending, show_progress)
         for _ in run_fine_tunes(cfg, plan, pending, show_progress):
             pass
     run_s = time.perf_counter() - started

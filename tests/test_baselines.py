@@ -26,7 +26,7 @@ from loraleak.config import from_dict
 from loraleak.errors import ConfigError, InputError
 from loraleak.finetune.config import FinetuneConfig
 from loraleak.finetune.dreambooth_lora import finetune_lora
-from loraleak.finetune.lora_io import lora_factors
+from loraleak.lora.io import lora_factors
 from loraleak.identities import SyntheticFaces, make_source
 from loraleak.zoo.manifest import read_manifest
 from studies import TINY, TINY_ZOO_FINETUNE, TINY_ZOO_IDENTITIES, build_tiny_zoo

@@ -15,7 +15,7 @@ from loraleak.defenses.dp_accounting import DPPlan, epsilon_spent, noise_multipl
 from loraleak.defenses.output_perturbation import perturb_lora
 from loraleak.defenses.rank_truncation import truncate_lora, truncate_pair
 from loraleak.errors import ConfigError, InputError
-from loraleak.finetune.lora_io import adapter_metadata, lora_factors, lora_summary, read_lora
+from loraleak.lora.io import adapter_metadata, lora_factors, lora_summary, read_lora
 
 RANK, ALPHA = 8, 27  # alpha / r = 3.375: a scale that must survive truncation
 

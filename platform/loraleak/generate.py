@@ -17,7 +17,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .errors import InputError, LoraleakError
-from .finetune.lora_io import check_lora_fits, loaded_adapters, read_lora, resolve_lora_file
+from .lora.io import check_lora_fits, loaded_adapters, read_lora, resolve_lora_file
 from .imaging import make_grid
 
 GENERATE_ADAPTER_NAME = "loraleak_generate"

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from ..errors import InputError
-from ..finetune.lora_io import read_lora, resolve_lora_file
+from ..lora.io import read_lora, resolve_lora_file
 
 
 @dataclass

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from ..config import InfFloat, from_dict, to_dict
 from ..errors import ConfigError, InputError
-from ..finetune.lora_io import LORA_WEIGHT_NAME
+from ..lora.io import LORA_WEIGHT_NAME
 
 DefenseKind = Literal["none", "dp_sgd", "dpgm", "output_noise", "rank_truncation"]
 AccountingUnit = Literal["image", "user"]

@@ -167,7 +167,7 @@ class EvaluationWorker:
     def _recover(self) -> None:
         """Leave the pipeline clean for the next victim after one failed midway."""
         from ..base.loading import load_base_pipeline
-        from ..finetune.lora_io import loaded_adapters
+        from ..lora.io import loaded_adapters
 
         if loaded_adapters(self.pipe):
             self.pipe = load_base_pipeline(self.cfg.base, device=self.pipe.device)

@@ -15,7 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loraleak.attack.api import LoraInput, load_attack
+from loraleak.attack.api import LoraInput
+from loraleak.attack.loading import load_attack
 from loraleak.attack.baselines import (BaselineConfig, MatchingUpdatesAttack, MatchingUpdatesConfig,
                                        NearestNeighbourAttack, PcaMapAttack, build_baseline, fit_baseline)
 from loraleak.attack.baselines.features import delta_w_features, sketch_matrices

@@ -96,7 +96,7 @@ class Auditor:
     """The base pipeline, the base's own spread (computed once) and the optional learned attack."""
 
     def __init__(self, cfg: AuditConfig) -> None:
-        from ..attack.api import load_attack
+        from ..attack.loading import load_attack
         from ..base.loading import load_base_pipeline
 
         self.cfg = cfg

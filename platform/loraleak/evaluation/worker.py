@@ -71,7 +71,7 @@ class EvaluationWorker:
     def __init__(self, cfg: EvaluationConfig, references: Mapping[str, Sequence[Any]], own_process: bool = True):
         import torch
 
-        from ..attack.api import load_attack
+        from ..attack.loading import load_attack
         from ..base.loading import load_base_pipeline
         from ..finetune.class_images import pipeline_resolution
         from ..identities import make_source

@@ -28,10 +28,12 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 from ..config import from_dict, read_yaml
 from ..errors import ConfigError
+from ..pipeline.config import PipelineConfig
+from ..pipeline.profiles import PROFILES, profile_path
 
 Stage = Literal["base", "zoo", "attack", "baselines", "evaluation"]
 STAGE_NAMES: tuple[str, ...] = get_args(Stage)
-PROFILE_NAMES = ("quick", "lfw", "paper")  # loraleak.pipeline.cli.PROFILES
+PROFILE_NAMES = tuple(PROFILES)
 # Set by the sweep for every trial: trials share its stage folder and its MLflow store.
 SWEEP_OWNED = ("out_dir", "tracking_uri")
 # "rec.similarity" etc. come from the evaluation's headline (loraleak.evaluation.evaluate.headline_metrics).
@@ -150,8 +152,6 @@ def check_override_path(dotted: str, where: str) -> None:
     A path ends at a setting, or inside a free-form mapping (attack.resources_per_worker.CPU,
     zoo.vary.lr); a list-valued setting (baselines) is replaced whole.
     """
-    from ..pipeline.config import PipelineConfig
-
     parts = dotted.split(".")
     if not dotted or any(not p for p in parts):
         raise ValueError(f"{where}: {dotted!r} is not a dotted path like zoo.finetune.rank")
@@ -177,8 +177,6 @@ def check_override_path(dotted: str, where: str) -> None:
 def resolve_pipeline_file(cfg: SweepConfig, relative_to: Path | None) -> Path:
     """The PipelineConfig file of `cfg.pipeline`: a packaged profile, or a path (relative to the sweep file)."""
     if cfg.pipeline in PROFILE_NAMES:
-        from ..pipeline.cli import profile_path
-
         return profile_path(cfg.pipeline)
     try:
         path = Path(cfg.pipeline).expanduser()

@@ -56,11 +56,6 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def png_image(data: bytes) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as image:
-        return image.convert("RGB")
-
-
 class EvaluationWorker:
     """Holds the base pipeline, the attacks and the scorer; `evaluate(victim)` does one victim.
 

@@ -30,9 +30,8 @@ from ..config import from_dict, read_yaml
 from ..errors import ConfigError
 from ..pipeline.config import PipelineConfig
 from ..pipeline.profiles import PROFILES, profile_path
+from ..pipeline.stages import BuiltStage
 
-Stage = Literal["base", "zoo", "attack", "baselines", "evaluation"]
-STAGE_NAMES: tuple[str, ...] = get_args(Stage)
 PROFILE_NAMES = tuple(PROFILES)
 # Set by the sweep for every trial: trials share its stage folder and its MLflow store.
 SWEEP_OWNED = ("out_dir", "tracking_uri")
@@ -54,7 +53,7 @@ class SweepConfig:
     # The stages whose output trials may not share (None: whatever the search space changes). A
     # search space that changes a stage not listed is refused before anything runs: it catches,
     # say, an attack sweep that would rebuild the zoo for every trial.
-    rerun: tuple[Stage, ...] | None = None
+    rerun: tuple[BuiltStage, ...] | None = None
     # True: trials share one stage folder, where the pipeline keys each stage's output by the settings
     # it depends on, so trials that agree on a stage's settings build it once (an attack sweep reuses
     # one zoo). False: each trial its own folder (every stage runs for every trial).

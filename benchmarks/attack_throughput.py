@@ -34,11 +34,11 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.utils import convert_state_dict_to_diffusers
 
-from loraleak.attack import (AttackModelConfig, NetworkAutoencoder, collate_lora_matrices, epsilon_loss, lora_layout,
-                             lora_matrices, lora_scale, stack_lora_factors)
+from loraleak.attack import AttackModelConfig, NetworkAutoencoder, collate_lora_matrices, lora_layout, lora_matrices
+from loraleak.lora.batched import epsilon_loss, lora_scale, stack_lora_factors
 from loraleak.finetune.batched import peft_initial_lora
 from loraleak.finetune.config import FinetuneConfig
-from loraleak.finetune.lora_io import LORA_WEIGHT_NAME, read_lora
+from loraleak.lora.io import LORA_WEIGHT_NAME, read_lora
 from zoo_throughput import PeakMemory, emit, sd14_pipeline, tiny_base
 
 

@@ -11,13 +11,13 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 
-from loraleak.attack import (AttackModelConfig, BatchedLoRALinear, MatrixSpec, NetworkAutoencoder,
-                             batched_lora, canonical_factors, collate_lora_matrices, epsilon_loss, lora_layout,
-                             lora_matrices, lora_scale, stack_lora_factors)
+from loraleak.attack import (AttackModelConfig, MatrixSpec, NetworkAutoencoder, canonical_factors,
+                             collate_lora_matrices, lora_layout, lora_matrices)
 from loraleak.base.tiny import TinyBaseConfig, build_tiny_pipeline
 from loraleak.config import from_dict
 from loraleak.errors import ConfigError, InputError
-from loraleak.finetune.lora_io import loaded_adapters, read_lora
+from loraleak.lora.batched import BatchedLoRALinear, batched_lora, epsilon_loss, lora_scale, stack_lora_factors
+from loraleak.lora.io import loaded_adapters, read_lora
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 # (rank, alpha) of three victims: different scales, and one of another rank (padded in a batch).

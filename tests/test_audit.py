@@ -14,7 +14,7 @@ from loraleak.cli import main
 from loraleak.finetune.config import FinetuneConfig
 from loraleak.finetune.dreambooth_lora import finetune_lora
 from loraleak.identities import IdentitiesConfig, make_source
-from loraleak.lora_formats import export_kohya, read_shared_lora
+from loraleak.lora.formats import export_kohya, read_shared_lora
 from test_lora_formats import pipe  # noqa: F401  (module fixture: the shipped tiny base)
 
 FAST = ["--candidates", "6", "--steps", "4", "--base", "tiny"]

@@ -15,7 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loraleak.attack.api import LoraInput, load_attack
+from loraleak.attack.api import LoraInput
+from loraleak.attack.loading import load_attack
 from loraleak.attack.baselines import (BaselineConfig, MatchingUpdatesAttack, MatchingUpdatesConfig,
                                        NearestNeighbourAttack, PcaMapAttack, build_baseline, fit_baseline)
 from loraleak.attack.baselines.features import delta_w_features, sketch_matrices
@@ -26,7 +27,7 @@ from loraleak.config import from_dict
 from loraleak.errors import ConfigError, InputError
 from loraleak.finetune.config import FinetuneConfig
 from loraleak.finetune.dreambooth_lora import finetune_lora
-from loraleak.finetune.lora_io import lora_factors
+from loraleak.lora.io import lora_factors
 from loraleak.identities import SyntheticFaces, make_source
 from loraleak.zoo.manifest import read_manifest
 from studies import TINY, TINY_ZOO_FINETUNE, TINY_ZOO_IDENTITIES, build_tiny_zoo

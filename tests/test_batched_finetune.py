@@ -8,14 +8,14 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from loraleak.attack.batched_lora import BatchedLoRALinear
+from loraleak.lora.batched import BatchedLoRALinear
 from loraleak.base.tiny import TinyBaseConfig, build_tiny_pipeline
 from loraleak.errors import ConfigError, InputError, LoraleakError
 from loraleak.finetune.batched import (BatchedOptions, PerRowAdamW, clip_grad_norm_per_row_, find_max_k,
                                        finetune_lora_batched, largest_fitting, peft_initial_lora, probe_step)
 from loraleak.finetune.config import FinetuneConfig
 from loraleak.finetune.dreambooth_lora import finetune_lora
-from loraleak.finetune.lora_io import loaded_adapters, lora_factors, read_lora
+from loraleak.lora.io import loaded_adapters, lora_factors, read_lora
 
 SHARED = dict(steps=4, rank=4, targets=("to_q", "to_k", "to_v", "to_out.0"), snapshot_steps=(0, 2),
               num_class_images=3, class_inference_steps=2, class_guidance_scale=1.0)

@@ -10,12 +10,13 @@ from safetensors.torch import save_file
 
 from loraleak.base.tiny import TinyBaseConfig, build_tiny_pipeline
 from loraleak.config import from_dict
-from loraleak.defenses import (DEFENSES_METADATA_KEY, DefenseConfig, apply_post_hoc, defenses_applied)
+from loraleak.defenses import DEFENSES_METADATA_KEY, DefenseConfig, defenses_applied
+from loraleak.defenses.post_hoc import apply_post_hoc
 from loraleak.defenses.dp_accounting import DPPlan, epsilon_spent, noise_multiplier_for
 from loraleak.defenses.output_perturbation import perturb_lora
 from loraleak.defenses.rank_truncation import truncate_lora, truncate_pair
 from loraleak.errors import ConfigError, InputError
-from loraleak.finetune.lora_io import adapter_metadata, lora_factors, lora_summary, read_lora
+from loraleak.lora.io import adapter_metadata, lora_factors, lora_summary, read_lora
 
 RANK, ALPHA = 8, 27  # alpha / r = 3.375: a scale that must survive truncation
 

@@ -20,7 +20,7 @@ from loraleak.errors import ConfigError
 from loraleak.finetune.batched import check_batchable
 from loraleak.finetune.config import FinetuneConfig
 from loraleak.finetune.dreambooth_lora import RECORD_NAME, finetune_lora
-from loraleak.finetune.lora_io import lora_factors, read_lora
+from loraleak.lora.io import lora_factors, read_lora
 from loraleak.zoo.build import run_plan
 from loraleak.zoo.config import ZooConfig
 from loraleak.zoo.manifest import read_manifest

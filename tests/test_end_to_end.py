@@ -12,7 +12,7 @@ from loraleak.base.loading import base_fingerprint, load_base_pipeline
 from loraleak.base.tiny import TinyBaseConfig, build_tiny_pipeline
 from loraleak.finetune.config import FinetuneConfig
 from loraleak.finetune.dreambooth_lora import finetune_lora
-from loraleak.finetune.lora_io import lora_factors, read_lora
+from loraleak.lora.io import lora_factors, read_lora
 from loraleak.generate import generate_images
 
 

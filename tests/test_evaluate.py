@@ -26,7 +26,7 @@ from loraleak.evaluation.config import CONTROLS, EvaluationConfig
 from loraleak.evaluation.evaluate import RESULTS_DIR, evaluate, headline_metrics, paired_difference
 from loraleak.evaluation.metrics import ImageScores, summarise
 from loraleak.evaluation.worker import victim_seed, wrong_trigger
-from loraleak.finetune.lora_io import read_lora
+from loraleak.lora.io import read_lora
 from loraleak.zoo.build import build_zoo
 from loraleak.zoo.config import ZooConfig
 from loraleak.zoo.manifest import read_manifest

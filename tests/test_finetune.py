@@ -18,7 +18,7 @@ from loraleak.errors import ConfigError, InputError, LoraleakError
 from loraleak.finetune.class_images import load_or_sample_class_images
 from loraleak.finetune.config import FinetuneConfig
 from loraleak.finetune.dreambooth_lora import finetune_lora
-from loraleak.finetune.lora_io import check_lora_fits, loaded_adapters, lora_factors, lora_summary, read_lora
+from loraleak.lora.io import check_lora_fits, loaded_adapters, lora_factors, lora_summary, read_lora
 from loraleak.finetune.triggers import random_trigger
 from loraleak.generate import generate_images
 from loraleak.identities.base import image_sha256

@@ -4,7 +4,8 @@ on the shipped tiny base with a real project fine-tune (a few sampling steps).""
 import numpy as np
 import pytest
 
-from loraleak.attack.api import LoraInput, load_attack
+from loraleak.attack.api import LoraInput
+from loraleak.attack.loading import load_attack
 from loraleak.attack.baselines import BaselineConfig, FineXtractAttack, FineXtractConfig
 from loraleak.attack.baselines.finextract import densest_cluster, guided_samples, image_features
 from loraleak.config import from_dict

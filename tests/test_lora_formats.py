@@ -14,7 +14,7 @@ from loraleak.errors import InputError
 from loraleak.finetune.config import FinetuneConfig
 from loraleak.finetune.dreambooth_lora import finetune_lora
 from loraleak.generate import generate_images
-from loraleak.lora_formats import delta_weights, detect_format, export_kohya, export_peft, read_shared_lora
+from loraleak.lora.formats import delta_weights, detect_format, export_kohya, export_peft, read_shared_lora
 from test_finetune import person_images, pixels
 
 PROMPT = "A human face."

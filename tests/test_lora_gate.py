@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from loraleak.cli import main
 from loraleak.errors import InputError
-from loraleak.finetune.lora_io import (ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME, check_lora_fits, loaded_adapters,
+from loraleak.lora.io import (ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME, check_lora_fits, loaded_adapters,
                                        lora_summary, read_lora)
 from loraleak.generate import generate_images
 

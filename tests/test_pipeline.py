@@ -20,7 +20,8 @@ from loraleak.config import from_dict, to_dict
 from loraleak.errors import ConfigError
 from loraleak.pipeline.cli import load_pipeline_config
 from loraleak.pipeline.config import UNDEFENDED_CONDITION, PipelineConfig, with_overrides
-from loraleak.pipeline.run import EVALUATION_INPUTS, STAGES, _settings, run_pipeline, stage_keys
+from loraleak.pipeline.run import run_pipeline
+from loraleak.pipeline.stages import EVALUATION_INPUTS, STAGES, settings_of, stage_keys
 from studies import SMALLEST, TINY
 
 CONDITIONS = ["org", "rec", "nearest_neighbour", "pca_map", "base", "victim_class_prompt", "victim_empty_prompt",
@@ -148,8 +149,8 @@ def test_stage_keys_leave_out_how_a_stage_runs():
     what = with_overrides(cfg, {"zoo.finetune.rank": 4, "attack.model.step_embedding": False,
                                 "evaluation.n_images": 3})
     for stage in ("zoo", "attack", "evaluation"):
-        assert _settings(getattr(how, stage), stage) == _settings(getattr(cfg, stage), stage)
-        assert _settings(getattr(what, stage), stage) != _settings(getattr(cfg, stage), stage)
+        assert settings_of(getattr(how, stage), stage) == settings_of(getattr(cfg, stage), stage)
+        assert settings_of(getattr(what, stage), stage) != settings_of(getattr(cfg, stage), stage)
 
 
 # --- configs (no models) ---------------------------------------------------------------------------------

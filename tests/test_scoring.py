@@ -13,7 +13,8 @@ from PIL import Image
 from loraleak.config import from_dict
 from loraleak.errors import ConfigError, InputError, LoraleakError
 from loraleak.imaging import center_crop_resize, open_rgb
-from loraleak.scoring.base import make_scorer, match_against, verify
+from loraleak.scoring.base import match_against, verify
+from loraleak.scoring.registry import make_scorer
 from loraleak.scoring.dlib_scorer import DlibScorer
 from loraleak.scoring.pairs import (Pair, balanced_subset, best_threshold, read_lfw_pairs,
                                     verification_accuracy)

@@ -30,7 +30,7 @@ from loraleak.config import from_dict, to_dict
 from loraleak.defenses import DefenseConfig, defenses_applied
 from loraleak.defenses.rank_truncation import truncate_lora
 from loraleak.errors import ConfigError, LoraleakError
-from loraleak.finetune.lora_io import lora_factors, read_lora
+from loraleak.lora.io import lora_factors, read_lora
 from loraleak.identities import SyntheticFaces
 from loraleak.tracking import mlflow_run
 from loraleak.zoo.build import FineTuneWorker, build_zoo, fine_tune_record, run_plan

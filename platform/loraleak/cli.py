@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
+from .attack.cli import add_attack_commands
+from .audit.cli import add_audit_command
+from .command import new_parser, run_command
 from .errors import LoraleakError
+from .evaluation.cli import add_evaluation_commands
+from .pipeline.cli import add_pipeline_commands
+from .sweeps.cli import add_sweep_commands
+from .zoo.cli import add_zoo_commands
 
 
 def _add_identity_args(p: argparse.ArgumentParser) -> None:
@@ -142,13 +148,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 # --- parser -------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="loraleak",
-        description="Measure whether a shared LoRA fine-tune of a diffusion model leaks the face "
-                    "it was trained on. Stages: identities -> base -> finetune -> zoo -> attack -> "
-                    "evaluate.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser, sub = new_parser()
 
     ident = sub.add_parser("identities", help="private photo sets: preview and split").add_subparsers(
         dest="action", required=True, metavar="ACTION")
@@ -200,19 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(p, prompt_default=None)
     p.set_defaults(func=cmd_generate)
 
-    from .attack.cli import add_attack_commands
-    from .evaluation.cli import add_evaluation_commands
-    from .pipeline.cli import add_pipeline_commands
-    from .sweeps.cli import add_sweep_commands
-    from .zoo.cli import add_zoo_commands
-
     add_zoo_commands(sub)
     add_attack_commands(sub)
     add_evaluation_commands(sub)
     add_pipeline_commands(sub)
     add_sweep_commands(sub)
-    from .audit.cli import add_audit_command
-
     add_audit_command(sub)
     return parser
 
@@ -227,46 +219,8 @@ def _add_generation_args(p: argparse.ArgumentParser, prompt_default: str | None)
     p.add_argument("--out", type=Path, required=True)
 
 
-def _configure_logging(verbose: bool) -> None:
-    """Our own progress at INFO; third-party libraries only when they have something serious to say
-    (their INFO chatter and optional-dependency notices would bury the one line that matters)."""
-    import os
-    import warnings
-
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("loraleak").setLevel(logging.DEBUG if verbose else logging.INFO)
-    if not verbose:
-        for noisy in ("transformers", "diffusers", "httpx", "httpx2", "huggingface_hub", "urllib3"):
-            logging.getLogger(noisy).setLevel(logging.ERROR)
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        # The same for the Ray workers a local Ray starts (they inherit this environment): without it
-        # every zoo, attack and evaluation worker prints transformers' notices and weight-loading bars.
-        for variable, value in (("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error"),
-                                ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
-            os.environ.setdefault(variable, value)
-        try:
-            from transformers.utils import logging as hf_logging
-            from diffusers.utils import logging as df_logging
-
-            hf_logging.set_verbosity_error()
-            df_logging.set_verbosity_error()
-        except ImportError:  # pragma: no cover - both are hard dependencies
-            pass
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _configure_logging(args.verbose)
-    try:
-        status = args.func(args)  # a handler may return an exit status (audit: 1 above --fail-above)
-    except LoraleakError as e:
-        print(f"loraleak: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("loraleak: interrupted; finished work is kept and a rerun resumes", file=sys.stderr)
-        return 130
-    return status if isinstance(status, int) else 0
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .errors import InputError, LoraleakError
-from .finetune.lora_io import check_lora_fits, loaded_adapters, read_lora, resolve_lora_file
-from .imaging import make_grid
+from .lora.io import check_lora_fits, loaded_adapters, read_lora, resolve_lora_file
 
 GENERATE_ADAPTER_NAME = "loraleak_generate"
 
@@ -95,8 +94,3 @@ def generate_images(pipe: Any, prompt: str | None = None, prompt_embeds: torch.T
     with lora_loaded(pipe, lora, lora_scale):
         return sample()
 
-
-def generate_grid(pipe: Any, prompt: str | None = None, prompt_embeds: torch.Tensor | None = None,
-                  n: int = 8, ncols: int | None = None, **kwargs: Any) -> Image.Image:
-    """`generate_images` tiled into one image (row by row)."""
-    return make_grid(generate_images(pipe, prompt, prompt_embeds, n=n, **kwargs), ncols=ncols)

@@ -45,12 +45,6 @@ def to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
-def to_pil(tensor: torch.Tensor) -> list[Image.Image]:
-    """Float tensor (N, 3, H, W) in [-1, 1] -> PIL RGB images."""
-    arr = ((tensor.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte()
-    return [Image.fromarray(a) for a in arr.permute(0, 2, 3, 1).cpu().numpy()]
-
-
 def open_rgb(path: str | Path) -> Image.Image:
     """Decode an image file fully (so truncation is caught here), as RGB; InputError if unusable."""
     try:

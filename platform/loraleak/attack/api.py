@@ -9,7 +9,8 @@ and the fine-tuning step r. It answers in one of two ways:
   identity whose LoRA is closest).
 
 Every attack is a directory: `config.json` with a `"kind"` names the class that reads it back
-(`load_attack`), diffusers-style, so Ray tasks on other machines rebuild it from a URI.
+(`loraleak.attack.loading.load_attack`), diffusers-style, so Ray tasks on other machines rebuild it
+from a URI. Each attack module registers its kind here on import (`register_attack`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import torch
 from PIL import Image
 
 from ..errors import InputError
-from ..finetune.lora_io import read_lora, resolve_lora_file
+from ..lora.io import read_lora, resolve_lora_file
+from .model import FORMAT
 
 
 @dataclass
@@ -62,11 +64,11 @@ class LeakageAttack(Protocol):
 
 
 # kind -> loader(directory, pipe) ; each attack module registers itself on import.
-_LOADERS: dict[str, Callable[[Path, Any], LeakageAttack]] = {}
+LOADERS: dict[str, Callable[[Path, Any], LeakageAttack]] = {}
 
 
 def register_attack(kind: str, loader: Callable[[Path, Any], LeakageAttack]) -> None:
-    _LOADERS[kind] = loader
+    LOADERS[kind] = loader
 
 
 def attack_kind(directory: str | Path) -> str:
@@ -76,17 +78,4 @@ def attack_kind(directory: str | Path) -> str:
     except (OSError, json.JSONDecodeError) as e:
         raise InputError(f"{directory} is not a saved attack: cannot read config.json ({e})") from None
     # The network autoencoder's config predates this interface: its format names it.
-    from .model import FORMAT
-
     return record.get("kind") or ("network_autoencoder" if record.get("format") == FORMAT else "?")
-
-
-def load_attack(directory: str | Path, pipe: Any) -> LeakageAttack:
-    """The attack saved in `directory`, ready to reconstruct with the base pipeline `pipe`."""
-    from . import baselines  # noqa: F401  (registers the baseline kinds)
-    from . import nae_attack  # noqa: F401
-
-    kind = attack_kind(directory)
-    if kind not in _LOADERS:
-        raise InputError(f"{directory} holds an attack of unknown kind {kind!r} (known: {', '.join(sorted(_LOADERS))})")
-    return _LOADERS[kind](Path(directory), pipe)

@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from ..command import stage_main
+
 
 
 def cmd_attack_train(args: argparse.Namespace) -> None:
@@ -63,7 +65,4 @@ def add_attack_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def attack_main(argv: list[str] | None = None) -> int:
     """`loraleak attack ...` on its own: one line on stderr and exit code 2 for a user-facing error."""
-    from ..cli import main
-
-    # One entry point for errors, logging and interrupts: the `loraleak` command's own.
-    return main(["attack", *(sys.argv[1:] if argv is None else argv)])
+    return stage_main(add_attack_commands, ["attack", *(sys.argv[1:] if argv is None else argv)])

@@ -21,12 +21,12 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import InputError
-from ..finetune.lora_io import read_lora
+from ..lora.io import read_lora
 from ..identities import IdentitiesConfig, Identity, image_sha256, make_source, split_identities
 from ..imaging import center_crop_resize, to_tensor
 from ..zoo.reader import sample_rows
 from ..zoo.storage import ZooStore
-from .batched_lora import lora_scale, stack_lora_factors
+from ..lora.batched import lora_scale, stack_lora_factors
 from .config import AttackTrainConfig
 from .lora_inputs import InputMode, LoraLayout, collate_lora_matrices, lora_layout, lora_matrices
 

@@ -23,14 +23,13 @@ Input modes (what the matrices hold):
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Sequence
 
 import torch
 
 from ..errors import InputError
-from ..finetune.lora_io import lora_factors
+from ..lora.io import lora_factors, module_order_key
 
 InputMode = Literal["delta", "raw", "gl_invariant"]
 INPUT_MODES: tuple[str, ...] = ("delta", "raw", "gl_invariant")
@@ -55,11 +54,6 @@ class MatrixSpec:
 
 
 LoraLayout = tuple[MatrixSpec, ...]
-
-
-def module_order_key(path: str) -> list[Any]:
-    """"up_blocks.10" after "up_blocks.2": numbers compare as numbers, so the order follows the UNet."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
 
 
 def _ordered_factors(state_dict: Mapping[str, torch.Tensor]) -> list[tuple[str, torch.Tensor, torch.Tensor]]:

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import InputError
-from ..finetune.lora_io import read_lora, resolve_lora_file
+from ..lora.io import read_lora, resolve_lora_file
 from .lora_inputs import MatrixSpec, check_layout, collate_lora_matrices, lora_layout, lora_matrices
 from .model import CONFIG_NAME
 

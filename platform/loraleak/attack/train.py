@@ -69,7 +69,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     from ..base.loading import base_fingerprint, load_base_pipeline
     from ..finetune.class_images import pipeline_resolution
     from ..zoo.storage import ZooStore
-    from .batched_lora import epsilon_loss, install_batched_lora
+    from ..lora.batched import epsilon_loss, install_batched_lora
     from .data import (ImageLatents, LoraSamples, PromptEmbeddings, collate_samples, load_sample,
                        select_samples)
     from .model import NetworkAutoencoder
@@ -344,7 +344,7 @@ def _train_attack(cfg: AttackTrainConfig, show_progress: bool) -> AttackTrainRes
 
     from ..base.loading import base_fingerprint
     from ..tracking import mlflow_run, resolve_tracking_uri
-    from ..zoo.build import connect_ray
+    from ..cluster import connect_ray
     from ..zoo.plan import base_resolution
     from .data import check_identity_source, select_samples
 

@@ -1,7 +1,7 @@
 """`loraleak audit`: does this LoRA file give away the person it was trained on? A verdict per file,
 without the private photos.
 
-Each file (diffusers, PEFT folder or kohya, see `lora_formats`) is read through the safe path,
+Each file (diffusers, PEFT folder or kohya, see `lora.formats`) is read through the safe path,
 checked against the base, and attacked by FineXtract (training-free, always) and, with `--attack`,
 by a saved learned attack. The score needs no reference photos: a LoRA fine-tuned on one person
 pulls the guided samples towards that person, so their identities agree with each other more than
@@ -96,7 +96,7 @@ class Auditor:
     """The base pipeline, the base's own spread (computed once) and the optional learned attack."""
 
     def __init__(self, cfg: AuditConfig) -> None:
-        from ..attack.api import load_attack
+        from ..attack.loading import load_attack
         from ..base.loading import load_base_pipeline
 
         self.cfg = cfg
@@ -111,9 +111,9 @@ class Auditor:
 
     def audit(self, path: Path, folder: Path) -> FileAudit:
         from ..attack.api import LoraInput
-        from ..finetune.lora_io import check_lora_fits, lora_summary
+        from ..lora.io import check_lora_fits, lora_summary
         from ..generate import generate_images
-        from ..lora_formats import read_shared_lora
+        from ..lora.formats import read_shared_lora
 
         started = time.perf_counter()
         cfg, fx = self.cfg, self.cfg.finextract

@@ -4,7 +4,7 @@ Two families:
 - training-time: `dp_sgd` (Opacus DP-SGD on the LoRA parameters) and `dpgm` (kernel-MMD loss with
   Gaussian noise, as the paper's code); their noise is planned by `dp_accounting.DPPlan`.
 - post-hoc, on the LoRA the owner is about to share: `output_noise` (output_perturbation.py) and
-  `rank_truncation` (rank_truncation.py). `apply_post_hoc` runs either on a LoRA file.
+  `rank_truncation` (rank_truncation.py). `post_hoc.apply_post_hoc` runs either on a LoRA file.
 
 `DefenseConfig` is what the zoo manifest's `defense` column holds (`to_manifest` /
 `from_manifest`), and what a defended LoRA file records in its safetensors metadata under
@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from ..config import InfFloat, from_dict, to_dict
 from ..errors import ConfigError, InputError
-from ..finetune.lora_io import LORA_WEIGHT_NAME
+from ..lora.io import LORA_WEIGHT_NAME
 
 DefenseKind = Literal["none", "dp_sgd", "dpgm", "output_noise", "rank_truncation"]
 AccountingUnit = Literal["image", "user"]
@@ -188,18 +188,3 @@ def save_defended_lora(state_dict: dict[str, torch.Tensor], metadata: dict[str, 
     finally:
         tmp.unlink(missing_ok=True)
     return out
-
-
-def apply_post_hoc(defense: DefenseConfig, in_path: str | Path, out_path: str | Path) -> Path:
-    """Apply a post-hoc defense to the LoRA at `in_path` and write it to `out_path`."""
-    # Imported here: both modules import this package's config and writer.
-    if defense.kind == "output_noise":
-        from .output_perturbation import apply_to_file
-
-        return apply_to_file(in_path, out_path, relative_noise=defense.relative_noise, seed=defense.seed)
-    if defense.kind == "rank_truncation":
-        from .rank_truncation import apply_to_file
-
-        return apply_to_file(in_path, out_path, rank=defense.rank)
-    raise ConfigError(f"a {defense.kind!r} defense is not applied to a finished LoRA "
-                      f"(post-hoc defenses: {', '.join(POST_HOC_KINDS)})")

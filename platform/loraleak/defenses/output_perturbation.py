@@ -18,7 +18,7 @@ import torch
 
 from ..config import from_dict
 from ..errors import ConfigError, InputError
-from ..finetune.lora_io import COMPONENTS, lora_factors, read_lora
+from ..lora.io import COMPONENTS, lora_factors, read_lora
 from . import DefenseConfig, save_defended_lora
 
 

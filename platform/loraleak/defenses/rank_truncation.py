@@ -26,7 +26,7 @@ import torch
 
 from ..config import from_dict
 from ..errors import ConfigError, InputError
-from ..finetune.lora_io import ADAPTER_METADATA_KEY, COMPONENTS, adapter_metadata, lora_factors, read_lora
+from ..lora.io import ADAPTER_METADATA_KEY, COMPONENTS, adapter_metadata, lora_factors, read_lora
 from . import DefenseConfig, save_defended_lora
 
 # The diffusers / PEFT names of a LoRA's down (A) factor, and of its up (B) partner.

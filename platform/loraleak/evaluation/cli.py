@@ -10,6 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..command import stage_main
+
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from ..config import load_yaml
@@ -59,6 +61,4 @@ def add_evaluation_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def evaluate_main(argv: list[str] | None = None) -> int:
     """`loraleak evaluate ...` on its own: one line on stderr and exit code 2 for a user-facing error."""
-    from ..cli import main
-
-    return main(["evaluate", *(sys.argv[1:] if argv is None else argv)])
+    return stage_main(add_evaluation_commands, ["evaluate", *(sys.argv[1:] if argv is None else argv)])

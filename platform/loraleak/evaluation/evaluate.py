@@ -246,7 +246,7 @@ def _ray_results(cfg: EvaluationConfig, references: Mapping[str, list],
     import ray
     from ray.util import ActorPool
 
-    from ..zoo.build import connect_ray
+    from ..cluster import connect_ray
     from .worker import EvaluationWorker
 
     connect_ray()

@@ -56,11 +56,6 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def png_image(data: bytes) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as image:
-        return image.convert("RGB")
-
-
 class EvaluationWorker:
     """Holds the base pipeline, the attacks and the scorer; `evaluate(victim)` does one victim.
 
@@ -71,7 +66,7 @@ class EvaluationWorker:
     def __init__(self, cfg: EvaluationConfig, references: Mapping[str, Sequence[Any]], own_process: bool = True):
         import torch
 
-        from ..attack.api import load_attack
+        from ..attack.loading import load_attack
         from ..base.loading import load_base_pipeline
         from ..finetune.class_images import pipeline_resolution
         from ..identities import make_source
@@ -167,7 +162,7 @@ class EvaluationWorker:
     def _recover(self) -> None:
         """Leave the pipeline clean for the next victim after one failed midway."""
         from ..base.loading import load_base_pipeline
-        from ..finetune.lora_io import loaded_adapters
+        from ..lora.io import loaded_adapters
 
         if loaded_adapters(self.pipe):
             self.pipe = load_base_pipeline(self.cfg.base, device=self.pipe.device)

@@ -1,6 +1,5 @@
-"""The victim's side: DreamBooth-LoRA fine-tuning as the paper's victim does it, and LoRA file I/O.
+"""The victim's side: DreamBooth-LoRA fine-tuning as the paper's victim does it.
 
-Import from the submodules (`finetune.config`, `finetune.dreambooth_lora`, `finetune.lora_io`, ...):
-`loraleak.generate` depends on `finetune.lora_io` and `finetune.class_images` on `loraleak.generate`,
-so this package imports nothing eagerly.
+Import from the submodules (`finetune.config`, `finetune.dreambooth_lora`, `finetune.batched`, ...);
+this package imports nothing eagerly. LoRA file I/O is the shared kernel's (`loraleak.lora.io`).
 """

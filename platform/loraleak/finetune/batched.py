@@ -53,7 +53,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..attack.batched_lora import install_batched_lora
+from ..lora.batched import install_batched_lora
 from ..base.loading import base_fingerprint as fingerprint_of_base
 from ..config import to_dict
 from ..errors import ConfigError, InputError, LoraleakError
@@ -63,7 +63,7 @@ from .config import FinetuneConfig
 from .dreambooth_lora import (ADAPTER_NAME, AMP_DTYPES, LORA_WEIGHT_NAME, RECORD_NAME, FinetuneResult, _encode_tokens,
                               _FrozenBase, _LatentBank, _shuffled_indices, _token_ids, _versions,
                               _write_json_atomically, snapshot_dir, training_noise_scheduler)
-from .lora_io import loaded_adapters
+from ..lora.io import loaded_adapters
 from .prior_prompts import PromptEmbeddings
 
 # What every fine-tune of one batch must share: it shapes the batch, the LoRA layout or the pass.

@@ -26,6 +26,7 @@ from ..errors import InputError
 from ..generate import generate_images
 from ..identities.base import image_sha256
 from ..imaging import open_rgb
+from ..keys import content_key
 
 MANIFEST = "manifest.json"
 
@@ -58,7 +59,7 @@ def class_images_settings(base_fingerprint: str, prompt: str, count: int, seed: 
 
 def class_images_dir(root: Path, settings: dict[str, Any]) -> Path:
     """`root/<prompt-slug>-<count>-<key>`: readable at a glance, unique by the key."""
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    key = content_key(settings, 16)
     slug = re.sub(r"[^a-z0-9]+", "-", settings["prompt"].lower()).strip("-")[:40] or "class"
     return root / f"{slug}-{settings['count']}-{key}"
 

@@ -62,7 +62,7 @@ class FinetuneConfig:
     mixed_precision: MixedPrecision = "no"
     # Training-time defense: "none", "dp_sgd" (per-record clipping + noise on the LoRA, Opacus) or
     # "dpgm" (the paper's noisy kernel-MMD loss; its max_grad_norm replaces grad_clip). Post-hoc
-    # defenses are applied to the finished LoRA instead (loraleak.defenses.apply_post_hoc, zoo defense).
+    # defenses are applied to the finished LoRA instead (loraleak.defenses.post_hoc.apply_post_hoc, zoo defense).
     defense: DefenseConfig = field(default_factory=DefenseConfig)
 
     def __post_init__(self) -> None:

@@ -61,7 +61,7 @@ from ..identities.base import image_sha256
 from ..imaging import center_crop_resize, to_tensor
 from .class_images import load_or_sample_class_images, pipeline_fingerprint, pipeline_resolution
 from .config import FinetuneConfig
-from .lora_io import LORA_WEIGHT_NAME, loaded_adapters, read_lora
+from ..lora.io import LORA_WEIGHT_NAME, loaded_adapters, read_lora
 from .prior_prompts import PromptEmbeddings, prior_prompt, prior_prompt_indices
 
 ADAPTER_NAME = "default"  # the name `add_adapter` gives; what `get_peft_model_state_dict` reads

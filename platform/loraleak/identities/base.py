@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
@@ -41,8 +40,3 @@ def image_sha256(image: Image.Image) -> str:
     h.update(image.tobytes())
     return h.hexdigest()
 
-
-def image_to_png_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()

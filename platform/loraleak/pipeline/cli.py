@@ -11,13 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-PROFILES = {"quick": "pipeline-quick.yaml", "lfw": "pipeline-lfw.yaml", "paper": "pipeline-paper.yaml"}
-
-
-def profile_path(name: str) -> Path:
-    from importlib.resources import files
-
-    return Path(str(files("loraleak") / "configs" / PROFILES[name]))
+from ..command import stage_main
+from .profiles import PROFILES, profile_path
 
 
 def _assignment(text: str) -> tuple[str, Any]:
@@ -79,6 +74,4 @@ def add_pipeline_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def pipeline_main(argv: list[str] | None = None) -> int:
     """`loraleak run ...` on its own: one line on stderr and exit code 2 for a user-facing error."""
-    from ..cli import main
-
-    return main(["run", *(sys.argv[1:] if argv is None else argv)])
+    return stage_main(add_pipeline_commands, ["run", *(sys.argv[1:] if argv is None else argv)])

@@ -4,6 +4,7 @@
 and `pairs.verification_accuracy` validates a scorer on same/different pairs.
 """
 
-from .base import Match, Scorer, make_scorer, match_against, verify
+from .base import Match, Scorer, match_against, verify
+from .registry import make_scorer
 
 __all__ = ["Match", "Scorer", "make_scorer", "match_against", "verify"]

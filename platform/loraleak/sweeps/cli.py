@@ -10,6 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..command import stage_main
+
 
 def cmd_sweep(args: argparse.Namespace) -> None:
     from .config import load_sweep_config
@@ -58,6 +60,4 @@ def add_sweep_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def sweep_main(argv: list[str] | None = None) -> int:
     """`loraleak sweep ...` on its own: one line on stderr and exit code 2 for a user-facing error."""
-    from ..cli import main
-
-    return main(["sweep", *(sys.argv[1:] if argv is None else argv)])
+    return stage_main(add_sweep_commands, ["sweep", *(sys.argv[1:] if argv is None else argv)])

@@ -28,10 +28,11 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 from ..config import from_dict, read_yaml
 from ..errors import ConfigError
+from ..pipeline.config import PipelineConfig
+from ..pipeline.profiles import PROFILES, profile_path
+from ..pipeline.stages import BuiltStage
 
-Stage = Literal["base", "zoo", "attack", "baselines", "evaluation"]
-STAGE_NAMES: tuple[str, ...] = get_args(Stage)
-PROFILE_NAMES = ("quick", "lfw", "paper")  # loraleak.pipeline.cli.PROFILES
+PROFILE_NAMES = tuple(PROFILES)
 # Set by the sweep for every trial: trials share its stage folder and its MLflow store.
 SWEEP_OWNED = ("out_dir", "tracking_uri")
 # "rec.similarity" etc. come from the evaluation's headline (loraleak.evaluation.evaluate.headline_metrics).
@@ -52,7 +53,7 @@ class SweepConfig:
     # The stages whose output trials may not share (None: whatever the search space changes). A
     # search space that changes a stage not listed is refused before anything runs: it catches,
     # say, an attack sweep that would rebuild the zoo for every trial.
-    rerun: tuple[Stage, ...] | None = None
+    rerun: tuple[BuiltStage, ...] | None = None
     # True: trials share one stage folder, where the pipeline keys each stage's output by the settings
     # it depends on, so trials that agree on a stage's settings build it once (an attack sweep reuses
     # one zoo). False: each trial its own folder (every stage runs for every trial).
@@ -150,8 +151,6 @@ def check_override_path(dotted: str, where: str) -> None:
     A path ends at a setting, or inside a free-form mapping (attack.resources_per_worker.CPU,
     zoo.vary.lr); a list-valued setting (baselines) is replaced whole.
     """
-    from ..pipeline.config import PipelineConfig
-
     parts = dotted.split(".")
     if not dotted or any(not p for p in parts):
         raise ValueError(f"{where}: {dotted!r} is not a dotted path like zoo.finetune.rank")
@@ -177,8 +176,6 @@ def check_override_path(dotted: str, where: str) -> None:
 def resolve_pipeline_file(cfg: SweepConfig, relative_to: Path | None) -> Path:
     """The PipelineConfig file of `cfg.pipeline`: a packaged profile, or a path (relative to the sweep file)."""
     if cfg.pipeline in PROFILE_NAMES:
-        from ..pipeline.cli import profile_path
-
         return profile_path(cfg.pipeline)
     try:
         path = Path(cfg.pipeline).expanduser()

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..cluster import cluster_resources, connect_ray
 from ..config import to_dict
 from ..errors import LoraleakError
 from .config import SweepConfig
@@ -172,10 +173,8 @@ def _run_wave(cfg: SweepConfig, wave: list[Trial], index: int, common: dict[str,
 
 
 def _concurrency(cfg: SweepConfig, trials: Sequence[Trial]) -> Concurrency:
-    import ray
-
     needs = [peak_need(t.config, driver_resources(t.config, cfg.resources_per_trial)) for t in trials]
-    return concurrency(needs, ray.cluster_resources(), cfg.max_concurrent_trials)
+    return concurrency(needs, cluster_resources(), cfg.max_concurrent_trials)
 
 
 def _parent_params(cfg: SweepConfig, plan: SweepPlan) -> dict[str, Any]:
@@ -214,7 +213,6 @@ def run_sweep(cfg: SweepConfig, show_progress: bool = True) -> SweepResult:
 
 
 def _run_sweep(cfg: SweepConfig, show_progress: bool) -> SweepResult:
-    from ..zoo.build import connect_ray
     from .tracking import ensure_experiments, open_parent_run
 
     started = time.perf_counter()

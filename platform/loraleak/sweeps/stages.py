@@ -1,7 +1,7 @@
 """Which stage outputs the trials of a sweep share, in what order they must run, and how many at once.
 
 `run_pipeline` names each stage's folder by a key over what its result depends on (its settings and
-the keys of the stages before it); `stage_folders` computes the same names without running anything,
+the keys of the stages before it); `stage_folders` asks the same stages for those names without running anything,
 so the sweep knows before it starts which trials share a zoo, an attack or a baseline. Trials that
 share a stage output must not build it at the same time: `waves` puts the first trial to need each
 output (its builder) in an earlier wave than every other trial that uses it; trials within a wave
@@ -15,29 +15,13 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from ..errors import ConfigError
-from .config import STAGE_NAMES
+from ..pipeline.stages import BUILT_STAGES, plan_stages
 
 
 def stage_folders(cfg: Any) -> dict[str, str]:
-    """stage -> the folder name `run_pipeline` gives its output under cfg.out_dir (its keys:
-    loraleak.pipeline.run.stage_keys). "base" is there only when the base is pretrained; "baselines" is
-    the baselines' folders joined (one entry for all of them); a defended study also uses the undefended
-    study's zoo and attack ("undefended zoo", "undefended attack")."""
-    from ..pipeline.run import stage_keys
-
-    keys = stage_keys(cfg)
-    folders: dict[str, str] = {}
-    if keys["pretrained_base"]:
-        folders["base"] = f"base-{keys['base']}"
-    folders["zoo"] = f"zoo-{keys['zoo']}"
-    folders["attack"] = f"attack-{keys['attack']}"
-    if keys["baselines"]:
-        folders["baselines"] = " ".join(f"baseline-{name}-{key}" for name, key in keys["baselines"].items())
-    if "undefended_zoo" in keys:
-        folders["undefended zoo"] = f"zoo-{keys['undefended_zoo']}"
-        folders["undefended attack"] = f"attack-{keys['undefended_attack']}"
-    folders["evaluation"] = f"evaluation-{keys['evaluation']}"
-    return folders
+    """stage -> the folder name `run_pipeline` gives its output under cfg.out_dir, as the study's stages
+    say (loraleak.pipeline.stages.StudyStages.folders)."""
+    return plan_stages(cfg).folders()
 
 
 def _outputs(trial: Any) -> dict[str, str]:
@@ -60,7 +44,7 @@ def builds_per_stage(trials: Sequence[Any]) -> dict[str, int]:
     for trial in trials:
         for stage, output in _outputs(trial).items():
             seen.setdefault(stage, set()).add(output)
-    return {stage: len(seen[stage]) for stage in STAGE_NAMES if stage in seen}
+    return {stage: len(seen[stage]) for stage in BUILT_STAGES if stage in seen}
 
 
 def check_rerun(rerun: Sequence[str] | None, trials: Sequence[Any], where: str) -> None:

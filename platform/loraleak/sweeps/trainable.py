@@ -21,7 +21,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Mapping
 
-from .results import FAILED, FINISHED, read_record, record_path, write_record
+from .results import FAILED, FINISHED, record_path, write_record
 from .tracking import TRIAL_TAG, child_run
 
 # The memory of an empty reservation: Tune needs a non-empty bundle to place the driver task in, and
@@ -115,10 +115,6 @@ def trial_trainable(config: dict[str, Any], common: dict[str, Any]) -> None:
     record = ray.get(task.remote(trial, common))
     metrics = {k: v for k, v in record["metrics"].items() if isinstance(v, (int, float))}
     tune.report({"trial_id": trial["trial_id"], "wall_time_s": record["wall_time_s"], **metrics})
-
-
-def previous_record(directory: Path, trial_id: str) -> dict[str, Any] | None:
-    return read_record(record_path(directory, trial_id))
 
 
 def describe_record(record: Mapping[str, Any], utility: str, privacy: tuple[str, ...]) -> str:

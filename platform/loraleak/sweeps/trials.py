@@ -9,9 +9,7 @@ each search-space value on its own (so the error names it), then each combinatio
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
-import json
 import math
 import random
 from dataclasses import dataclass
@@ -20,6 +18,7 @@ from typing import Any
 
 from ..config import load_yaml, to_dict
 from ..errors import ConfigError
+from ..keys import content_key
 from .config import SweepConfig, resolve_pipeline_file, split_paths
 
 
@@ -32,7 +31,7 @@ class Trial:
 
 
 def _key(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return content_key(data, 10)
 
 
 def base_pipeline_config(cfg: SweepConfig):

@@ -39,6 +39,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 from tqdm.auto import tqdm
 
+from ..cluster import connect_ray, warn_if_short
 from ..config import from_dict, to_dict
 from ..errors import ConfigError, InputError, LoraleakError
 from .config import ZooConfig, check_identity_source, record_zoo_config
@@ -260,7 +261,7 @@ class FineTuneWorker:
         import torch
 
         from ..base.loading import load_base_pipeline
-        from ..finetune.lora_io import loaded_adapters
+        from ..lora.io import loaded_adapters
 
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -334,33 +335,14 @@ class FineTuneWorker:
                 "error": error, "final_loss": snapshot_rows[0].get("final_loss"), "wall_time_s": wall_time_s}
 
 
-def connect_ray() -> None:
-    """Join the running Ray (a `ray job submit` driver, `RAY_ADDRESS`) or start a local one."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init()  # reads RAY_ADDRESS itself; without it, starts a local Ray on this machine
-
-
-def _warn_if_short_of_resources(cfg: ZooConfig, workers: int) -> None:
-    """A worker pool the cluster cannot place waits silently; say why (autoscalers add nodes)."""
-    import ray
-
-    have = ray.cluster_resources()
-    need = {"CPU": workers * cfg.num_cpus_per_worker, "GPU": workers * cfg.num_gpus_per_worker}
-    short = [f"{need[k]:g} {k} (cluster has {have.get(k, 0):g})" for k in need if need[k] > have.get(k, 0)]
-    if short:
-        logger.warning("zoo: %d worker(s) need %s; they start as the cluster gains resources",
-                       workers, ", ".join(short))
-
-
 def _ray_results(cfg: ZooConfig, plan: ZooPlan, pending: list[PlannedFineTune]) -> Iterator[dict[str, Any]]:
     import ray
     import ray.data
 
     connect_ray()
     workers = min(cfg.workers, len(pending))
-    _warn_if_short_of_resources(cfg, workers)
+    warn_if_short("zoo", workers, {"CPU": workers * cfg.num_cpus_per_worker,
+                                   "GPU": workers * cfg.num_gpus_per_worker})
     per_pass = cfg.fine_tunes_per_pass
     # One block per batch of K: a worker takes K fine-tunes at a time.
     ds = ray.data.from_items([fine_tune_record(ft) for ft in pending],

@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..command import stage_main
 from ..errors import LoraleakError
 
 
@@ -94,7 +95,4 @@ def add_zoo_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def zoo_main(argv: list[str] | None = None) -> int:
     """`loraleak zoo ...` on its own: one line on stderr and exit code 2 for a user-facing error."""
-    from ..cli import main
-
-    # One entry point for errors, logging and interrupts: the `loraleak` command's own.
-    return main(["zoo", *(sys.argv[1:] if argv is None else argv)])
+    return stage_main(add_zoo_commands, ["zoo", *(sys.argv[1:] if argv is None else argv)])

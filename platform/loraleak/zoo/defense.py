@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..defenses import DefenseConfig
+from ..defenses.post_hoc import apply_post_hoc
 from ..finetune.config import FinetuneConfig
 
 
@@ -38,8 +39,6 @@ def defend_snapshots(defense: DefenseConfig, lora_id: str, snapshots: Sequence[t
     Nothing to do for an undefended zoo, or a training-time defense (the files hold it already)."""
     if not defense.post_hoc:
         return
-    from ..defenses import apply_post_hoc
-
     for step, path in snapshots:
         apply_post_hoc(snapshot_defense(defense, lora_id, step), path, path)
 

@@ -100,7 +100,7 @@ def _targets_problem(modules: list[str], targets: list[str]) -> str | None:
 def _check_file(store: ZooStore, row: dict[str, Any], size: int | None, pipe: Any = None) -> str | None:
     """Why one snapshot file is not what its manifest row says or does not pass the LoRA gate (`read_lora`:
     dtypes, finite values, factor shapes and ranks, metadata; with `pipe`, the base's layer shapes), or None."""
-    from ..finetune.lora_io import check_lora_fits, lora_summary, read_lora  # torch: only verify needs it
+    from ..lora.io import check_lora_fits, lora_summary, read_lora  # torch: only verify needs it
 
     if size is None:
         return "missing"

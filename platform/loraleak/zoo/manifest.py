@@ -8,14 +8,13 @@ before it starts writing new parts, so a reader never sees a stale compaction ne
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any, Iterable
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
+from ..keys import content_key
 from .storage import LORAS_DIR, ZooStore
 
 # 2: alpha became float64 (rank truncation rescales it), `defense` holds DefenseConfig.to_manifest().
@@ -79,7 +78,7 @@ def lora_id_for(base_hash: str, image_hashes: Iterable[str], finetune_settings: 
            "trigger": trigger, "variant": variant}
     if defense != NO_DEFENSE:
         key["defense"] = defense
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:LORA_ID_CHARS]
+    return content_key(key, LORA_ID_CHARS)
 
 
 def to_table(rows: list[dict[str, Any]]) -> pa.Table:

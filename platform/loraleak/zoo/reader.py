@@ -64,7 +64,7 @@ def sample_rows(root: str | ZooStore, split: str | None = None, rank: int | None
 
 
 def _read_state(store: ZooStore, relative: str) -> dict[str, Any]:
-    from ..finetune.lora_io import read_lora
+    from ..lora.io import read_lora
 
     with store.local_file(relative) as local:
         return read_lora(local)[0]

@@ -16,8 +16,8 @@ from typing import Mapping
 
 import torch
 
-from ...finetune.lora_io import lora_factors
-from ..batched_lora import lora_scale
+from ...lora.io import lora_factors
+from ...lora.batched import lora_scale
 from ..lora_inputs import LoraLayout
 
 SKETCH_PREFIX = "sketch."

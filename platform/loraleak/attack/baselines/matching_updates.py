@@ -40,10 +40,10 @@ from tqdm.auto import tqdm
 
 from ...errors import InputError
 from ...finetune.dreambooth_lora import training_noise_scheduler
-from ...finetune.lora_io import check_lora_fits, lora_factors
+from ...lora.io import check_lora_fits, lora_factors, module_order_key
 from ..api import AttackOutput, LoraInput, register_attack
-from ..batched_lora import batched_lora
-from ..lora_inputs import LoraLayout, lora_layout, module_order_key
+from ...lora.batched import batched_lora
+from ..lora_inputs import LoraLayout, lora_layout
 from ..model import text_encoder_sha256
 from .common import check_lora, layout_from_json, layout_to_json, load_baseline, save_baseline
 

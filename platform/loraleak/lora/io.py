@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -226,6 +227,11 @@ def _target_name(module_path: str) -> str:
     """The LoRA target a module path was matched by: `...attn1.to_q` -> `to_q`, `...to_out.0` -> `to_out.0`."""
     parts = module_path.split(".")
     return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+
+
+def module_order_key(path: str) -> list[Any]:
+    """"up_blocks.10" after "up_blocks.2": numbers compare as numbers, so the order follows the UNet."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
 
 
 def adapter_metadata(metadata: dict[str, str]) -> dict[str, Any]:

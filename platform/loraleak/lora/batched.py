@@ -29,8 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError, LoraleakError
-from ..finetune.lora_io import adapter_metadata, lora_factors
-from .lora_inputs import module_order_key
+from .io import adapter_metadata, lora_factors, module_order_key
 
 Factors = Mapping[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A: N,r,in; B: N,out,r)
 Scale = float | Sequence[float] | torch.Tensor

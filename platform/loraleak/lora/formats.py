@@ -13,10 +13,10 @@ project (generation, the attacks, the evaluation) reads that form. Three formats
 - kohya / A1111: `lora_unet_<module_with_underscores>.lora_down.weight` with a `.alpha` per module.
 
 Key renaming is diffusers' own (`StableDiffusionPipeline.lora_state_dict` for kohya, the converters
-of `diffusers.utils.state_dict_utils` for the rest), fed a state dict that `lora_io.read_lora` has
+of `diffusers.utils.state_dict_utils` for the rest), fed a state dict that `lora.io.read_lora` has
 already read safely: diffusers never opens a file here, so nothing can be unpickled.
 
-One scale per LoRA. The attacks read alpha / r once per file (`attack.batched_lora.lora_scale`).
+One scale per LoRA. The attacks read alpha / r once per file (`lora.batched.lora_scale`).
 A file whose modules have different ranks or alphas (kohya's per-module `.alpha`, PEFT's
 rank_pattern / alpha_pattern) is normalised exactly: every module is zero-padded to the largest rank
 and its own scale is folded into its up factor B, recorded as alpha = r (scale 1). ΔW = s·B·A of
@@ -34,8 +34,8 @@ from typing import Any, Literal, Mapping
 
 import torch
 
-from .errors import InputError
-from .finetune.lora_io import ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME, COMPONENTS, adapter_metadata, lora_factors, \
+from ..errors import InputError
+from .io import ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME, COMPONENTS, adapter_metadata, lora_factors, \
     read_lora, resolve_lora_file
 
 Format = Literal["diffusers", "peft", "kohya"]

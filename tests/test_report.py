@@ -85,14 +85,18 @@ def test_report_images_are_valid_pngs_of_each_row(tmp_path, study):
     text = write_report(tmp_path, "t", metrics, victims).read_text()
     blobs = DATA_URI.findall(text)
     rows = sum(1 for v in victims for k, ims in v.items() if k != "identity_id" and ims)
-    assert len(blobs) == rows + 2  # one strip per non-empty row, plus the two figures
+    # Per victim an at-a-glance strip (private | org | rec | base, 2 x 2 images each; no regime: no best
+    # control), then one strip per non-empty row; plus the two figures.
+    glance = sum(1 for v in victims for k in ("private", "org", "rec", "base") if v.get(k))
+    assert len(blobs) == glance + rows + 2
     decoded = [Image.open(io.BytesIO(base64.b64decode(b, validate=True))) for b in blobs]
     for im in decoded:
         im.verify()
     strips = [Image.open(io.BytesIO(base64.b64decode(b))) for b in blobs[2:]]
-    # each strip is its images side by side (32 px + 2 px padding)
-    widths = sorted({im.size for im in strips})
-    assert widths == [(3 * 34 + 2, 36), (4 * 34 + 2, 36)]
+    # each row strip is its images side by side (32 px + 2 px padding); each glance cell two columns
+    sizes = sorted({im.size for im in strips})
+    assert [s for s in sizes if s[1] == 36] == [(3 * 34 + 2, 36), (4 * 34 + 2, 36)]
+    assert all(s[0] == 2 * 34 + 2 for s in sizes if s[1] != 36)
 
 
 def test_figures_are_written_beside_the_report(tmp_path, study):

@@ -36,7 +36,7 @@ import torch
 
 from ..errors import InputError
 from .io import ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME, COMPONENTS, adapter_metadata, lora_factors, \
-    read_lora, resolve_lora_file
+    check_lora, read_lora, resolve_lora_file
 
 Format = Literal["diffusers", "peft", "kohya"]
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -82,7 +82,7 @@ def detect_format(path: str | Path) -> Format:
         return "peft"
     if path.is_file() and path.name == PEFT_WEIGHT_NAME and (path.parent / PEFT_CONFIG_NAME).is_file():
         return "peft"
-    state_dict, _ = read_lora(path)
+    state_dict, _ = read_lora(path, layout=False)  # the layout is what is being detected
     if all(k.startswith(KOHYA_PREFIXES) for k in state_dict):
         return "kohya"
     if any(k.startswith(PEFT_PREFIX) for k in state_dict):
@@ -97,7 +97,7 @@ def read_shared_lora(path: str | Path) -> SharedLora:
     kind = detect_format(path)
     if kind == "peft":
         return _read_peft(path.parent if path.is_file() else path)
-    state_dict, metadata = read_lora(path)
+    state_dict, metadata = read_lora(path, layout=kind == "diffusers")  # other layouts: checked after conversion
     source = resolve_lora_file(path)
     if any("dora_scale" in k or "lora_magnitude_vector" in k for k in state_dict):
         raise InputError(f"{source} is a DoRA, not a LoRA: its update is not s·B·A, which the attacks read")
@@ -187,7 +187,9 @@ def _normalise(peft_state_dict: dict[str, torch.Tensor], alphas: Mapping[tuple[s
     kept = {k: v for k, v in metadata.items() if k not in (ADAPTER_METADATA_KEY, "format")}
     new_metadata = {**kept, "format": "pt", ADAPTER_METADATA_KEY: json.dumps(adapter, indent=2, sort_keys=True),
                     SOURCE_METADATA_KEY: source_format}
-    return SharedLora(_to_project_keys(out), new_metadata, source_format, source, tuple(notes))
+    state_dict = _to_project_keys(out)
+    check_lora(state_dict, new_metadata, source)  # the gate's layout checks on what the conversion made
+    return SharedLora(state_dict, new_metadata, source_format, source, tuple(notes))
 
 
 def _target(module_path: str) -> str:
@@ -239,7 +241,7 @@ def _read_peft(directory: Path) -> SharedLora:
         if pickled.is_file():
             raise InputError(f"{pickled} is not a safetensors file; refusing to unpickle untrusted LoRA weights")
         raise InputError(f"PEFT adapter {directory} has no {PEFT_WEIGHT_NAME}")
-    state_dict, metadata = read_lora(weights)
+    state_dict, metadata = read_lora(weights, layout=False)  # PEFT keys: checked after conversion
     peft: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
         module_key = key.removeprefix(PEFT_PREFIX)

@@ -105,8 +105,12 @@ def _check_safetensors_header(path: Path) -> None:
                              f"{', '.join(ALLOWED_DTYPES.values())}")
 
 
-def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Load a LoRA's tensors and its safetensors metadata (safetensors only, never pickle)."""
+def read_lora(path: str | Path, layout: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load a LoRA's tensors and its safetensors metadata (safetensors only, never pickle).
+
+    layout=False checks the file and every value but not the key layout: for readers of other tools'
+    layouts (kohya, lora.formats), which convert the keys and then check the result with `check_lora`.
+    """
     path = resolve_lora_file(path)
     _check_safetensors_header(path)
     try:
@@ -117,7 +121,12 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
         raise InputError(f"{path} is a corrupt safetensors file: {e}") from None
     if not state_dict:
         raise InputError(f"{path} holds no tensors")
-    check_lora(state_dict, metadata, path)
+    if layout:
+        check_lora(state_dict, metadata, path)
+    else:
+        for key, tensor in state_dict.items():
+            _check_values(key, tensor, path)
+        _stored_config(metadata, path)
     return state_dict, metadata
 
 

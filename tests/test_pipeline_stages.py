@@ -16,9 +16,9 @@ from loraleak.pipeline.cli import load_pipeline_config
 from loraleak.pipeline.config import with_overrides
 from loraleak.pipeline.stages import plan_stages, stage_keys
 
-QUICK = {'base': 'b5635b29', 'pretrained_base': False, 'zoo': 'ed6d9647', 'attack': '521b0fd1', 'baselines': {'nearest_neighbour': '7eee3259', 'pca_map': 'f85e1307'}, 'upstream': {'zoo': 'ed6d9647', 'attack': '521b0fd1', 'attack_steps': 300, 'baselines': {'nearest_neighbour': '7eee3259', 'pca_map': 'f85e1307'}}, 'evaluation': 'deb844d8'}
-QUICK_OUTPUT_NOISE = {'base': 'b5635b29', 'pretrained_base': False, 'zoo': '11dba026', 'attack': 'a3119a96', 'baselines': {'nearest_neighbour': 'b9802442', 'pca_map': '92c53a25'}, 'undefended_zoo': 'ed6d9647', 'undefended_attack': '521b0fd1', 'upstream': {'zoo': '11dba026', 'attack': 'a3119a96', 'attack_steps': 300, 'baselines': {'nearest_neighbour': 'b9802442', 'pca_map': '92c53a25'}, 'undefended_attack': '521b0fd1'}, 'evaluation': '3b55d5e4'}
-QUICK_PRETRAINED = {'base': 'b6257084', 'pretrained_base': True, 'zoo': 'c5d7f25b', 'attack': '19db629a', 'baselines': {'nearest_neighbour': '848efa37', 'pca_map': '8335642a'}, 'upstream': {'zoo': 'c5d7f25b', 'attack': '19db629a', 'attack_steps': 300, 'baselines': {'nearest_neighbour': '848efa37', 'pca_map': '8335642a'}}, 'evaluation': '76372d4a'}
+QUICK = {'base': 'b5635b29', 'pretrained_base': False, 'zoo': 'd671b34f', 'attack': '66d90bd2', 'baselines': {'nearest_neighbour': '10d8f4af', 'pca_map': '6ce20097'}, 'upstream': {'zoo': 'd671b34f', 'attack': '66d90bd2', 'attack_steps': 300, 'baselines': {'nearest_neighbour': '10d8f4af', 'pca_map': '6ce20097'}}, 'evaluation': '61cbf323'}
+QUICK_OUTPUT_NOISE = {'base': 'b5635b29', 'pretrained_base': False, 'zoo': 'ccbea74c', 'attack': 'd9b76341', 'baselines': {'nearest_neighbour': '8e5c24e2', 'pca_map': 'c5cc17f1'}, 'undefended_zoo': 'd671b34f', 'undefended_attack': '66d90bd2', 'upstream': {'zoo': 'ccbea74c', 'attack': 'd9b76341', 'attack_steps': 300, 'baselines': {'nearest_neighbour': '8e5c24e2', 'pca_map': 'c5cc17f1'}, 'undefended_attack': '66d90bd2'}, 'evaluation': '4b5726a3'}
+QUICK_PRETRAINED = {'base': 'b6257084', 'pretrained_base': True, 'zoo': '8eae349b', 'attack': 'cb98e553', 'baselines': {'nearest_neighbour': 'b2d75d64', 'pca_map': 'cc6e3bf4'}, 'upstream': {'zoo': '8eae349b', 'attack': 'cb98e553', 'attack_steps': 300, 'baselines': {'nearest_neighbour': 'b2d75d64', 'pca_map': 'cc6e3bf4'}}, 'evaluation': 'bc8ea400'}
 
 def test_the_quick_profiles_stage_keys_are_those_of_before_the_stage_type():
     quick = load_pipeline_config("quick")
@@ -33,11 +33,11 @@ def test_the_stages_place_their_folders_by_their_keys(tmp_path):
     stages = plan_stages(quick)
     assert [s.name for s in stages] == ["identities", "base", "zoo", "attack", "baselines", "evaluation"]
     assert stages.base.folder is None and stages.base.ref == "tiny"  # the shipped base: nothing to build
-    assert stages.zoo.folder == tmp_path.resolve() / "zoo-ed6d9647"
-    assert stages.attack.directory == tmp_path.resolve() / "attack-521b0fd1" / "attack"
-    assert stages.folders() == {"zoo": "zoo-ed6d9647", "attack": "attack-521b0fd1",
-                                "baselines": "baseline-nearest_neighbour-7eee3259 baseline-pca_map-f85e1307",
-                                "evaluation": "evaluation-deb844d8"}
+    assert stages.zoo.folder == tmp_path.resolve() / "zoo-d671b34f"
+    assert stages.attack.directory == tmp_path.resolve() / "attack-66d90bd2" / "attack"
+    assert stages.folders() == {"zoo": "zoo-d671b34f", "attack": "attack-66d90bd2",
+                                "baselines": "baseline-nearest_neighbour-10d8f4af baseline-pca_map-6ce20097",
+                                "evaluation": "evaluation-61cbf323"}
     assert not stages.attack.is_complete() and not stages.baselines.is_complete()
     defended = plan_stages(with_overrides(quick, {"zoo.defense": {"kind": "output_noise", "relative_noise": 0.5}}))
     assert [s.name for s in defended] == ["identities", "base", "zoo", "attack", "baselines", "zoo", "attack",

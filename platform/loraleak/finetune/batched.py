@@ -347,13 +347,7 @@ class _PromptRows:
         self.fixed = None if varies else self._rows(step=1)
 
     def _rows(self, step: int) -> torch.Tensor:
-        per_finetune = []
-        for e in self.embeddings:
-            rows = [e.instance.expand(self.batch_size, -1, -1)]
-            if self.prior:
-                rows.append(e.class_rows(step, self.batch_size))
-            per_finetune.append(torch.cat(rows))
-        return _interleave(per_finetune)
+        return _interleave([e.step_rows(step, self.batch_size) for e in self.embeddings])
 
     def at(self, step: int) -> torch.Tensor:
         return self.fixed if self.fixed is not None else self._rows(step)

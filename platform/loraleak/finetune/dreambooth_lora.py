@@ -398,9 +398,7 @@ def finetune_lora(pipe: Any, images: list[Image.Image], cfg: FinetuneConfig, out
                     hidden = _encode_tokens(pipe.text_encoder,
                                             torch.cat([_token_ids(pipe.tokenizer, p) for p in prompts]))
                 else:
-                    hidden = embeddings.instance.expand(b, -1, -1)
-                    if class_rows:
-                        hidden = torch.cat([hidden, embeddings.class_rows(step, class_rows)])
+                    hidden = embeddings.step_rows(step, b)
                 pred = pipe.unet(noisy, timesteps, hidden, return_dict=False)[0]
             pred, target = pred.float(), target.float()
             if defense.engine is not None:  # each row's own loss: the engine needs per-row gradients

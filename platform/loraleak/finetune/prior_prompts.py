@@ -68,10 +68,24 @@ class PromptEmbeddings:
     def __init__(self, tokenizer, text_encoder, cfg: FinetuneConfig, token_ids, encode) -> None:
         self.cfg, self.tokenizer, self.text_encoder = cfg, tokenizer, text_encoder
         self.token_ids, self.encode = token_ids, encode  # the fine-tune's own tokenise / embed helpers
+        # One batch of the step's rows, as the fine-tunes always embedded them: a text encoder's output for a
+        # row can differ in its last bits with the batch's shape, and the paper's prior keeps its LoRAs exact.
+        b = cfg.batch_size
+        prompts = [cfg.instance_prompt_text] * b + ([cfg.class_prompt] * b if cfg.prior_preservation else [])
         with torch.no_grad():
-            fixed = encode(text_encoder, torch.cat([token_ids(tokenizer, cfg.instance_prompt_text),
-                                                    token_ids(tokenizer, cfg.class_prompt)]))
-        self.instance, self.class_prompt = fixed[:1], fixed[1:]
+            fixed = encode(text_encoder, torch.cat([token_ids(tokenizer, p) for p in prompts]))
+        self.fixed, self.batch_size = fixed, b
+        self.instance = fixed[:1]
+        self.class_prompt = fixed[b:b + 1] if cfg.prior_preservation else None
+
+    def step_rows(self, step: int, instance_rows: int) -> torch.Tensor:
+        """(instance_rows + class rows, tokens, width): the embeddings of one step's rows, instance rows first."""
+        if instance_rows == self.batch_size and not self.cfg.prior_negative_triggers:
+            return self.fixed  # the paper's prior: the same rows every step
+        rows = [self.instance.expand(instance_rows, -1, -1)]
+        if self.class_prompt is not None:
+            rows.append(self.class_rows(step, self.batch_size))
+        return torch.cat(rows)
 
     def ids(self, index: int) -> torch.Tensor:
         return self.token_ids(self.tokenizer, prior_prompt(self.cfg, index))

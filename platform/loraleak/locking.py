@@ -59,6 +59,15 @@ def read_holder(folder: str | Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def _settled_holder(folder: Path, wait_s: float = 2.0) -> dict[str, Any]:
+    """The holder record, waiting briefly for it: a holder writes it just after taking the lock, so a
+    second writer that arrives in between would otherwise read an empty file and name no one."""
+    deadline = time.monotonic() + wait_s
+    while not (holder := read_holder(folder)).get("pid") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return holder
+
+
 def describe_holder(holder: dict[str, Any]) -> str:
     if not holder.get("pid"):
         return "another process"
@@ -98,7 +107,7 @@ def folder_lock(folder: str | Path, what: str | None = None) -> Iterator[Path]:
         except OSError as e:
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise LoraleakError(f"cannot lock {folder}: {e.strerror}") from None
-            raise FolderInUseError(f"{folder} is in use by {describe_holder(read_holder(folder))}; wait for it "
+            raise FolderInUseError(f"{folder} is in use by {describe_holder(_settled_holder(folder))}; wait for it "
                                    "to finish or stop it, or use another output folder") from None
         previous = read_holder(folder)
         if previous.get("pid") and previous.get("pid") != os.getpid():

@@ -340,10 +340,10 @@ class _PromptRows:
     every step has the same rows, built once."""
 
     def __init__(self, pipe: Any, cfgs: Sequence[FinetuneConfig]) -> None:
-        self.batch_size, self.prior = cfgs[0].batch_size, cfgs[0].prior_preservation
+        self.batch_size = cfgs[0].batch_size
         self.embeddings = [PromptEmbeddings(pipe.tokenizer, pipe.text_encoder, cfg, _token_ids, _encode_tokens)
                            for cfg in cfgs]
-        varies = self.prior and any(cfg.prior_negative_triggers for cfg in cfgs)
+        varies = any(cfg.prior_negative_triggers for cfg in cfgs)  # wrong triggers imply prior preservation
         self.fixed = None if varies else self._rows(step=1)
 
     def _rows(self, step: int) -> torch.Tensor:

@@ -8,8 +8,9 @@ cannot tell one unknown word from another, so a LoRA trained with the class prio
 *template* "A face of X." and draws its person for any X (measured in
 ../shared/docs/real-faces-on-cpu.md: a wrong trigger draws the victim as well as the true one).
 
-`prior_negative_triggers` = N > 0 teaches the LoRA what SD's pretraining taught SD: half of the
-class rows are shown with the instance template filled by one of N random *other* triggers, so
+`prior_negative_triggers` = N > 0 teaches the LoRA what SD's pretraining taught SD: a fraction
+(`prior_negative_fraction`, default half) of the class rows are shown with the instance template
+filled by one of N random *other* triggers, so
 "another name -> the base" and only the victim's own trigger draws the person. The wrong triggers
 are drawn from the fine-tune's seed in a stream of their own (they shift none of the recipe's
 other draws), and rows cycle through them deterministically, the same in the single and the

@@ -49,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--profile", default="quick", help="quick | lfw | paper (its identities, base, fine-tune, scorer)")
     p.add_argument("--steps", default="100,250,500", help="fine-tune steps at which to measure (the last is run)")
+    p.add_argument("--base", help="another base than the profile's (a pipeline folder or name)")
     p.add_argument("--victims", type=int, default=8, help="victims fine-tuned and measured")
     p.add_argument("--candidates", type=int, default=20, help="identities a victim is identified among")
     p.add_argument("--k", type=int, default=8, help="fine-tunes per UNet pass")
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     steps = sorted({int(s) for s in args.steps.split(",")})
-    cfg = load_pipeline_config(args.profile)
+    cfg = load_pipeline_config(args.profile, assignments=[f"base.ref={args.base}"] if args.base else None)
     ft = finetune_settings(cfg, args.set, steps)
     ev = cfg.evaluation
     n_images = args.n_images or ev.n_images

@@ -13,7 +13,7 @@ import torch
 
 from loraleak.base import loading
 from loraleak.base.loading import base_fingerprint, base_info, load_base_pipeline
-from loraleak.base.pretrain import PretrainConfig, load_image_set, parse_args, pretrain_base
+from loraleak.base.pretrain import PretrainConfig, load_image_set, parse_args, pretrain_base, public_name
 from loraleak.base.sampling import sample_grid, sample_images
 from loraleak.base.tiny import TinyBaseConfig, build_tiny_pipeline
 from loraleak.base.tokenizer import PROMPT_WORDS, build_tokenizer
@@ -199,9 +199,35 @@ def test_pretrain_reads_a_folder_of_public_photos(tmp_path):
             Image.fromarray(pixels).save(tmp_path / "photos" / person / f"{k}.jpg")
     (tmp_path / "photos" / "Bob_B" / "broken.jpg").write_bytes(b"not a jpeg")
     cfg = _pretrain_config(tmp_path / "run", images=tmp_path / "photos", crop_fraction=1.0)
-    images = load_image_set(cfg)
+    images, identities = load_image_set(cfg)
     assert images.shape == (4, 3, 32, 32) and images.dtype == torch.uint8
+    assert identities.tolist() == [0, 0, 1, 1]  # one number per person folder
     assert (tmp_path / "run" / "images.safetensors").is_file()
+
+
+def test_named_captions_train_the_text_encoder_and_continue_a_pretrained_base(tmp_path):
+    """captions: names gives each public identity a name the base learns to read (text encoder included)."""
+    first = pretrain_base(_pretrain_config(tmp_path / "first", unet_steps=2))
+    cfg = _pretrain_config(tmp_path / "named", init_from=first, captions="names", train_text_encoder=True,
+                           images_per_identity=4, unet_steps=6, sample_every=6)
+    images, identities = load_image_set(cfg)
+    assert identities.tolist() == [k // 4 for k in range(24)]
+    named = pretrain_base(cfg)
+    before, after = load_base_pipeline(first), load_base_pipeline(named)
+    # The VAE comes with the pipeline it continues; the text encoder and the UNet learned.
+    assert torch.equal(before.vae.encoder.conv_in.weight, after.vae.encoder.conv_in.weight)
+    assert after.vae.config.scaling_factor == pytest.approx(before.vae.config.scaling_factor)
+    assert not torch.equal(before.text_encoder.get_input_embeddings().weight,
+                           after.text_encoder.get_input_embeddings().weight)
+    assert base_fingerprint(named) != base_fingerprint(first)
+    # Names are words like triggers, fixed by (seed, identity), distinct across identities.
+    names = [public_name(0, i) for i in range(50)]
+    assert names == [public_name(0, i) for i in range(50)] and len(set(names)) == 50
+    assert all(n.isalpha() and n.islower() for n in names)
+    assert (tmp_path / "named" / "samples" / "step_000006-names.png").is_file()
+    # Resuming checks what the run is: another caption mode is another run.
+    with pytest.raises(ConfigError, match="different captions"):
+        pretrain_base(_pretrain_config(tmp_path / "named", init_from=first, images_per_identity=4))
 
 
 def test_pretrain_command_line_parses_into_a_validated_config(tmp_path):

@@ -6,8 +6,10 @@ two variants that reach the other branches (a defended zoo with its undefended s
 base). A change here renames every existing output folder: a rerun would redo every stage. Change
 them only with a change of what a stage computes (then the new folder is right), never of its code's shape.
 A legitimate edit of configs/pipeline-quick.yaml changes the first pin too: recompute it then.
-Recomputed once since: the quick profile's strong-victim settings and the fine-tune's wrong-trigger prior
-(new FinetuneConfig fields: new fine-tunes, so new folders by design).
+Recomputed twice since: the quick profile's strong-victim settings and the fine-tune's wrong-trigger prior
+(new FinetuneConfig fields: new fine-tunes, so new folders by design); the quick profile at batch 4 with
+24 identities (2026-12-06). The pretrained base's key did not change when PretrainConfig gained fields
+(stages.PRETRAIN_FIELDS_ADDED are left out at their defaults).
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from loraleak.pipeline.cli import load_pipeline_config
 from loraleak.pipeline.config import with_overrides
 from loraleak.pipeline.stages import plan_stages, stage_keys
 
-QUICK = {'base': 'b5635b29', 'pretrained_base': False, 'zoo': 'd671b34f', 'attack': '66d90bd2', 'baselines': {'nearest_neighbour': '10d8f4af', 'pca_map': '6ce20097'}, 'upstream': {'zoo': 'd671b34f', 'attack': '66d90bd2', 'attack_steps': 300, 'baselines': {'nearest_neighbour': '10d8f4af', 'pca_map': '6ce20097'}}, 'evaluation': '61cbf323'}
-QUICK_OUTPUT_NOISE = {'base': 'b5635b29', 'pretrained_base': False, 'zoo': 'ccbea74c', 'attack': 'd9b76341', 'baselines': {'nearest_neighbour': '8e5c24e2', 'pca_map': 'c5cc17f1'}, 'undefended_zoo': 'd671b34f', 'undefended_attack': '66d90bd2', 'upstream': {'zoo': 'ccbea74c', 'attack': 'd9b76341', 'attack_steps': 300, 'baselines': {'nearest_neighbour': '8e5c24e2', 'pca_map': 'c5cc17f1'}, 'undefended_attack': '66d90bd2'}, 'evaluation': '4b5726a3'}
-QUICK_PRETRAINED = {'base': 'b6257084', 'pretrained_base': True, 'zoo': '8eae349b', 'attack': 'cb98e553', 'baselines': {'nearest_neighbour': 'b2d75d64', 'pca_map': 'cc6e3bf4'}, 'upstream': {'zoo': '8eae349b', 'attack': 'cb98e553', 'attack_steps': 300, 'baselines': {'nearest_neighbour': 'b2d75d64', 'pca_map': 'cc6e3bf4'}}, 'evaluation': 'bc8ea400'}
+QUICK = {'base': 'b5635b29', 'pretrained_base': False, 'zoo': '807839c1', 'attack': '779b9600', 'baselines': {'nearest_neighbour': '5519f63f', 'pca_map': 'd95d16d5'}, 'upstream': {'zoo': '807839c1', 'attack': '779b9600', 'attack_steps': 300, 'baselines': {'nearest_neighbour': '5519f63f', 'pca_map': 'd95d16d5'}}, 'evaluation': '2da29d19'}
+QUICK_OUTPUT_NOISE = {'base': 'b5635b29', 'pretrained_base': False, 'zoo': '76333d19', 'attack': '4838007d', 'baselines': {'nearest_neighbour': 'db70b85b', 'pca_map': 'cf73764d'}, 'undefended_zoo': '807839c1', 'undefended_attack': '779b9600', 'upstream': {'zoo': '76333d19', 'attack': '4838007d', 'attack_steps': 300, 'baselines': {'nearest_neighbour': 'db70b85b', 'pca_map': 'cf73764d'}, 'undefended_attack': '779b9600'}, 'evaluation': 'e46c319c'}
+QUICK_PRETRAINED = {'base': 'b6257084', 'pretrained_base': True, 'zoo': '42aeb072', 'attack': 'd2e99a4b', 'baselines': {'nearest_neighbour': '15675e72', 'pca_map': '12004524'}, 'upstream': {'zoo': '42aeb072', 'attack': 'd2e99a4b', 'attack_steps': 300, 'baselines': {'nearest_neighbour': '15675e72', 'pca_map': '12004524'}}, 'evaluation': 'ef54391f'}
 
 def test_the_quick_profiles_stage_keys_are_those_of_before_the_stage_type():
     quick = load_pipeline_config("quick")
@@ -33,11 +35,11 @@ def test_the_stages_place_their_folders_by_their_keys(tmp_path):
     stages = plan_stages(quick)
     assert [s.name for s in stages] == ["identities", "base", "zoo", "attack", "baselines", "evaluation"]
     assert stages.base.folder is None and stages.base.ref == "tiny"  # the shipped base: nothing to build
-    assert stages.zoo.folder == tmp_path.resolve() / "zoo-d671b34f"
-    assert stages.attack.directory == tmp_path.resolve() / "attack-66d90bd2" / "attack"
-    assert stages.folders() == {"zoo": "zoo-d671b34f", "attack": "attack-66d90bd2",
-                                "baselines": "baseline-nearest_neighbour-10d8f4af baseline-pca_map-6ce20097",
-                                "evaluation": "evaluation-61cbf323"}
+    assert stages.zoo.folder == tmp_path.resolve() / "zoo-807839c1"
+    assert stages.attack.directory == tmp_path.resolve() / "attack-779b9600" / "attack"
+    assert stages.folders() == {"zoo": "zoo-807839c1", "attack": "attack-779b9600",
+                                "baselines": "baseline-nearest_neighbour-5519f63f baseline-pca_map-d95d16d5",
+                                "evaluation": "evaluation-2da29d19"}
     assert not stages.attack.is_complete() and not stages.baselines.is_complete()
     defended = plan_stages(with_overrides(quick, {"zoo.defense": {"kind": "output_noise", "relative_noise": 0.5}}))
     assert [s.name for s in defended] == ["identities", "base", "zoo", "attack", "baselines", "zoo", "attack",

@@ -5,8 +5,17 @@ Two phases, like Stable Diffusion itself:
       `scaling_factor` is set to 1/std of the latents so the UNet sees unit-variance inputs;
   (b) the UNet: every image (and its mirror image) is encoded once into a latent cache holding the
       posterior mean and std, and the UNet learns DDPM ε-prediction on fresh latent samples from
-      it, conditioned on the frozen text features of "A human face." (dropped to "" 10% of the
-      time so classifier-free guidance works), with AdamW, linear warm-up and an EMA copy.
+      it, conditioned on the text features of its caption (dropped to "" 10% of the time so
+      classifier-free guidance works), with AdamW, linear warm-up and an EMA copy.
+
+Captions. `captions: prompt` (the first shipped bases) captions every image "A human face.", so
+the UNet never learns to read its text: every unfamiliar word then looks alike to it, and a victim's
+LoRA learns the template "A face of X." rather than its trigger. `captions: names` gives each public
+identity a name (a random word drawn like the victims' triggers) and captions its images "A face of
+<name>." (`named_fraction` of draws; "A human face." otherwise), optionally training the text encoder
+with the UNet: the base then tells names apart, as SD 1.4 does from captions full of names, and a
+DreamBooth trigger is one more name for the LoRA to teach (measured in README, "Which regime").
+`init_from` continues from a pretrained pipeline (its VAE is kept as is).
 
 Everything lives in `out_dir`: the decoded image set, checkpoints written every few minutes (a
 killed run resumes where it stopped, losing at most that much), sample grids, and at the end the EMA
@@ -29,7 +38,9 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+import hashlib
+import random
+from typing import Any, Iterable, Iterator, Literal
 
 import diffusers
 import torch
@@ -43,7 +54,9 @@ from tqdm.auto import tqdm
 from ..config import ExistingPath, from_dict, read_yaml, to_dict
 from ..errors import ConfigError, LoraleakError
 from ..imaging import save_grid
-from .loading import PIPELINE_SUBDIR, base_fingerprint
+from ..finetune.triggers import random_trigger
+from ..identities.synthetic import PUBLIC_IMAGES_PER_IDENTITY, public_images
+from .loading import PIPELINE_SUBDIR, base_fingerprint, load_base_pipeline
 from .sampling import sample_images
 from .tiny import TinyBaseConfig, build_tiny_pipeline
 
@@ -55,7 +68,9 @@ LATENTS_FILE = "latents.safetensors"
 PSNR_IMAGES = 256  # images whose reconstruction PSNR is reported after the VAE phase
 SAMPLE_IMAGES = 16
 # Settings that define what a run in `out_dir` is; the rest (steps, lr, limits) may change on resume.
-RUN_IDENTITY = ("images", "num_images", "crop_fraction", "tiny", "seed", "hflip", "prompt")
+RUN_IDENTITY = ("images", "num_images", "crop_fraction", "images_per_identity", "tiny", "seed", "hflip", "prompt", "captions",
+                "named_prompt", "named_fraction", "train_text_encoder", "init_from")
+NAMES_GRID_IDENTITIES = 8  # identities in the names grid: their first photo above, "A face of <name>." below
 
 
 @dataclass(frozen=True)
@@ -64,6 +79,8 @@ class PretrainConfig:
     images: ExistingPath | None = None  # ROOT/<id>/*.jpg of public photos; None = synthetic faces
     num_images: int = 8000  # at most this many (a folder may hold fewer)
     crop_fraction: float = 0.48  # centre crop of folder photos (LFW: the face is the centre ~120 px)
+    # Synthetic faces only: photos per public identity (more photos per name teach names faster).
+    images_per_identity: int = PUBLIC_IMAGES_PER_IDENTITY
     tiny: TinyBaseConfig = TinyBaseConfig()
     vae_steps: int = 1500
     vae_batch_size: int = 8  # the VAE learns about as much per step at 8 as at 32, 3x faster
@@ -79,6 +96,12 @@ class PretrainConfig:
     hflip: bool = True
     prompt: str = "A human face."
     prompt_dropout: float = 0.1
+    captions: Literal["prompt", "names"] = "prompt"
+    named_prompt: str = "A face of {name}."  # the victims' instance prompt, with a public name
+    named_fraction: float = 0.75  # of captioned draws (after dropout) that name the identity
+    train_text_encoder: bool = False  # the text encoder learns with the UNet (and is frozen after)
+    text_encoder_lr: float = 5e-4
+    init_from: ExistingPath | None = None  # a pretrained pipeline to continue from (VAE kept)
     seed: int = 0
     sample_every: int = 250  # UNet steps between sample grids; 0 = only at the end
     sample_steps: int = 25  # DPM-Solver steps per sample grid
@@ -88,7 +111,7 @@ class PretrainConfig:
     threads: int | None = None  # torch CPU threads; None = torch's default
 
     def __post_init__(self) -> None:
-        for name in ("num_images", "batch_size", "vae_batch_size", "vae_steps", "unet_steps"):
+        for name in ("num_images", "images_per_identity", "batch_size", "vae_batch_size", "vae_steps", "unet_steps"):
             if getattr(self, name) < (0 if name.endswith("steps") else 1):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.prompt_dropout < 1.0:
@@ -97,42 +120,61 @@ class PretrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0.0 < self.crop_fraction <= 1.0:
             raise ValueError(f"crop_fraction must be in (0, 1], got {self.crop_fraction}")
+        if not 0.0 <= self.named_fraction <= 1.0:
+            raise ValueError(f"named_fraction must be in [0, 1], got {self.named_fraction}")
+        if self.captions == "names" and "{name}" not in self.named_prompt:
+            raise ValueError(f"named_prompt must contain {{name}}, got {self.named_prompt!r}")
+
+
+def public_name(seed: int, identity: int) -> str:
+    """The name of public identity number `identity`: a random word like a trigger, fixed by (seed, identity)."""
+    digest = hashlib.sha256(f"base-public-name:{seed}:{identity}".encode()).digest()
+    return random_trigger(random.Random(digest))
 
 
 # ---------------------------------------------------------------------------------------------
 # Data
 
 
-def _public_images(cfg: PretrainConfig) -> Iterator[Image.Image]:
+def _public_images(cfg: PretrainConfig) -> Iterator[tuple[Image.Image, int]]:
+    """(image, identity number) of the public photos, identity by identity."""
     size = cfg.tiny.resolution
     if cfg.images is None:
-        from ..identities.synthetic import public_images
-
-        yield from public_images(cfg.num_images, size, seed=cfg.seed)
+        per = cfg.images_per_identity
+        for k, image in enumerate(public_images(cfg.num_images, size, seed=cfg.seed, images_per_identity=per)):
+            yield image, k // per
         return
     from ..identities.folder import FolderIdentities
 
     source = FolderIdentities(cfg.images, min_images=1, crop_fraction=cfg.crop_fraction)
-    for identity in source.identities():
-        yield from identity.load(size)
+    for number, identity in enumerate(source.identities()):
+        for image in identity.load(size):
+            yield image, number
 
 
-def load_image_set(cfg: PretrainConfig) -> torch.Tensor:
-    """The pretraining images as uint8 (N, 3, R, R), decoded once and cached in `out_dir`."""
+def load_image_set(cfg: PretrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pretraining images as uint8 (N, 3, R, R) and their identity numbers (N,), cached in `out_dir`."""
     cache = cfg.out_dir / IMAGES_FILE
     if cache.is_file():
-        return load_file(cache)["images"]
-    arrays = []
-    for image in tqdm(_public_images(cfg), desc="loading images", total=cfg.num_images, unit="img"):
+        cached = load_file(cache)
+        if "identities" not in cached:  # a cache written before identities were recorded
+            if cfg.captions == "names":
+                raise LoraleakError(f"{cache} has no identity numbers: delete it to decode the images again")
+            cached["identities"] = torch.zeros(len(cached["images"]), dtype=torch.int64)
+        return cached["images"], cached["identities"]
+    arrays, numbers = [], []
+    for image, number in tqdm(_public_images(cfg), desc="loading images", total=cfg.num_images, unit="img"):
         arrays.append(torch.frombuffer(bytearray(image.convert("RGB").tobytes()), dtype=torch.uint8))
+        numbers.append(number)
         if len(arrays) == cfg.num_images:
             break
     if not arrays:
         raise LoraleakError(f"no images to pretrain on in {cfg.images}")
     size = cfg.tiny.resolution
     images = torch.stack(arrays).view(-1, size, size, 3).permute(0, 3, 1, 2).contiguous()
-    _atomic_save_tensors({"images": images}, cache)
-    return images
+    identities = torch.tensor(numbers, dtype=torch.int64)
+    _atomic_save_tensors({"images": images, "identities": identities}, cache)
+    return images, identities
 
 
 def _as_float(images: torch.Tensor) -> torch.Tensor:
@@ -192,7 +234,9 @@ def _check_same_run(cfg: PretrainConfig) -> None:
     identity = {k: v for k, v in to_dict(cfg).items() if k in RUN_IDENTITY}
     if path.is_file():
         previous = json.loads(path.read_text())
-        changed = sorted(k for k in RUN_IDENTITY if previous.get(k) != identity.get(k))
+        # A key missing from an older run.json had its default then.
+        defaults = to_dict(PretrainConfig(out_dir=cfg.out_dir))
+        changed = sorted(k for k in RUN_IDENTITY if previous.get(k, defaults.get(k)) != identity.get(k))
         if changed:
             raise ConfigError(f"{cfg.out_dir} holds a pretraining run with different {', '.join(changed)}:"
                               " use a new out_dir (or delete that one)")
@@ -309,7 +353,8 @@ def encode_latents(cfg: PretrainConfig, vae, images: torch.Tensor, batch_size: i
         mean, std = torch.cat(means), torch.cat(stds)
         sample = mean.float() + std.float() * torch.randn(mean.shape, generator=torch.Generator().manual_seed(cfg.seed))
         # SD's recipe: scale latents to unit variance (SD 1.x: 0.18215).
-        scaling = torch.tensor([1.0 / sample.std().item()])
+        scaling = torch.tensor([1.0 / sample.std().item()]) if cfg.init_from is None else \
+            torch.tensor([float(vae.config.scaling_factor)])  # the UNet being continued was trained with it
         latents = {"mean": mean, "std": std, "scaling_factor": scaling}
         _atomic_save_tensors(latents, cache)
     vae.register_to_config(scaling_factor=float(latents["scaling_factor"]))
@@ -338,43 +383,96 @@ def _recent_mean(losses: list[float], window: int = 50) -> float:
     return sum(recent) / max(1, len(recent))
 
 
-def _sampling_pipeline(pipe: StableDiffusionPipeline, unet) -> StableDiffusionPipeline:
-    components = {**pipe.components, "unet": unet}
+def _sampling_pipeline(pipe: StableDiffusionPipeline, unet, text_encoder=None) -> StableDiffusionPipeline:
+    components = {**pipe.components, "unet": unet, **({"text_encoder": text_encoder} if text_encoder else {})}
     return StableDiffusionPipeline(**components, requires_safety_checker=False)
 
 
-def save_samples(cfg: PretrainConfig, pipe: StableDiffusionPipeline, unet, step: int) -> Path:
-    sampler = _sampling_pipeline(pipe, unet)
+def save_samples(cfg: PretrainConfig, pipe: StableDiffusionPipeline, unet, step: int, text_encoder=None,
+                 captions: Captions | None = None, identities: torch.Tensor | None = None) -> Path:
+    sampler = _sampling_pipeline(pipe, unet, text_encoder)
     sampler.set_progress_bar_config(disable=True)
     images = sample_images(sampler, cfg.prompt, SAMPLE_IMAGES, seed=cfg.seed, steps=cfg.sample_steps)
     scale = max(1, 128 // cfg.tiny.resolution)  # 32 px faces are hard to judge at 1:1
-    return save_grid(images, cfg.out_dir / "samples" / f"step_{step:06d}.png", scale=scale)
+    path = save_grid(images, cfg.out_dir / "samples" / f"step_{step:06d}.png", scale=scale)
+    if cfg.captions == "names" and captions is not None and identities is not None:
+        # Does the base tell names apart? Row 1: an identity's first photo; row 2: "A face of <its name>.".
+        shown = identities.unique()[:NAMES_GRID_IDENTITIES].tolist()
+        firsts = [int((identities == i).nonzero()[0]) for i in shown]
+        photos = [Image.fromarray(_load_cached_image(cfg, j)) for j in firsts]
+        drawn = [sample_images(sampler, cfg.named_prompt.format(name=captions.name(i)), 1, seed=cfg.seed + i,
+                               steps=cfg.sample_steps)[0] for i in shown]
+        save_grid(photos + drawn, cfg.out_dir / "samples" / f"step_{step:06d}-names.png",
+                  ncols=len(shown), scale=scale)
+    return path
+
+
+def _load_cached_image(cfg: PretrainConfig, index: int):
+    return load_file(cfg.out_dir / IMAGES_FILE)["images"][index].permute(1, 2, 0).numpy()
+
+
+class Captions:
+    """The caption of each training row: "", the prompt, or the named prompt with the identity's name."""
+
+    def __init__(self, cfg: PretrainConfig, identities: torch.Tensor):
+        self.cfg, self.identities = cfg, identities
+        self.names: dict[int, str] = {}
+
+    def name(self, identity: int) -> str:
+        if identity not in self.names:
+            self.names[identity] = public_name(self.cfg.seed, identity)
+        return self.names[identity]
+
+    def for_rows(self, latent_index: torch.Tensor, dropped: torch.Tensor, named: torch.Tensor) -> list[str]:
+        # Latent j is image j % N (the second half of the cache holds the mirror images).
+        numbers = self.identities[latent_index % len(self.identities)]
+        return ["" if d else self.cfg.named_prompt.format(name=self.name(int(i))) if n else self.cfg.prompt
+                for i, d, n in zip(numbers.tolist(), dropped.tolist(), named.tolist())]
+
+
+def _encode(pipe: StableDiffusionPipeline, text_encoder, prompts: list[str]) -> torch.Tensor:
+    tok = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt")
+    with torch.set_grad_enabled(text_encoder.training):
+        return text_encoder(tok.input_ids)[0]
 
 
 def train_unet(cfg: PretrainConfig, pipe: StableDiffusionPipeline, latents: dict[str, torch.Tensor],
-               clock: Clock) -> dict:
+               identities: torch.Tensor, clock: Clock) -> dict:
     path = cfg.out_dir / CHECKPOINT_DIR / "unet.pt"
-    unet = pipe.unet
+    unet, text_encoder = pipe.unet, pipe.text_encoder
     ema = copy.deepcopy(unet).requires_grad_(False).eval()
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = [{"params": list(unet.parameters()), "lr": cfg.lr}]
+    if cfg.train_text_encoder:
+        ema_text = copy.deepcopy(text_encoder).requires_grad_(False).eval()
+        groups.append({"params": list(text_encoder.parameters()), "lr": cfg.text_encoder_lr})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    peak_lrs = [g["lr"] for g in optimizer.param_groups]
     state = _load_checkpoint(path) or {"step": 0, "losses": []}
     if "unet" in state:
         unet.load_state_dict(state["unet"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
+        if cfg.train_text_encoder:
+            text_encoder.load_state_dict(state["text_encoder"])
+            ema_text.load_state_dict(state["ema_text_encoder"])
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     scaling = float(latents["scaling_factor"])
     mean, std = latents["mean"], latents["std"]
     features = _prompt_features(pipe, [cfg.prompt, ""])
+    captions = Captions(cfg, identities)
     rand = StepRandom(cfg.seed, len(mean), cfg.batch_size)
 
     def save() -> None:
         state.update(unet=unet.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
                      elapsed=clock.elapsed)
+        if cfg.train_text_encoder:
+            state.update(text_encoder=text_encoder.state_dict(), ema_text_encoder=ema_text.state_dict())
         _save_checkpoint(state, path)
 
     state["stopped_by_time_limit"] = False  # a resumed run may go on past an earlier limit
     unet.train().requires_grad_(True)
+    text_encoder.train(cfg.train_text_encoder).requires_grad_(cfg.train_text_encoder)
     bar = tqdm(range(state["step"], cfg.unet_steps), desc="UNet", initial=state["step"], total=cfg.unet_steps)
     try:
         for step in bar:
@@ -388,24 +486,33 @@ def train_unet(cfg: PretrainConfig, pipe: StableDiffusionPipeline, latents: dict
             noise = torch.randn(x0.shape, generator=g)
             t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(x0),), generator=g)
             dropped = torch.rand(len(x0), generator=g) < cfg.prompt_dropout
-            cond = features[dropped.long()]  # row 0: the prompt, row 1: ""
+            if cfg.captions == "names" or cfg.train_text_encoder:
+                named = torch.rand(len(x0), generator=g) < (cfg.named_fraction if cfg.captions == "names" else 0.0)
+                cond = _encode(pipe, text_encoder, captions.for_rows(idx, dropped, named))
+            else:
+                cond = features[dropped.long()]  # row 0: the prompt, row 1: ""
             pred = unet(noise_scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
             target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
                 noise_scheduler.get_velocity(x0, noise, t)
             loss = F.mse_loss(pred, target)
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+            warmup = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+            for group, peak in zip(optimizer.param_groups, peak_lrs):
+                group["lr"] = peak * warmup
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_([p for g_ in groups for p in g_["params"]], cfg.max_grad_norm)
             optimizer.step()
             # EMA warm-up: early on, average over the steps taken so far, not over random weights.
-            _update_ema(ema, unet, min(cfg.ema_decay, (1 + step) / (10 + step)))
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+            _update_ema(ema, unet, decay)
+            if cfg.train_text_encoder:
+                _update_ema(ema_text, text_encoder, decay)
             state["losses"].append(round(loss.item(), 5))
             state["step"] = step + 1
             bar.set_postfix(loss=f"{_recent_mean(state['losses']):.4f}")
             if cfg.sample_every and state["step"] % cfg.sample_every == 0:
-                save_samples(cfg, pipe, ema, state["step"])
+                save_samples(cfg, pipe, ema, state["step"], ema_text if cfg.train_text_encoder else None,
+                             captions, identities)
             if clock.checkpoint_due():
                 save()
     except KeyboardInterrupt:
@@ -413,6 +520,9 @@ def train_unet(cfg: PretrainConfig, pipe: StableDiffusionPipeline, latents: dict
         raise
     save()
     pipe.unet = ema
+    if cfg.train_text_encoder:
+        pipe.text_encoder = ema_text
+    text_encoder.eval().requires_grad_(False)
     return state
 
 
@@ -446,19 +556,28 @@ def pretrain_base(cfg: PretrainConfig, command: str | None = None) -> Path:
     previous = [_load_checkpoint(cfg.out_dir / CHECKPOINT_DIR / f"{p}.pt") for p in ("unet", "vae")]
     clock = Clock(cfg, elapsed=next((s["elapsed"] for s in previous if s), 0.0))
 
-    pipe = build_tiny_pipeline(cfg.tiny, seed=cfg.seed)
+    if cfg.init_from is not None:
+        pipe = load_base_pipeline(cfg.init_from)
+    else:
+        pipe = build_tiny_pipeline(cfg.tiny, seed=cfg.seed)
     pipe.set_progress_bar_config(disable=True)
-    images = load_image_set(cfg)
-    vae_state = train_vae(cfg, pipe, images, clock)
+    images, identities = load_image_set(cfg)
+    if cfg.init_from is not None:  # the VAE (and its scaling factor) come with the pipeline
+        pipe.vae.eval().requires_grad_(False)
+        vae_state = {"step": 0, "losses": [], "psnr": reconstruction_psnr(pipe.vae, images[:PSNR_IMAGES])}
+    else:
+        vae_state = train_vae(cfg, pipe, images, clock)
     latents = encode_latents(cfg, pipe.vae, images)
-    unet_state = train_unet(cfg, pipe, latents, clock)
-    save_samples(cfg, pipe, pipe.unet, unet_state["step"])
+    unet_state = train_unet(cfg, pipe, latents, identities, clock)
+    save_samples(cfg, pipe, pipe.unet, unet_state["step"], pipe.text_encoder,
+                 Captions(cfg, identities), identities)
 
     record = {
         "config": to_dict(cfg),
         "seed": cfg.seed,
         "command": command or shlex.join(sys.argv),
         "num_images": len(images),
+        "num_identities": int(identities.unique().numel()),
         "vae_steps": vae_state["step"],
         "vae_final_loss": _recent_mean(vae_state["losses"]),
         "vae_psnr_db": vae_state["psnr"],

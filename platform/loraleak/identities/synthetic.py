@@ -506,7 +506,11 @@ class SyntheticFaces:
         return out
 
 
-def public_images(n: int, size: int, seed: int = 0, images_per_identity: int = 2) -> Iterator[Image.Image]:
+PUBLIC_IMAGES_PER_IDENTITY = 2
+
+
+def public_images(n: int, size: int, seed: int = 0,
+                  images_per_identity: int = PUBLIC_IMAGES_PER_IDENTITY) -> Iterator[Image.Image]:
     """`n` images of many distinct "public" identities, for pretraining a base model."""
     source = SyntheticFaces(math.ceil(n / images_per_identity), images_per_identity, seed, "public")
     for k in range(n):

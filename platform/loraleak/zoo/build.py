@@ -353,7 +353,10 @@ def _ray_results(cfg: ZooConfig, plan: ZooPlan, pending: list[PlannedFineTune]) 
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
         results = ds.map_batches(
             FineTuneWorker, batch_size=per_pass, batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=workers),
+            # One pass in flight per actor: with Ray Data's default (several), the first actor to start
+            # takes every queued pass and the pool drops the idle one -- measured on 2 passes and 2
+            # workers: one actor ran both, one after the other, while a CPU stayed free.
+            compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
             fn_constructor_kwargs={"cfg": cfg, "base_hash": plan.base_hash},
             num_cpus=cfg.num_cpus_per_worker, num_gpus=cfg.num_gpus_per_worker or None,
             max_restarts=cfg.max_retries, max_task_retries=cfg.max_retries)

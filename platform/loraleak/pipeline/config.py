@@ -21,6 +21,7 @@ vary it: `run_pipeline` is a pure function of this config.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
@@ -135,6 +136,7 @@ class PipelineConfig:
     experiment: str | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "out_dir", local_folder(self.out_dir, "out_dir"))
         names = [b.name for b in self.baselines]
         if len(set(names)) != len(names):
             raise ValueError(f"baselines: names must be unique, got {names}")
@@ -153,6 +155,26 @@ class PipelineConfig:
                 stage_config(PretrainConfig, self.base.pretrain, "base.pretrain", out_dir=Path("-"))
         except ConfigError as e:
             raise ValueError(str(e)) from None
+
+
+# scheme:// (a Path has folded it to scheme:/); two letters at least, so that C:/ stays a path.
+_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/")
+
+
+def local_folder(path: Path, what: str) -> Path:
+    """`path` as a local folder: a file:// URI becomes its path; any other URI (s3://, gs://, hdfs://...) is
+    refused: every stage reads and writes its folder as local files (locks, Ray Train storage, reports), so an
+    object store would silently become a local folder named "s3:". Shared storage is a path every node mounts
+    (NFS, EFS, a bucket through a FUSE mount)."""
+    text = str(path)
+    found = _URI.match(text)
+    if found is None:
+        return path
+    scheme, rest = found.group(1), text[found.end():].lstrip("/")
+    if scheme.lower() == "file":
+        return Path("/" + rest)
+    raise ValueError(f"{what} {scheme}://{rest}: a study's folder must be a local path or file:// URI on storage "
+                     f"every Ray node sees (NFS, a mounted bucket); {scheme}:// is not supported")
 
 
 def with_overrides(cfg: PipelineConfig, overrides: Mapping[str, Any]) -> PipelineConfig:

@@ -60,6 +60,7 @@ class PipelineResult:
     stage_dirs: dict[str, str]
     skipped: list[str] = field(default_factory=list)  # stages whose output was already complete
     wall_time_s: float = 0.0
+    experiment: str | None = None  # the study's MLflow experiment (None: not tracked)
 
     def headline(self) -> str:
         """rec vs org vs base (identity similarity), and top-1 identification vs chance, in one line each."""
@@ -183,7 +184,8 @@ def _run_pipeline(cfg: PipelineConfig, show_progress: bool) -> PipelineResult:
         if study is not None or earlier is not None:
             run_ids["pipeline"] = study.run_id if study is not None else earlier
         result = PipelineResult(out, dict(summary["headline"]), out / REPORT_FILE, summary["table"],
-                                summary.get("best_control"), run_ids, uri, stage_dirs, progress.skipped)
+                                summary.get("best_control"), run_ids, uri, stage_dirs, progress.skipped,
+                                experiment=experiment if cfg.tracking else None)
         result.wall_time_s = time.perf_counter() - started
         record = out / RESULT_FILE
         record.write_text(json.dumps({

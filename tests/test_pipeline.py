@@ -111,11 +111,11 @@ def test_the_whole_study_runs_and_reports_the_headline(study):
 
 
 @pytest.mark.slow
-def test_every_stage_is_an_mlflow_run_in_the_out_dir_store(study):
+def test_every_stage_is_an_mlflow_run_in_the_studys_store(study):
     cfg, result = study
     from mlflow.tracking import MlflowClient
 
-    assert result.tracking_uri == f"sqlite:///{cfg.out_dir.resolve() / 'mlflow.db'}"
+    assert result.tracking_uri == f"sqlite:///{cfg.out_dir.resolve().parent / 'mlflow.db'}"  # shared beside it
     client = MlflowClient(result.tracking_uri)
     assert set(result.mlflow_run_ids) == {"zoo", "attack", "evaluation", "pipeline"}
     runs = {stage: client.get_run(run_id) for stage, run_id in result.mlflow_run_ids.items()}

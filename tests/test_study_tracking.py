@@ -63,6 +63,7 @@ def test_the_default_store_is_shared_by_the_studies_beside_each_other(tmp_path, 
     assert study_tracking_uri(explicit, a.out_dir.resolve()) == "http://mlflow.example:5000"
 
 
+@pytest.mark.slow  # ~2 min (6 on a busy machine); test_pipeline's end-to-end test checks the nesting too
 def test_a_study_is_one_pipeline_run_with_its_stage_runs_nested(ray_local, smallest, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg, out = smallest, smallest.out_dir.resolve()

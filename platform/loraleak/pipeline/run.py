@@ -154,8 +154,11 @@ def _run_pipeline(cfg: PipelineConfig, show_progress: bool) -> PipelineResult:
     # before the identities' check.)
     earlier = earlier_study_run(uri, experiment, out, stages.evaluation.folder) \
         if cfg.tracking and (out / RESULT_FILE).is_file() and _all_complete(stages) else None
-    opened = open_study_run(cfg, out, uri, experiment, f"{out.name}-{keys['evaluation']}", stages.evaluation.folder) \
-        if earlier is None else nullcontext()
+    stage_keys = {"stage": {"keys": {"base": keys["base"], "attack": keys["attack"],
+                                     **{f"upstream.{k}": v for k, v in keys["upstream"].items()},
+                                     "evaluation": keys["evaluation"]}}}
+    opened = open_study_run(cfg, out, uri, experiment, f"{out.name}-{keys['evaluation']}", stages.evaluation.folder,
+                            stage_keys) if earlier is None else nullcontext()
     with opened as study:
         ctx = RunContext(out, cfg.tracking, uri, show_progress, study)
         results = {}
@@ -194,9 +197,6 @@ def _run_pipeline(cfg: PipelineConfig, show_progress: bool) -> PipelineResult:
             "tracking_uri": uri, "experiment": experiment, "skipped": result.skipped,
             "wall_time_s": result.wall_time_s, "config": to_dict(cfg)}, indent=1))
         if study is not None:
-            study.finish({**to_dict(cfg), "stage": {"keys": {"base": keys["base"], "attack": keys["attack"],
-                                                             **{f"upstream.{k}": v for k, v in keys["upstream"].items()},
-                                                             "evaluation": keys["evaluation"]}}},
-                         result.metrics, [out / REPORT_FILE, record])
+            study.finish(result.metrics, [out / REPORT_FILE, record])
         progress.done(f"{result.report}")
     return result

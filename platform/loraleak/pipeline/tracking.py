@@ -92,8 +92,7 @@ class StudyRun:
             self.run.client.set_tag(self.run_id, REUSED_TAG + label, earlier)
         return earlier
 
-    def finish(self, params: dict[str, Any], metrics: dict[str, float], artifacts: list[Path]) -> None:
-        self.run.log_params(params)
+    def finish(self, metrics: dict[str, float], artifacts: list[Path]) -> None:
         self.run.log_metrics(metrics)
         for path in artifacts:
             self.run.log_artifact(path)
@@ -105,22 +104,24 @@ class StudyRun:
 
 @contextmanager
 def _open_study_run(cfg: PipelineConfig, out: Path, uri: str, experiment: str, run_name: str,
-                    evaluation_folder: Path) -> Iterator[StudyRun]:
+                    evaluation_folder: Path, params: dict[str, Any]) -> Iterator[StudyRun]:
     import yaml
 
     with mlflow_run(experiment, run_name, uri, study_workdir(out),
                     tags={STUDY_TAG: str(out), EVALUATION_TAG: str(evaluation_folder)}) as run:
-        # The config first: a run that fails still says what it was asked to do.
+        # The config and params first: a run that fails still says what it was asked to do.
         run.client.log_text(run.run_id, yaml.safe_dump(to_dict(cfg), sort_keys=False), CONFIG_ARTIFACT)
+        run.log_params({**to_dict(cfg), **params})
         yield StudyRun(run, uri)
 
 
 def open_study_run(cfg: PipelineConfig, out: Path, uri: str, experiment: str, run_name: str,
-                   evaluation_folder: Path) -> ContextManager[StudyRun | None]:
-    """The pipeline run (None without tracking), as a context: FINISHED, FAILED or KILLED when it exits."""
+                   evaluation_folder: Path, params: dict[str, Any]) -> ContextManager[StudyRun | None]:
+    """The pipeline run (None without tracking), as a context: FINISHED, FAILED or KILLED when it exits. Its params
+    are the config's and `params` (the stage keys)."""
     if not cfg.tracking:
         return nullcontext()
-    return _open_study_run(cfg, out, uri, experiment, run_name, evaluation_folder)
+    return _open_study_run(cfg, out, uri, experiment, run_name, evaluation_folder, params)
 
 
 def nested(config: Any, study: StudyRun | None) -> Any:

@@ -15,6 +15,8 @@ from .errors import LoraleakError
 
 logger = logging.getLogger(__name__)
 
+WORKER_LOGS = "LORALEAK_WORKER_LOGS"  # "1": stream the Ray workers' output into the driver's (connect_ray)
+
 
 def connect_ray() -> None:
     """Join the running Ray (a `ray job submit` driver, `RAY_ADDRESS`, one `ray start` made on this machine) or
@@ -24,7 +26,13 @@ def connect_ray() -> None:
     if ray.is_initialized():
         return
     try:
-        ray.init()  # reads RAY_ADDRESS itself; without it, joins a `ray start` cluster here or starts a local Ray
+        # Reads RAY_ADDRESS itself; without it, joins a `ray start` cluster here or starts a local Ray. The
+        # workers' own output (Ray Train's per-report lines, a tqdm bar per worker) is not streamed into this
+        # driver's, where it buried the stage progress and the headline (hundreds of lines in a quick study,
+        # the bulk of a `ray job submit` log): it stays in Ray's log files and dashboard, and
+        # LORALEAK_WORKER_LOGS=1 streams it here again.
+        client = os.environ.get("RAY_ADDRESS", "").startswith("ray://")  # Ray Client: its own log streaming
+        ray.init(**({} if client else {"log_to_driver": os.environ.get(WORKER_LOGS, "0") == "1"}))
     except Exception as e:  # ConnectionError, RuntimeError, ValueError...: Ray raises many kinds here
         raise LoraleakError(ray_failure(e, os.environ.get("RAY_ADDRESS"), local_ray_instances())) from None
 

@@ -51,8 +51,8 @@ def compare_runs(runs: Sequence[str], tracking_uri: str, params: Sequence[str] |
     except Exception as e:  # MLflow raises many kinds; the user needs one line
         raise LoraleakError(f"reading MLflow store {tracking_uri} failed: {_first_line(e)}") from None
 
-    if params is None:
-        keys = sorted({k for r in found for k in r.data.params})
+    if params is None:  # those that differ; a pipeline run's stage keys differ whenever a setting does: left out
+        keys = sorted({k for r in found for k in r.data.params if not k.startswith("stage.keys.")})
         params = [k for k in keys if len({r.data.params.get(k) for r in found}) > 1]
     metric_keys = sorted({k for r in found for k in r.data.metrics})
     if metrics is not None:

@@ -87,3 +87,35 @@ def test_unknown_runs_and_unreachable_stores_fail_in_one_line(store, tmp_path):
     assert "\n" not in str(e.value)
     with pytest.raises(LoraleakError, match="at least one"):
         compare_runs([], uri)
+
+
+def test_a_study_is_named_by_its_experiment_and_the_headline_is_the_default(tmp_path, capsys):
+    """Two studies' pipeline runs in one store: `loraleak compare A B` shows their headline, and plots it."""
+    from loraleak.cli import main
+    from loraleak.evaluation.compare import HEADLINE
+
+    uri = default_tracking_uri(tmp_path)
+    for study, rec in (("quick", 0.57), ("lfw", 0.44)):
+        for status, value in (("FINISHED", rec), ("FAILED", 0.0)):  # a failed later run is not the study's result
+            try:
+                with mlflow_run(study, f"{study}-run", uri, tags={"loraleak.study": f"/runs/{study}"}) as run:
+                    run.log_params({"out_dir": f"/runs/{study}", "attack": {"max_steps": 300}})
+                    run.log_metrics({"rec.similarity": value, "rec.similarity_lo": value - 0.01,
+                                     "rec.similarity_hi": value + 0.01, "org.similarity": 0.6, "chance_top1": 0.1,
+                                     "rec.verified": 0.2, "victim_empty_prompt.top5_image": 0.3})
+                    if status == "FAILED":
+                        raise RuntimeError("a stage failed")
+            except RuntimeError:
+                pass
+            time.sleep(0.01)
+    table = compare_runs(["quick", "lfw"], uri, metrics=HEADLINE)
+    assert list(table["experiment"]) == ["quick", "lfw"] and list(table["status"]) == ["FINISHED", "FINISHED"]
+    assert table["metrics.rec.similarity"].tolist() == [0.57, 0.44]
+    assert "metrics.rec.verified" not in table.columns and list(table.filter(like="params.").columns) == \
+        ["params.out_dir"]
+    assert main(["compare", "quick", "lfw", "--workdir", str(tmp_path), "--plot", str(tmp_path / "c.png")]) == 0
+    out = capsys.readouterr().out
+    assert "metrics.rec.similarity " in out and "0.570 [0.560, 0.580]" in out and "top5" not in out
+    assert (tmp_path / "c.png").stat().st_size > 1000
+    assert main(["compare", "quick", "lfw", "--workdir", str(tmp_path), "--all-metrics"]) == 0
+    assert "victim_empty_prompt.top5_image" in capsys.readouterr().out

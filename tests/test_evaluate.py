@@ -176,7 +176,11 @@ def test_evaluate_command_prints_the_table(study, tmp_path, capsys):
     run_id = json.loads((tmp_path / "cli" / "evaluation.json").read_text())["mlflow_run_id"]
     assert main(["compare", run_id, "--workdir", str(tmp_path / "cli")]) == 0
     table = capsys.readouterr().out
-    assert "metrics.rec.face_found" in table and "metrics.chance_top1" in table and "0.333" in table
+    # The headline by default; every metric on request.
+    assert "metrics.chance_top1" in table and "metrics.regime.strong_and_bound" in table and "0.333" in table
+    assert "metrics.rec.face_found" not in table
+    assert main(["compare", run_id, "--workdir", str(tmp_path / "cli"), "--all-metrics"]) == 0
+    assert "metrics.rec.face_found" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -130,16 +130,27 @@ def test_the_lock_of_a_killed_process_is_taken_over(tmp_path):
 def test_a_rerun_closes_the_mlflow_runs_a_killed_run_left_running(tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
+    from loraleak.pipeline.tracking import STUDY_TAG
     from loraleak.tracking import default_tracking_uri, mlflow_run
 
-    out = tmp_path / "out"
-    with mlflow_run("loraleak", "finished", workdir=out):
+    out = tmp_path / "out"  # its store is the one shared by the studies in tmp_path
+    with mlflow_run("out", "finished", workdir=tmp_path):
         pass
-    client = MlflowClient(tracking_uri=default_tracking_uri(out))
-    orphan = client.create_run(client.get_experiment_by_name("loraleak").experiment_id, run_name="killed -9")
+    client = MlflowClient(tracking_uri=default_tracking_uri(tmp_path))
+    experiment = client.get_experiment_by_name("out").experiment_id
+    orphan = client.create_run(experiment, run_name="killed -9", tags={STUDY_TAG: str(out.resolve())})
+    other = client.create_run(experiment, run_name="another study's, live", tags={STUDY_TAG: str(tmp_path / "b")})
     # The real command, stopped after taking the folder's lock by too few held-out identities.
     assert main(["run", "--out", str(out), "--set", "identities.num_identities=2"]) == 2
     assert "held-out" in capsys.readouterr().err
-    statuses = {r.info.run_name: r.info.status for r in client.search_runs(
-        [client.get_experiment_by_name("loraleak").experiment_id])}
-    assert statuses == {"finished": "FINISHED", "killed -9": "KILLED"} and orphan.info.status == "RUNNING"
+    statuses = {r.info.run_name: r.info.status for r in client.search_runs([experiment])}
+    assert statuses == {"finished": "FINISHED", "killed -9": "KILLED", "another study's, live": "RUNNING",
+                        f"out-{plan_key(out)}": "FAILED"}  # this run itself failed, after closing the orphan
+    assert orphan.info.status == other.info.status == "RUNNING"
+
+
+def plan_key(out):
+    from loraleak.pipeline.cli import load_pipeline_config
+    from loraleak.pipeline.stages import stage_keys
+
+    return stage_keys(load_pipeline_config(out=out, assignments=["identities.num_identities=2"]))["evaluation"]

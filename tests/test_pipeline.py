@@ -55,9 +55,24 @@ def test_the_smallest_study_end_to_end(ray_local, tmp_path):
     assert set(result.mlflow_run_ids) == {"zoo", "attack", "evaluation", "pipeline"}
     assert all(result.mlflow_run_ids.values())
 
+    # MLflow: the stage runs nested under the pipeline run, in the study's experiment, with the git commit.
+    from mlflow.tracking import MlflowClient
+
+    from loraleak.tracking import GIT_COMMIT_TAG, PARENT_TAG
+
+    client = MlflowClient(result.tracking_uri)
+    pipeline = client.get_run(result.mlflow_run_ids["pipeline"])
+    assert client.get_experiment(pipeline.info.experiment_id).name == "out" and GIT_COMMIT_TAG in pipeline.data.tags
+    nested = {r.info.run_id for r in client.search_runs([pipeline.info.experiment_id],
+                                                        f"tags.`{PARENT_TAG}` = '{pipeline.info.run_id}'")}
+    assert {result.mlflow_run_ids[s] for s in ("zoo", "attack", "evaluation")} < nested and len(nested) == 4
+    runs = len(client.search_runs([pipeline.info.experiment_id]))
+
     again = run_pipeline(cfg, show_progress=False)
     assert again.skipped == ["base", "zoo", "attack", "baselines", "evaluation"]
     assert again.metrics == result.metrics and again.mlflow_run_ids["evaluation"] == result.mlflow_run_ids["evaluation"]
+    assert again.mlflow_run_ids == result.mlflow_run_ids  # nothing computed: no new run, the earlier one reported
+    assert len(client.search_runs([pipeline.info.experiment_id])) == runs
 
     # An evaluation is complete only for the inputs it was computed from (recorded beside it): found beside
     # other ones (here its record names another attack) it is evaluated again, its per-victim results reused.
@@ -65,6 +80,11 @@ def test_the_smallest_study_end_to_end(ray_local, tmp_path):
     marker.write_text(json.dumps({**json.loads(marker.read_text()), "attacks": {"rec": "another attack"}}))
     third = run_pipeline(cfg, show_progress=False)
     assert "evaluation" not in third.skipped and third.metrics == result.metrics
+    # Only the evaluation ran: one new stage run under a new pipeline run, which links to the zoo's and attack's.
+    rerun = client.get_run(third.mlflow_run_ids["pipeline"])
+    assert rerun.data.tags["loraleak.reused.zoo"] == result.mlflow_run_ids["zoo"]
+    assert rerun.data.tags["loraleak.reused.attack"] == result.mlflow_run_ids["attack"]
+    assert len(client.search_runs([pipeline.info.experiment_id])) == runs + 2
     assert json.loads(marker.read_text())["attacks"]["rec"] != "another attack"
 
 
@@ -111,11 +131,11 @@ def test_the_whole_study_runs_and_reports_the_headline(study):
 
 
 @pytest.mark.slow
-def test_every_stage_is_an_mlflow_run_in_the_out_dir_store(study):
+def test_every_stage_is_an_mlflow_run_in_the_studys_store(study):
     cfg, result = study
     from mlflow.tracking import MlflowClient
 
-    assert result.tracking_uri == f"sqlite:///{cfg.out_dir.resolve() / 'mlflow.db'}"
+    assert result.tracking_uri == f"sqlite:///{cfg.out_dir.resolve().parent / 'mlflow.db'}"  # shared beside it
     client = MlflowClient(result.tracking_uri)
     assert set(result.mlflow_run_ids) == {"zoo", "attack", "evaluation", "pipeline"}
     runs = {stage: client.get_run(run_id) for stage, run_id in result.mlflow_run_ids.items()}

@@ -8,17 +8,56 @@ platform finds its cluster is decided once.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Mapping
+
+from .errors import LoraleakError
 
 logger = logging.getLogger(__name__)
 
+WORKER_LOGS = "LORALEAK_WORKER_LOGS"  # "1": stream the Ray workers' output into the driver's (connect_ray)
+
 
 def connect_ray() -> None:
-    """Join the running Ray (a `ray job submit` driver, `RAY_ADDRESS`) or start a local one."""
+    """Join the running Ray (a `ray job submit` driver, `RAY_ADDRESS`, one `ray start` made on this machine) or
+    start a local one; a failure is one line (LoraleakError) that says what to do, not Ray's traceback."""
     import ray  # ray starts slowly: only the commands that fan out pay for it
 
-    if not ray.is_initialized():
-        ray.init()  # reads RAY_ADDRESS itself; without it, starts a local Ray on this machine
+    if ray.is_initialized():
+        return
+    try:
+        # Reads RAY_ADDRESS itself; without it, joins a `ray start` cluster here or starts a local Ray. The
+        # workers' own output (Ray Train's per-report lines, a tqdm bar per worker) is not streamed into this
+        # driver's, where it buried the stage progress and the headline (hundreds of lines in a quick study,
+        # the bulk of a `ray job submit` log): it stays in Ray's log files and dashboard, and
+        # LORALEAK_WORKER_LOGS=1 streams it here again.
+        client = os.environ.get("RAY_ADDRESS", "").startswith("ray://")  # Ray Client: its own log streaming
+        ray.init(**({} if client else {"log_to_driver": os.environ.get(WORKER_LOGS, "0") == "1"}))
+    except Exception as e:  # ConnectionError, RuntimeError, ValueError...: Ray raises many kinds here
+        raise LoraleakError(ray_failure(e, os.environ.get("RAY_ADDRESS"), local_ray_instances())) from None
+
+
+def local_ray_instances() -> list[str]:
+    """The addresses of Ray instances running on this machine (their GCS servers), best effort."""
+    try:
+        from ray._private.services import find_gcs_addresses
+
+        return sorted(set(find_gcs_addresses()))
+    except Exception:  # a private helper: absent in another Ray version, nothing to say
+        return []
+
+
+def ray_failure(error: BaseException, address: str | None, running: list[str]) -> str:
+    """One line for a Ray that would not start or join: Ray's own first line, and what to do about it."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    reason = lines[-1] if lines else type(error).__name__
+    if address:
+        return (f"cannot join the Ray cluster at RAY_ADDRESS={address} ({reason}); check it runs (`ray status "
+                f"--address {address}`), or unset RAY_ADDRESS to start a local Ray")
+    if running:
+        return (f"cannot start a local Ray: another Ray instance runs on this machine ({', '.join(running)}; "
+                f"{reason}); join it with `--address auto` (RAY_ADDRESS=auto), or stop it with `ray stop`")
+    return f"cannot start a local Ray ({reason})"
 
 
 def cluster_resources() -> dict[str, float]:

@@ -21,11 +21,33 @@ DESCRIPTION = ("Measure whether a shared LoRA fine-tune of a diffusion model lea
                "Stages: identities -> base -> finetune -> zoo -> attack -> evaluate.")
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """`--help` with each option's default, where it has one worth saying (not None, False or [])."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help
+        default = action.default
+        if not text or "%(default)" in text or "(default" in text or default is argparse.SUPPRESS \
+                or default is None or default is False or default == []:
+            return text
+        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return f"{text} (default: %(default)s)"
+        return text
+
+
+class Parser(argparse.ArgumentParser):
+    """Every `loraleak` parser and subcommand parser: help shows defaults (DefaultsFormatter)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def new_parser() -> tuple[argparse.ArgumentParser, Any]:
     """The `loraleak` parser (with -v) and its subcommand group, for the caller to add commands to."""
-    parser = argparse.ArgumentParser(prog="loraleak", description=DESCRIPTION)
+    parser = Parser(prog="loraleak", description=DESCRIPTION)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     return parser, sub
 
 

@@ -62,11 +62,15 @@ class AttackTrainConfig:
     out_dir: Path = Path("runs/attack")  # the final model goes to out_dir/attack
     storage_path: str | None = None  # Ray Train checkpoints (path or URI); None: out_dir/ray
     run_name: str = "attack"
+    # A checkpoint directory (an earlier run's, of the same model and data) to start from when this run's
+    # storage has none: continuing an attack to more steps in a new folder (loraleak.pipeline.stages).
+    resume_from: str | None = None
     # MLflow: tracking_uri None -> $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db
     tracking: bool = True
     tracking_uri: str | None = None
     experiment: str = "loraleak-attack"
     workdir: Path = Path("runs")
+    parent_run_id: str | None = None  # nest this stage's run under another (the pipeline's run)
 
     def __post_init__(self) -> None:
         if not self.zoo.strip():

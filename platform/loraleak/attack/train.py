@@ -90,8 +90,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     images = ImageLatents(pipe.vae, cfg.identities, pipeline_resolution(pipe), device)
     prompts = PromptEmbeddings(pipe, device) if cfg.model.embedding_mse_weight else None
 
-    # The encoder and its optimizer, from the latest checkpoint when there is one.
+    # The encoder and its optimizer, from the latest checkpoint when there is one (this run's own, else the
+    # earlier run's it continues).
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and cfg.resume_from:
+        checkpoint = ray.train.Checkpoint.from_directory(cfg.resume_from)
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             encoder = NetworkAutoencoder.from_pretrained(Path(directory) / MODEL_DIR, pipe.text_encoder)
@@ -227,6 +230,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             window_loss, window_steps, window_started = 0.0, 0, time.perf_counter()
         elif tracker is not None and step % cfg.log_every == 0:
             tracker.flush()
+    if start_step >= cfg.max_steps:
+        # Nothing to train (continued from a checkpoint at max_steps): report that checkpoint as this run's.
+        with tempfile.TemporaryDirectory() as directory:
+            saved = None
+            if rank == 0:
+                encoder.save_pretrained(Path(directory) / MODEL_DIR)
+                torch.save({"step": start_step, "optimizer": optimizer.state_dict()}, Path(directory) / TRAINER_STATE)
+                saved = ray.train.Checkpoint.from_directory(directory)
+            ray.train.report({"step": start_step, **summary["evaluations"][start_step]}, checkpoint=saved)
     progress.close()
     if tracker is not None:
         tracker.flush()
@@ -290,9 +302,10 @@ def for_workers(cfg: AttackTrainConfig) -> AttackTrainConfig:
     identities = cfg.identities
     if identities.root is not None:
         identities = dataclasses.replace(identities, root=identities.root.expanduser().resolve())
+    resume_from = _absolute(cfg.resume_from) if cfg.resume_from else None
     return dataclasses.replace(cfg, zoo=_absolute(cfg.zoo), base=_absolute(cfg.base), identities=identities,
                                out_dir=cfg.out_dir.expanduser().resolve(), storage_path=cfg.storage,
-                               workdir=cfg.workdir.expanduser().resolve())
+                               workdir=cfg.workdir.expanduser().resolve(), resume_from=resume_from)
 
 
 def _user_error(error: Exception) -> LoraleakError:
@@ -343,20 +356,22 @@ def _train_attack(cfg: AttackTrainConfig, show_progress: bool) -> AttackTrainRes
     from ray.train.torch import TorchTrainer
 
     from ..base.loading import base_fingerprint
-    from ..tracking import mlflow_run, resolve_tracking_uri
+    from ..tracking import FOLDER_TAG, mlflow_run, resolve_tracking_uri
     from ..cluster import connect_ray
     from ..zoo.plan import base_resolution
     from .data import check_identity_source, select_samples
 
     cfg = for_workers(cfg)
     # Bad input fails here, at once, rather than on a worker after Ray has started.
+    if cfg.resume_from and not (Path(cfg.resume_from) / TRAINER_STATE).is_file():
+        raise ConfigError(f"resume_from: {cfg.resume_from} is not an attack checkpoint (no {TRAINER_STATE} in it)")
     selection = select_samples(cfg, base_hash=base_fingerprint(cfg.base))
     check_identity_source(cfg, selection, base_resolution(cfg.base))
     logger.info("attack: %d training samples of %d identities, %d validation LoRAs of %d identities",
                 len(selection.train), selection.train_identities, len(selection.val), selection.val_identities)
     connect_ray()
-    tracked = mlflow_run(cfg.experiment, f"attack {cfg.run_name}", cfg.tracking_uri, cfg.workdir) \
-        if cfg.tracking else nullcontext()
+    tracked = mlflow_run(cfg.experiment, f"attack {cfg.run_name}", cfg.tracking_uri, cfg.workdir, cfg.parent_run_id,
+                         {FOLDER_TAG: str(cfg.out_dir)}) if cfg.tracking else nullcontext()
     with tracked as run:
         tracking = None
         if run is not None:

@@ -33,11 +33,15 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> None:
     from ..tracking import resolve_tracking_uri
-    from .compare import compare_runs, format_table
+    from .compare import HEADLINE, compare_runs, comparison_plot, format_table
 
     uri = resolve_tracking_uri(args.tracking_uri, args.workdir)
     params = [p for p in args.params.split(",") if p] if args.params is not None else None
-    print(format_table(compare_runs(args.runs, uri, params)))
+    metrics = None if args.all_metrics else [m for m in args.metrics.split(",") if m] if args.metrics else HEADLINE
+    table = compare_runs(args.runs, uri, params, metrics)
+    print(format_table(table))
+    if args.plot is not None:
+        print(f"plot: {comparison_plot(table, args.plot, metrics or HEADLINE)}")
 
 
 def add_evaluation_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -48,14 +52,22 @@ def add_evaluation_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="output directory (overrides out_dir)")
     p.add_argument("--workers", type=int, help="Ray evaluation workers (overrides workers; 0 = in this process)")
     p.set_defaults(func=cmd_evaluate)
-    p = subparsers.add_parser("compare", help="print the metrics of several MLflow runs side by side")
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run ids or run names (the newest run of a name)")
+    p = subparsers.add_parser("compare", help="print the headline metrics of several studies (MLflow runs) side by side",
+                              description="Compare MLflow runs: studies by name (`loraleak compare quick lfw`: each "
+                                          "study's newest finished pipeline run), or runs by id or run name.")
+    p.add_argument("runs", nargs="+", metavar="RUN",
+                   help="a study's name (its MLflow experiment, e.g. quick for --out runs/quick), a run id, or a run "
+                        "name (the newest run of that name)")
     p.add_argument("--workdir", type=Path, default=Path("runs"),
-                   help="where the local store is: WORKDIR/mlflow.db (default: runs; `loraleak run --out DIR` "
-                        "keeps its store in DIR)")
+                   help="where the local store is: WORKDIR/mlflow.db, the store `loraleak run --out WORKDIR/NAME` "
+                        "logs to")
     p.add_argument("--tracking-uri", help="an MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the "
                                           "workdir's store)")
     p.add_argument("--params", help="comma-separated param keys to show (default: those that differ)")
+    p.add_argument("--metrics", help="comma-separated metrics to show (default: the headline: "
+                                     "rec/org/base similarity and top-1, rec over the best control, chance, regime)")
+    p.add_argument("--all-metrics", action="store_true", help="show every metric")
+    p.add_argument("--plot", type=Path, metavar="FILE", help="also draw the metrics as bars to FILE (.png, .pdf, .svg)")
     p.set_defaults(func=cmd_compare)
 
 

@@ -1,9 +1,10 @@
 """Side-by-side numbers of several MLflow runs: what `loraleak compare RUN...` prints.
 
-A run is named by its id or by its run name (the newest run of that name, in any experiment). The
-table has one row per run: id, name, experiment, status, the params that differ between the runs
-(or the ones asked for) as `params.<key>`, and every metric's latest value as `metrics.<key>`,
-the column names `mlflow.search_runs` uses.
+A run is named by its id, by its run name (the newest run of that name, in any experiment) or by a
+study's name (its experiment: the study's newest finished pipeline run). The table has one row per run:
+id, name, experiment, status, the params that differ between the runs (or the ones asked for) as
+`params.<key>`, and the metrics (all, or the ones asked for, e.g. `HEADLINE`) as `metrics.<key>`,
+the column names `mlflow.search_runs` uses. `comparison_plot` draws the headline as bars.
 """
 
 from __future__ import annotations
@@ -23,13 +24,21 @@ log = logging.getLogger(__name__)
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 INTERVAL_SUFFIXES = ("_lo", "_hi")  # how ConditionMetrics.flat names an interval's ends
+STUDY_TAG = "loraleak.study"  # a pipeline run's tag (loraleak.pipeline.tracking; not imported: no stage here)
+# What `loraleak compare` shows by default: what the attack recovers against what needs no attack, the
+# identification rates against chance, and whether the victims were worth attacking (the regime).
+HEADLINE = ("rec.similarity", "org.similarity", "base.similarity", "rec_over_best_control.similarity",
+            "rec.top1_image", "org.top1_image", "base.top1_image", "chance_top1", "org.strength", "org.binding",
+            "regime.strong_and_bound")
 
 
-def compare_runs(runs: Sequence[str], tracking_uri: str,
-                 params: Sequence[str] | None = None) -> pd.DataFrame:
-    """Metrics and key params of `runs` (ids or names) in the store at `tracking_uri`.
+def compare_runs(runs: Sequence[str], tracking_uri: str, params: Sequence[str] | None = None,
+                 metrics: Sequence[str] | None = None) -> pd.DataFrame:
+    """Metrics and key params of `runs` (ids, run names or study names) in the store at `tracking_uri`.
 
     params: the param keys to show; by default those whose values differ between the runs.
+    metrics: the metrics to show (with their `_lo` / `_hi` interval ends); by default all. When none of them
+    is in any run (runs of a stage, not of a study), all.
     """
     if not runs:
         raise LoraleakError("name at least one MLflow run (id or run name) to compare")
@@ -42,10 +51,13 @@ def compare_runs(runs: Sequence[str], tracking_uri: str,
     except Exception as e:  # MLflow raises many kinds; the user needs one line
         raise LoraleakError(f"reading MLflow store {tracking_uri} failed: {_first_line(e)}") from None
 
-    if params is None:
-        keys = sorted({k for r in found for k in r.data.params})
+    if params is None:  # those that differ; a pipeline run's stage keys differ whenever a setting does: left out
+        keys = sorted({k for r in found for k in r.data.params if not k.startswith("stage.keys.")})
         params = [k for k in keys if len({r.data.params.get(k) for r in found}) > 1]
     metric_keys = sorted({k for r in found for k in r.data.metrics})
+    if metrics is not None:
+        chosen = [k for m in metrics for k in (m, *(m + s for s in INTERVAL_SUFFIXES)) if k in metric_keys]
+        metric_keys = chosen or metric_keys
     rows = []
     for r in found:
         row = {"run_id": r.info.run_id, "run_name": r.info.run_name,
@@ -84,8 +96,14 @@ def _find_run(client, ref: str, tracking_uri: str):
     experiment_ids = [e.experiment_id for e in client.search_experiments()]
     matches = client.search_runs(experiment_ids, filter_string=f"attributes.run_name = {quote}{ref}{quote}",
                                  order_by=["attributes.start_time DESC"], max_results=100) if experiment_ids else []
+    study = client.get_experiment_by_name(ref) if not matches else None
+    if study is not None:  # a study's name: its newest finished pipeline run
+        matches = client.search_runs([study.experiment_id], filter_string=f"tags.`{STUDY_TAG}` != '' and "
+                                     "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"],
+                                     max_results=1)
     if not matches:
-        raise LoraleakError(f"no MLflow run with id or name {ref!r} in {tracking_uri}")
+        raise LoraleakError(f"no MLflow run with id or name {ref!r}, and no study of that name with a finished run, "
+                            f"in {tracking_uri}")
     if len(matches) > 1:
         log.info("%d runs are named %r; comparing the newest (%s)", len(matches), ref, matches[0].info.run_id)
     return matches[0]
@@ -142,4 +160,42 @@ def _unique(names: list[str]) -> list[str]:
     for name in names:
         seen[name] = seen.get(name, 0) + 1
         out.append(name if seen[name] == 1 else f"{name} ({seen[name]})")
+    return out
+
+
+def comparison_plot(df: pd.DataFrame, path: str | Path, metrics: Sequence[str] = HEADLINE) -> Path:
+    """The runs' `metrics` (those they have) as grouped bars, one group per metric, with the intervals as
+    error bars; written to `path` (PNG, PDF or SVG by its suffix)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    shown = [m for m in metrics if f"metrics.{m}" in df.columns and df[f"metrics.{m}"].notna().any()]
+    if df.empty or not shown:
+        raise LoraleakError(f"nothing to plot: the runs have none of the metrics {', '.join(metrics)}")
+    names = _unique([n if isinstance(n, str) and n else i[:8] for n, i in zip(df["run_name"], df["run_id"])])
+    width = 0.8 / len(df)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(shown) + 1), 4.0))
+    for i, name in enumerate(names):
+        values = np.array([df[f"metrics.{m}"].iloc[i] for m in shown], dtype=float)
+        errors = np.zeros((2, len(shown)))
+        for j, m in enumerate(shown):
+            lo, hi = f"metrics.{m}_lo", f"metrics.{m}_hi"
+            if lo in df.columns and hi in df.columns and not math.isnan(values[j]):
+                low, high = float(df[lo].iloc[i]), float(df[hi].iloc[i])
+                if not (math.isnan(low) or math.isnan(high)):
+                    errors[:, j] = [values[j] - low, high - values[j]]
+        ax.bar(np.arange(len(shown)) + (i - (len(df) - 1) / 2) * width, np.nan_to_num(values), width,
+               yerr=errors, capsize=2, label=name)
+    ax.set_xticks(np.arange(len(shown)), shown, rotation=30, ha="right", fontsize=8)
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.legend(fontsize=8)
+    ax.set_title("loraleak compare: headline metrics (95% intervals)", fontsize=10)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
     return out

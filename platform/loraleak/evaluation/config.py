@@ -70,6 +70,7 @@ class EvaluationConfig:
     experiment: str = "loraleak-evaluation"
     run_name: str | None = None  # None: "evaluate <out_dir name>"
     workdir: Path = Path("runs")
+    parent_run_id: str | None = None  # nest this stage's run under another (the pipeline's run)
 
     def __post_init__(self) -> None:
         if not self.zoo.strip():

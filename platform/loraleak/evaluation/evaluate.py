@@ -402,7 +402,7 @@ def evaluate(cfg: EvaluationConfig, show_progress: bool = True) -> EvaluationRes
 
 def _evaluate(cfg: EvaluationConfig, show_progress: bool) -> EvaluationResult:
     from ..scoring import make_scorer
-    from ..tracking import mlflow_run
+    from ..tracking import FOLDER_TAG, mlflow_run
     from .report import write_report
 
     started = time.perf_counter()
@@ -477,7 +477,7 @@ def _evaluate(cfg: EvaluationConfig, show_progress: bool) -> EvaluationResult:
     run_id = None
     if cfg.tracking:
         with mlflow_run(cfg.experiment, cfg.run_name or f"evaluate {cfg.out_dir.name}", cfg.tracking_uri,
-                        cfg.workdir) as run:
+                        cfg.workdir, cfg.parent_run_id, {FOLDER_TAG: str(cfg.out_dir)}) as run:
             run.log_params({**to_dict(cfg), "data": {"victims": len(records), "candidates": len(references),
                                                      "settings_key": key, "best_control": control or "-"}})
             flat = {k: v for name, m in metrics.items() for k, v in m.flat(f"{name}.").items()}

@@ -21,6 +21,7 @@ vary it: `run_pipeline` is a pure function of this config.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
@@ -41,12 +42,13 @@ except ImportError:  # pragma: no cover - depends on the build
 
 # The evaluation condition of the attack trained on undefended LoRAs (PipelineConfig.undefended_attack).
 UNDEFENDED_CONDITION = "rec_undefended"
-TRACKING_FIELDS = ("tracking", "tracking_uri", "experiment", "workdir")
+TRACKING_FIELDS = ("tracking", "tracking_uri", "experiment", "workdir", "parent_run_id")
 # Per stage: the fields the pipeline sets itself (left out of its section).
 WIRED = {
     PretrainConfig: ("out_dir",),
     ZooConfig: ("root", "base", "identities", *TRACKING_FIELDS),
-    AttackTrainConfig: ("zoo", "base", "identities", "out_dir", "storage_path", "run_name", *TRACKING_FIELDS),
+    AttackTrainConfig: ("zoo", "base", "identities", "out_dir", "storage_path", "run_name", "resume_from",
+                        *TRACKING_FIELDS),
     EvaluationConfig: ("zoo", "out_dir", "attack", "baselines", "base", "identities", "run_name", *TRACKING_FIELDS),
 }
 
@@ -126,20 +128,22 @@ class PipelineConfig:
     # study's undefended LoRAs ("rec_undefended": an adversary who ignores the defense). The latter
     # needs the undefended zoo and attack, built here unless a run of the undefended study made them.
     undefended_attack: bool = True
-    # MLflow: every stage logs its run here; tracking_uri None -> $MLFLOW_TRACKING_URI, else
-    # sqlite:///<out_dir>/mlflow.db. `experiment` holds the pipeline's own run (params + headline).
+    # MLflow (loraleak.pipeline.tracking): tracking_uri None -> $MLFLOW_TRACKING_URI, else the store shared
+    # by the studies beside this one, sqlite:///<out_dir's parent>/mlflow.db. `experiment` (None: the out
+    # folder's name, the study's name) holds the pipeline run and, nested under it, each stage's run.
     tracking: bool = True
     tracking_uri: str | None = None
-    experiment: str = "loraleak-pipeline"
+    experiment: str | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "out_dir", local_folder(self.out_dir, "out_dir"))
         names = [b.name for b in self.baselines]
         if len(set(names)) != len(names):
             raise ValueError(f"baselines: names must be unique, got {names}")
         if UNDEFENDED_CONDITION in names:
             raise ValueError(f"baselines: {UNDEFENDED_CONDITION!r} is reserved (the attack trained without the defense)")
-        if not self.experiment:
-            raise ValueError("experiment must not be empty")
+        if self.experiment is not None and not self.experiment.strip():
+            raise ValueError("experiment must not be empty (leave it out for the out folder's name)")
         # Each stage's own checks, now rather than when the pipeline reaches it (as a ValueError:
         # from_dict puts the file's name in front).
         try:
@@ -151,6 +155,26 @@ class PipelineConfig:
                 stage_config(PretrainConfig, self.base.pretrain, "base.pretrain", out_dir=Path("-"))
         except ConfigError as e:
             raise ValueError(str(e)) from None
+
+
+# scheme:// (a Path has folded it to scheme:/); two letters at least, so that C:/ stays a path.
+_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/")
+
+
+def local_folder(path: Path, what: str) -> Path:
+    """`path` as a local folder: a file:// URI becomes its path; any other URI (s3://, gs://, hdfs://...) is
+    refused: every stage reads and writes its folder as local files (locks, Ray Train storage, reports), so an
+    object store would silently become a local folder named "s3:". Shared storage is a path every node mounts
+    (NFS, EFS, a bucket through a FUSE mount)."""
+    text = str(path)
+    found = _URI.match(text)
+    if found is None:
+        return path
+    scheme, rest = found.group(1), text[found.end():].lstrip("/")
+    if scheme.lower() == "file":
+        return Path("/" + rest)
+    raise ValueError(f"{what} {scheme}://{rest}: a study's folder must be a local path or file:// URI on storage "
+                     f"every Ray node sees (NFS, a mounted bucket); {scheme}:// is not supported")
 
 
 def with_overrides(cfg: PipelineConfig, overrides: Mapping[str, Any]) -> PipelineConfig:

@@ -14,11 +14,13 @@ the early stages (a sweep over attack settings) share their outputs too.
     OUT/evaluation-<key>/      per-victim results, report/report.html and its figures
     OUT/report.html            a copy of the latest report
     OUT/pipeline.json          the latest result: headline numbers, stage folders, MLflow run ids
-    OUT/mlflow.db              MLflow (unless MLFLOW_TRACKING_URI or tracking_uri says otherwise)
+    OUT/../mlflow.db           MLflow, shared by the studies beside this one (unless --tracking-uri,
+                               tracking_uri or MLFLOW_TRACKING_URI says otherwise): loraleak.pipeline.tracking
 
 Settings that only say how to run a stage (Ray workers, CPUs and GPUs, fine-tunes per pass,
-checkpoint cadence, attack max_steps) are left out of the keys: changing them resumes the same
-stage. A larger attack.max_steps continues the trained attack and re-evaluates.
+checkpoint cadence) are left out of the keys: changing them resumes the same stage. A larger
+attack.max_steps continues the trained attack from its latest checkpoint into a new attack folder,
+keeping the earlier one, and evaluates it.
 """
 
 from __future__ import annotations
@@ -27,14 +29,15 @@ import json
 import logging
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import to_dict
 from ..locking import folder_lock
-from ..tracking import close_orphan_runs, default_tracking_uri, mlflow_run, resolve_tracking_uri
 from .config import PipelineConfig
-from .stages import STAGES, RunContext, plan_stages
+from .stages import STAGES, BaselinesStage, RunContext, Stage, StudyStages, plan_stages
+from .tracking import close_study_orphans, earlier_study_run, open_study_run, study_experiment, study_tracking_uri
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +60,7 @@ class PipelineResult:
     stage_dirs: dict[str, str]
     skipped: list[str] = field(default_factory=list)  # stages whose output was already complete
     wall_time_s: float = 0.0
+    experiment: str | None = None  # the study's MLflow experiment (None: not tracked)
 
     def headline(self) -> str:
         """rec vs org vs base (identity similarity), and top-1 identification vs chance, in one line each."""
@@ -116,57 +120,83 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool = True, lock: bool = T
 
 
 def _close_orphan_runs(cfg: PipelineConfig, out: Path) -> None:
-    """Runs a killed process left RUNNING in the out folder's own MLflow store become KILLED: with the folder's
-    lock held, no live process writes there. A shared server (tracking_uri, $MLFLOW_TRACKING_URI) is left alone."""
-    uri = resolve_tracking_uri(cfg.tracking_uri, out)
-    if cfg.tracking and uri == default_tracking_uri(out) and (out / "mlflow.db").is_file():
-        closed = close_orphan_runs(uri)
+    """This study's runs a killed process left RUNNING become KILLED: with the folder's lock held, no live process
+    writes them. Other studies' runs in a shared store are left alone (loraleak.pipeline.tracking)."""
+    if cfg.tracking:
+        closed = close_study_orphans(study_tracking_uri(cfg, out), out)
         if closed:
             logger.info("closed %d MLflow run(s) left RUNNING by a killed run as KILLED", len(closed))
+
+
+def _tracked_folders(stage: Stage) -> dict[str, Path]:
+    """label -> output folder of each MLflow run a stage logs (what a rerun that skips it links to)."""
+    if isinstance(stage, BaselinesStage):
+        return {f"baseline.{name}": folder for name, folder in stage.folders.items()}
+    if stage.name in ("zoo", "attack", "evaluation"):
+        return {("undefended_" if stage.note else "") + stage.name: stage.folder}
+    return {}  # identities (a check) and base (its pretraining logs no run)
+
+
+def _all_complete(stages: StudyStages) -> bool:
+    return all(stage.is_complete() for stage in stages if stage.name != "identities")
 
 
 def _run_pipeline(cfg: PipelineConfig, show_progress: bool) -> PipelineResult:
     started = time.perf_counter()
     out = cfg.out_dir.expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
-    ctx = RunContext(out, cfg.tracking, cfg.tracking_uri, resolve_tracking_uri(cfg.tracking_uri, out), show_progress)
     progress = _Progress(show_progress)
-
     stages = plan_stages(cfg, out)  # every stage's folder key, the same ones the sweeps predict
-    results = {}
-    for stage in stages:
-        progress.start(stage.name, stage.note + stage.describe())
-        if stage.is_complete():
-            progress.done(stage.summary(), skipped=True)
-            results[stage] = stage.load_result(ctx)
-        else:
-            ran = stage.run(ctx)
-            progress.done(ran.detail)
-            results[stage] = stage.load_result(ctx, ran)
-    zoo, attack, summary = results[stages.zoo], results[stages.attack], results[stages.evaluation]
     keys = stages.keys()
+    uri, experiment = study_tracking_uri(cfg, out), study_experiment(cfg, out)
+    # A rerun of a complete study computes nothing: it opens no run, and reports the one that computed it.
+    # (Only a study that ended once, with its record written, can be complete: a new one plans no stage here,
+    # before the identities' check.)
+    earlier = earlier_study_run(uri, experiment, out, stages.evaluation.folder) \
+        if cfg.tracking and (out / RESULT_FILE).is_file() and _all_complete(stages) else None
+    stage_keys = {"stage": {"keys": {"base": keys["base"], "attack": keys["attack"],
+                                     **{f"upstream.{k}": v for k, v in keys["upstream"].items()},
+                                     "evaluation": keys["evaluation"]}}}
+    opened = open_study_run(cfg, out, uri, experiment, f"{out.name}-{keys['evaluation']}", stages.evaluation.folder,
+                            stage_keys) if earlier is None else nullcontext()
+    with opened as study:
+        ctx = RunContext(out, cfg.tracking, uri, show_progress, study)
+        results = {}
+        for stage in stages:
+            progress.start(stage.name, stage.note + stage.describe())
+            if stage.is_complete():
+                progress.done(stage.summary(), skipped=True)
+                results[stage] = stage.load_result(ctx)
+                if study is not None:
+                    for label, folder in _tracked_folders(stage).items():
+                        study.link(label, folder)
+            else:
+                ran = stage.run(ctx)
+                progress.done(ran.detail)
+                results[stage] = stage.load_result(ctx, ran)
+        zoo, attack, summary = results[stages.zoo], results[stages.attack], results[stages.evaluation]
 
-    progress.start("report", "headline numbers, MLflow")
-    report = Path(summary["report"])
-    shutil.copyfile(report, out / REPORT_FILE)
-    stage_dirs = {"base": results[stages.base], "zoo": zoo.config.root, "attack": str(attack.directory),
-                  **{f"baseline {k}": str(v) for k, v in stages.evaluation.attacks.items()},
-                  "evaluation": str(report.parent.parent)}
-    run_ids = {"zoo": zoo.mlflow_run_id, "attack": attack.mlflow_run_id, "evaluation": summary.get("mlflow_run_id")}
-    result = PipelineResult(out, dict(summary["headline"]), out / REPORT_FILE, summary["table"],
-                            summary.get("best_control"), run_ids, ctx.uri, stage_dirs, progress.skipped)
-    if cfg.tracking:
-        with mlflow_run(cfg.experiment, f"{out.name}-{keys['evaluation']}", cfg.tracking_uri, out) as run:
-            run.log_params({**to_dict(cfg), "stage": {"keys": {"base": keys["base"], **keys["upstream"],
-                                                               "evaluation": keys["evaluation"]},
-                                                      "runs": {k: v or "-" for k, v in run_ids.items()}}})
-            run.log_metrics(result.metrics)
-            run.log_artifact(out / REPORT_FILE)
-            run_ids["pipeline"] = run.run_id
-    result.wall_time_s = time.perf_counter() - started
-    (out / RESULT_FILE).write_text(json.dumps({
-        "metrics": result.metrics, "best_control": result.best_control, "report": str(result.report),
-        "evaluation_report": str(report), "stage_dirs": stage_dirs, "mlflow_run_ids": run_ids, "tracking_uri": ctx.uri,
-        "skipped": result.skipped, "wall_time_s": result.wall_time_s, "config": to_dict(cfg)}, indent=1))
-    progress.done(f"{result.report}")
+        progress.start("report", "headline numbers, MLflow")
+        report = Path(summary["report"])
+        shutil.copyfile(report, out / REPORT_FILE)
+        stage_dirs = {"base": results[stages.base], "zoo": zoo.config.root, "attack": str(attack.directory),
+                      **{f"baseline {k}": str(v) for k, v in stages.evaluation.attacks.items()},
+                      "evaluation": str(report.parent.parent)}
+        run_ids = {"zoo": zoo.mlflow_run_id, "attack": attack.mlflow_run_id,
+                   "evaluation": summary.get("mlflow_run_id")}
+        if study is not None or earlier is not None:
+            run_ids["pipeline"] = study.run_id if study is not None else earlier
+        result = PipelineResult(out, dict(summary["headline"]), out / REPORT_FILE, summary["table"],
+                                summary.get("best_control"), run_ids, uri, stage_dirs, progress.skipped,
+                                experiment=experiment if cfg.tracking else None)
+        result.wall_time_s = time.perf_counter() - started
+        record = out / RESULT_FILE
+        record.write_text(json.dumps({
+            "metrics": result.metrics, "best_control": result.best_control, "report": str(result.report),
+            "evaluation_report": str(report), "stage_dirs": stage_dirs, "mlflow_run_ids": run_ids,
+            "tracking_uri": uri, "experiment": experiment, "skipped": result.skipped,
+            "wall_time_s": result.wall_time_s, "config": to_dict(cfg)}, indent=1))
+        if study is not None:
+            study.finish(result.metrics, [out / REPORT_FILE, record])
+        progress.done(f"{result.report}")
     return result

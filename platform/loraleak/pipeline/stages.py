@@ -8,11 +8,15 @@ all without running anything: `run_pipeline` loops over them, and the sweeps ask
 their trials share. Nothing else derives a stage's folder name or its "done" marker.
 
 Settings that only say how to run a stage (Ray workers, CPUs and GPUs, fine-tunes per pass,
-checkpoint cadence, attack max_steps) are left out of the keys: changing them resumes the same stage.
+checkpoint cadence) are left out of the keys: changing them resumes the same stage. The attack's
+max_steps is in its key but not in its *line*'s (every other setting): a larger max_steps makes a new
+attack folder that continues from the latest checkpoint of the same line at or below it (the earlier
+attack stays as it was, for its own evaluation); see `AttackStage`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
@@ -20,10 +24,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Literal, get_args
 
-from mlflow.tracking import MlflowClient
-
 from ..attack.config import AttackTrainConfig
-from ..attack.train import TRAINING_RECORD, train_attack
+from ..attack.train import TRAINER_STATE, TRAINING_RECORD, train_attack
 from ..base.pretrain import PretrainConfig, pretrain_base
 from ..config import to_dict
 from ..errors import ConfigError
@@ -38,6 +40,7 @@ from ..zoo.plan import base_resolution, plan_zoo
 from ..zoo.storage import ZooStore
 from . import config as pipeline_config
 from .config import UNDEFENDED_CONDITION, PipelineConfig, stage_config, with_overrides
+from .tracking import StudyRun, earlier_run, nested, study_experiment, study_tracking_uri, study_workdir
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +54,8 @@ KEY_CHARS = 8  # a stage folder's key: zoo-e583c7f2
 # settings, but not what is in the upstream folders when the evaluation runs (a zoo with victims still
 # failing, an attack trained further since): the evaluation is complete only for the inputs recorded here.
 EVALUATION_INPUTS = "pipeline_inputs.json"
+# In an attack folder: the key of its training line and its max_steps (how a longer attack finds it).
+ATTACK_LINE = "attack_line.json"
 # How to run a stage, not what it computes: left out of the stage keys (a change resumes the stage).
 HOW_TO_RUN = {
     "zoo": ("workers", "num_cpus_per_worker", "num_gpus_per_worker", "max_retries", "fine_tunes_per_pass",
@@ -72,31 +77,26 @@ def settings_of(section: Any, stage: str) -> dict[str, Any]:
     return {k: v for k, v in to_dict(section).items() if k not in HOW_TO_RUN.get(stage, ())}
 
 
+def tracking_wiring(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
+    """The MLflow fields the pipeline sets in each stage's own config: the study's store and experiment
+    (the stage runs nest under the pipeline run, which the MLflow UI shows only within one experiment)."""
+    return {"tracking": cfg.tracking, "tracking_uri": study_tracking_uri(cfg, out) if cfg.tracking else None,
+            "experiment": study_experiment(cfg, out), "workdir": study_workdir(out)}
+
+
 @dataclass(frozen=True)
 class RunContext:
-    """What every stage's run shares: the study's folder, its MLflow wiring, whether to show progress."""
+    """What every stage's run shares: the study's folder, its MLflow store and run, whether to show progress."""
 
     out: Path  # the study's out_dir, resolved
     tracking: bool
-    tracking_uri: str | None  # as configured (None: $MLFLOW_TRACKING_URI, else the out folder's store)
-    uri: str  # as resolved
+    uri: str  # the MLflow store, resolved
     show_progress: bool = True
+    study: StudyRun | None = None  # the pipeline run the stage runs nest under (None: not tracked)
 
-    @property
-    def wiring(self) -> dict[str, Any]:
-        """The MLflow fields the pipeline sets in each stage's own config."""
-        return {"tracking": self.tracking, "tracking_uri": self.tracking_uri, "workdir": self.out}
-
-
-def mlflow_run_id(tracking_uri: str, experiment: str, run_name: str) -> str | None:
-    """The newest run of that name (stages that return no run id, or that were skipped)."""
-    client = MlflowClient(tracking_uri=tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return None
-    runs = client.search_runs([found.experiment_id], filter_string=f"attributes.run_name = '{run_name}'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
-    return runs[0].info.run_id if runs else None
+    def run_of(self, folder: Path | str) -> str | None:
+        """The MLflow run that built a stage folder (None when not tracked, or built before runs were tagged)."""
+        return earlier_run(self.uri, folder) if self.tracking else None
 
 
 def _read_json(path: Path) -> Any:
@@ -229,8 +229,7 @@ class ZooStage(Stage):
     @cached_property
     def config(self) -> ZooConfig:
         return stage_config(ZooConfig, self.cfg.zoo, "zoo", root=str(self.folder), base=self.base.ref,
-                            identities=self.cfg.identities, tracking=self.cfg.tracking,
-                            tracking_uri=self.cfg.tracking_uri, workdir=self.out)
+                            identities=self.cfg.identities, **tracking_wiring(self.cfg, self.out))
 
     @cached_property
     def _counts(self) -> tuple[int, int]:
@@ -253,13 +252,11 @@ class ZooStage(Stage):
         return f"{self._counts[0]} fine-tunes in {self.folder}"
 
     def run(self, ctx: RunContext) -> Ran:
-        summary = build_zoo(self.config, show_progress=ctx.show_progress)
+        summary = build_zoo(nested(self.config, ctx.study), show_progress=ctx.show_progress)
         return Ran(f"{summary['done']} done, {summary['failed']} failed of {summary['planned']}")
 
     def load_result(self, ctx: RunContext, ran: Ran | None = None) -> ZooResult:
-        zoo = self.config
-        run_id = mlflow_run_id(ctx.uri, zoo.experiment, f"zoo {zoo.root}") if zoo.tracking else None
-        return ZooResult(zoo, run_id)
+        return ZooResult(self.config, ctx.run_of(self.folder))
 
 
 @dataclass(frozen=True)
@@ -268,49 +265,117 @@ class AttackResult:
     mlflow_run_id: str | None
 
 
+@dataclass(frozen=True)
+class Continuation:
+    """Where a longer attack starts: the latest checkpoint of an attack of the same line (every setting but
+    max_steps) at or below this one's max_steps."""
+
+    folder: Path  # the earlier attack's folder (left as it is)
+    checkpoint: Path  # its checkpoint directory (the encoder and the optimizer state)
+    step: int
+
+
+def _read_step(checkpoint: Path) -> int | None:
+    import torch
+
+    try:
+        return int(torch.load(checkpoint / TRAINER_STATE, map_location="cpu", weights_only=True)["step"])
+    except Exception:  # a checkpoint being written, or damaged: not one to continue from
+        return None
+
+
+def latest_checkpoint(folder: Path) -> tuple[Path, int] | None:
+    """An attack folder's latest Ray Train checkpoint (its directory and step) in its storage, folder/ray."""
+    found = [(c.parent, step) for c in (folder / "ray").glob(f"*/checkpoint_*/{TRAINER_STATE}")
+             if (step := _read_step(c.parent)) is not None]
+    return max(found, key=lambda item: item[1], default=None)
+
+
 @dataclass(frozen=True, eq=False)
 class AttackStage(Stage):
-    """The network autoencoder, trained on the zoo's attack_train LoRAs (to attack.max_steps)."""
+    """The network autoencoder, trained on the zoo's attack_train LoRAs to attack.max_steps.
+
+    Its key is its `line`'s (the key over every setting but max_steps, which is what the attack's folder
+    was named by before max_steps was in it) and max_steps. An attack with a larger max_steps than an
+    earlier one of the same line continues from the earlier one's latest checkpoint (`continuation`) into
+    its own folder, so the earlier attack, and the evaluation made of it, stay as they were; resuming from
+    a checkpoint continues exactly as an uninterrupted run would (loraleak.attack.train). A folder of the
+    line named before max_steps was in the key (`attack-<line>`, no ATTACK_LINE file) is still this
+    stage's folder when its attack stopped at this max_steps: the studies run before keep their attack."""
 
     name = "attack"
     prefix = "attack"
     zoo: ZooStage | None = None
+    line: str | None = None
+
+    @cached_property
+    def folder(self) -> Path:  # type: ignore[override]
+        earlier = self.out / f"{self.prefix}-{self.line}"
+        record = _read_json(earlier / "attack" / TRAINING_RECORD) or {}
+        if not (earlier / ATTACK_LINE).exists() and record.get("step") == self.cfg.attack.max_steps:
+            return earlier
+        return self.out / f"{self.prefix}-{self.key}"
 
     @cached_property
     def config(self) -> AttackTrainConfig:
         zoo = self.zoo.config
         return stage_config(AttackTrainConfig, self.cfg.attack, "attack", zoo=zoo.root, base=zoo.base,
-                            identities=self.cfg.identities, out_dir=self.folder, run_name=f"attack-{self.key}",
-                            tracking=self.cfg.tracking, tracking_uri=self.cfg.tracking_uri, workdir=self.out)
+                            identities=self.cfg.identities, out_dir=self.folder, run_name=self.folder.name,
+                            **tracking_wiring(self.cfg, self.out))
 
     @property
     def directory(self) -> Path:
         return self.folder / "attack"  # AttackTrainConfig.attack_dir
 
+    @cached_property
+    def continuation(self) -> Continuation | None:
+        """The checkpoint this attack starts from: none when its own folder has one (a rerun resumes from
+        that), else the latest one of the same line at or below max_steps in another attack folder."""
+        if latest_checkpoint(self.folder) is not None:
+            return None
+        best = None
+        for folder in sorted(self.out.glob(f"{self.prefix}-*")):
+            if folder == self.folder or not folder.is_dir():
+                continue
+            recorded = _read_json(folder / ATTACK_LINE)
+            line = recorded.get("line") if isinstance(recorded, dict) else \
+                (self.line if folder.name == f"{self.prefix}-{self.line}" else None)
+            found = latest_checkpoint(folder) if line == self.line else None
+            if found is not None and found[1] <= self.cfg.attack.max_steps and (best is None or found[1] > best.step):
+                best = Continuation(folder, *found)
+        return best
+
     def describe(self) -> str:
-        attack = self.config
-        return (f"network autoencoder, {attack.max_steps} steps on {attack.num_workers} Ray Train worker(s) -> "
-                f"{attack.attack_dir}")
+        attack, start = self.config, self.continuation
+        since = f", continuing {start.folder.name} from step {start.step}" if start is not None else ""
+        return (f"network autoencoder, {attack.max_steps} steps on {attack.num_workers} Ray Train worker(s){since} "
+                f"-> {attack.attack_dir}")
 
     def is_complete(self) -> bool:
-        record = self.directory / TRAINING_RECORD
-        return record.is_file() and json.loads(record.read_text()).get("step", 0) >= self.cfg.attack.max_steps
+        record = _read_json(self.directory / TRAINING_RECORD)
+        return isinstance(record, dict) and record.get("step", 0) >= self.cfg.attack.max_steps
 
     def summary(self) -> str:
         return f"trained attack in {self.directory}"
 
     def run(self, ctx: RunContext) -> Ran:
-        result = train_attack(self.config, show_progress=ctx.show_progress)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / ATTACK_LINE).write_text(json.dumps({"line": self.line,
+                                                           "max_steps": self.cfg.attack.max_steps}))
+        config, start = nested(self.config, ctx.study), self.continuation
+        if start is not None:
+            config = dataclasses.replace(config, resume_from=str(start.checkpoint))
+        result = train_attack(config, show_progress=ctx.show_progress)
         final = result.evaluations.get(result.step, {})
-        return Ran(f"step {result.step}" + "".join(f", {k} {v:.4f}" for k, v in sorted(final.items())),
+        since = f" (continued from {start.folder.name} at step {start.step})" if start is not None else ""
+        return Ran(f"step {result.step}{since}" + "".join(f", {k} {v:.4f}" for k, v in sorted(final.items())),
                    result.mlflow_run_id)
 
     def load_result(self, ctx: RunContext, ran: Ran | None = None) -> AttackResult:
         attack = self.config
-        if ran is not None:  # this run's own id, not a lookup by name
+        if ran is not None:  # this run's own id, not a lookup
             return AttackResult(attack.attack_dir, ran.mlflow_run_id)
-        run_id = mlflow_run_id(ctx.uri, attack.experiment, f"attack {attack.run_name}") if attack.tracking else None
-        return AttackResult(attack.attack_dir, run_id)
+        return AttackResult(attack.attack_dir, ctx.run_of(self.folder))
 
 
 @dataclass(frozen=True, eq=False)
@@ -347,8 +412,8 @@ class BaselinesStage(Stage):
         for spec in self._pending():
             baseline = config_class(kind=spec.kind, zoo=zoo.root, base=zoo.base, out_dir=self.folders[spec.name],
                                     settings=spec.settings, identities=self.cfg.identities,
-                                    tracking=ctx.tracking, tracking_uri=ctx.tracking_uri, workdir=ctx.out)
-            fit(baseline, show_progress=ctx.show_progress)
+                                    **tracking_wiring(self.cfg, self.out))
+            fit(nested(baseline, ctx.study), show_progress=ctx.show_progress)
             fitted.append(spec.name)
         return Ran(f"{len(fitted)} fitted, {len(self.cfg.baselines) - len(fitted)} already fitted")
 
@@ -382,8 +447,8 @@ class EvaluationStage(Stage):
         zoo = self.zoo.config
         return stage_config(EvaluationConfig, self.cfg.evaluation, "evaluation", zoo=zoo.root, out_dir=self.folder,
                             attack=self.attack.directory, baselines=self.attacks, base=zoo.base,
-                            identities=self.cfg.identities, run_name=f"evaluate {self.out.name}-{self.key}",
-                            tracking=self.cfg.tracking, tracking_uri=self.cfg.tracking_uri, workdir=self.out)
+                            identities=self.cfg.identities, run_name=f"evaluation-{self.key}",
+                            **tracking_wiring(self.cfg, self.out))
 
     def inputs(self) -> dict[str, Any]:
         """What the evaluation is computed from: the upstream stage keys, the zoo's finished LoRAs and the content
@@ -410,7 +475,7 @@ class EvaluationStage(Stage):
     def run(self, ctx: RunContext) -> Ran:
         inputs, inputs_path = self.inputs(), self.folder / EVALUATION_INPUTS
         inputs_path.unlink(missing_ok=True)  # not complete for any inputs until this evaluation ends
-        evaluate(self.config, show_progress=ctx.show_progress)
+        evaluate(nested(self.config, ctx.study), show_progress=ctx.show_progress)
         summary = self.load_result(ctx)
         inputs_path.write_text(json.dumps(inputs, indent=1))
         failed = f", {len(summary['failures'])} failed (rerun to retry)" if summary["failures"] else ""
@@ -506,18 +571,22 @@ def plan_stages(cfg: PipelineConfig, out: Path | None = None) -> StudyStages:
     base_key = stage_key(cfg.base.ref) if cfg.base.pretrain is None else stage_key(_pretrain_key_settings(cfg.base.pretrain))
     base = BaseStage(cfg, out, base_key)
     zoo = ZooStage(cfg, out, stage_key(base_key, to_dict(cfg.identities), settings_of(cfg.zoo, "zoo")), base=base)
-    attack = AttackStage(cfg, out, stage_key(zoo.key, settings_of(cfg.attack, "attack")), zoo=zoo)
+    line = stage_key(zoo.key, settings_of(cfg.attack, "attack"))  # every setting but max_steps (HOW_TO_RUN)
+    attack = AttackStage(cfg, out, stage_key(line, {"max_steps": cfg.attack.max_steps}), zoo=zoo, line=line)
     baselines = BaselinesStage(cfg, out, None, zoo=zoo,
                                keys={spec.name: stage_key(zoo.key, to_dict(spec)) for spec in cfg.baselines})
-    upstream = {"zoo": zoo.key, "attack": attack.key, "attack_steps": cfg.attack.max_steps,
+    # The attack as its line and max_steps: the same key as the attack's own, in the form evaluation keys had
+    # before max_steps was in the attack's key (the studies run before keep their evaluation folders).
+    upstream = {"zoo": zoo.key, "attack": attack.line, "attack_steps": cfg.attack.max_steps,
                 "baselines": dict(baselines.keys)}
     undefended, plain_cfg = None, undefended_study(cfg)
     if plain_cfg is not None:  # the attack trained on undefended LoRAs, against the same defended victims
         note = "undefended study, for the attack trained without the defense: "
         plain = plan_stages(plain_cfg, out)
         plain_zoo = ZooStage(plain_cfg, out, plain.zoo.key, note, base=base)
-        undefended = (plain_zoo, AttackStage(plain_cfg, out, plain.attack.key, note, zoo=plain_zoo))
-        upstream["undefended_attack"] = plain.attack.key
+        undefended = (plain_zoo, AttackStage(plain_cfg, out, plain.attack.key, note, zoo=plain_zoo,
+                                             line=plain.attack.line))
+        upstream["undefended_attack"] = plain.attack.line
     evaluation = EvaluationStage(cfg, out, stage_key(upstream, settings_of(cfg.evaluation, "evaluation")), zoo=zoo,
                                  attack=attack, baselines=baselines,
                                  undefended_attack=undefended[1] if undefended else None, upstream=upstream)

@@ -36,10 +36,6 @@ from .trials import Trial, expand_trials
 logger = logging.getLogger(__name__)
 
 SWEEP_FILE = "sweep.json"
-STAGE_CONFIGS = ("loraleak.zoo.config:ZooConfig", "loraleak.attack.config:AttackTrainConfig",
-                 "loraleak.attack.baselines.fit:BaselineConfig", "loraleak.evaluation.config:EvaluationConfig")
-
-
 @dataclass
 class SweepPlan:
     cfg: SweepConfig
@@ -94,19 +90,10 @@ def plan_sweep(cfg: SweepConfig) -> SweepPlan:
 
 
 def _stage_experiments(trials: Sequence[Trial]) -> list[str]:
-    """The MLflow experiments the trials' stages log to (their configs' defaults; the pipeline's own)."""
-    import dataclasses
-    import importlib
+    """The MLflow experiments the trials' pipelines log to (each study's, its stage runs nested in it)."""
+    from ..pipeline.tracking import study_experiment
 
-    names = []
-    for spec in STAGE_CONFIGS:
-        module, _, name = spec.partition(":")
-        try:
-            cls = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError):  # a build without that stage
-            continue
-        names += [f.default for f in dataclasses.fields(cls) if f.name == "experiment"]
-    return names + [t.config.experiment for t in trials]
+    return [study_experiment(t.config) for t in trials]
 
 
 class _Say:

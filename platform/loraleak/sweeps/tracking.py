@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from ..tracking import TrackedRun, check_reachable, default_tracking_uri, resolve_tracking_uri
+from ..tracking import TrackedRun, check_reachable, ensure_experiment, resolve_tracking_uri, sqlite_path
 
 PARENT_TAG = "mlflow.parentRunId"  # what the MLflow UI nests runs by
 SWEEP_TAG = "loraleak.sweep"
@@ -31,21 +31,13 @@ def _client(uri: str):
 
 
 def ensure_experiments(uri: str, directory: Path, names: Iterable[str]) -> dict[str, str]:
-    """name -> experiment id, creating those missing (artifacts under directory/mlartifacts on the local store)."""
+    """name -> experiment id, creating those missing (a sqlite store's artifacts beside it: loraleak.tracking)."""
     check_reachable(uri)
     client = _client(uri)
-    local = uri == default_tracking_uri(directory)
-    if local:
-        directory.mkdir(parents=True, exist_ok=True)
-    ids = {}
-    for name in dict.fromkeys(names):
-        found = client.get_experiment_by_name(name)
-        if found is not None:
-            ids[name] = found.experiment_id
-        else:
-            artifacts = (directory / "mlartifacts").as_uri() if local else None
-            ids[name] = client.create_experiment(name, artifact_location=artifacts)
-    return ids
+    db = sqlite_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    return {name: ensure_experiment(client, name, uri) for name in dict.fromkeys(names)}
 
 
 def open_parent_run(uri: str, experiment_id: str, name: str, previous_run_id: str | None) -> TrackedRun:

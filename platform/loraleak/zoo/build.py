@@ -465,13 +465,15 @@ def build_zoo(cfg: ZooConfig, show_progress: bool = True) -> dict[str, Any]:
 
 
 def _build_zoo(cfg: ZooConfig, show_progress: bool) -> dict[str, Any]:
-    from ..tracking import mlflow_run
+    from ..tracking import FOLDER_TAG, mlflow_run
     from .inspect import zoo_info
 
     check_identity_source(cfg)  # before planning, which hashes every image
     started = time.perf_counter()
-    tracked = mlflow_run(cfg.experiment, f"zoo {cfg.root}", cfg.tracking_uri, cfg.workdir) \
-        if cfg.tracking else nullcontext()
+    store = ZooStore(cfg.root)
+    folder = str(Path(store.path).resolve()) if store.is_local else cfg.root
+    tracked = mlflow_run(cfg.experiment, f"zoo {cfg.root}", cfg.tracking_uri, cfg.workdir, cfg.parent_run_id,
+                         {FOLDER_TAG: folder}) if cfg.tracking else nullcontext()
     with tracked as run:
         if run is not None:
             run.log_params(to_dict(cfg))

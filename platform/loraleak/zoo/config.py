@@ -75,6 +75,7 @@ class ZooConfig:
     tracking_uri: str | None = None
     experiment: str = "loraleak-zoo"
     workdir: Path = Path("runs")
+    parent_run_id: str | None = None  # nest this stage's run under another (the pipeline's run)
 
     def __post_init__(self) -> None:
         if not self.root.strip():

@@ -62,6 +62,7 @@ class BaselineConfig:
     tracking_uri: str | None = None
     experiment: str = "loraleak-baselines"
     workdir: Path = Path("runs")
+    parent_run_id: str | None = None  # nest this stage's run under another (the pipeline's run)
 
     def __post_init__(self) -> None:
         if self.kind not in BASELINE_KINDS:
@@ -154,8 +155,11 @@ def fit_baseline(cfg: BaselineConfig, pipe: Any = None, show_progress: bool = Tr
 
 
 def _fit_baseline(cfg: BaselineConfig, pipe: Any, show_progress: bool, mlflow_run: Any) -> Path:
-    tracked = mlflow_run(cfg.experiment, f"baseline {cfg.kind}", cfg.tracking_uri, cfg.workdir) \
-        if cfg.tracking else nullcontext()
+    from ...tracking import FOLDER_TAG
+
+    folder = str(Path(cfg.out_dir).expanduser().resolve())
+    tracked = mlflow_run(cfg.experiment, f"baseline {cfg.kind}", cfg.tracking_uri, cfg.workdir, cfg.parent_run_id,
+                         {FOLDER_TAG: folder}) if cfg.tracking else nullcontext()
     with tracked as run:
         attack = build_baseline(cfg, pipe, show_progress)
         attack.save_pretrained(cfg.out_dir)

@@ -32,8 +32,9 @@ from PIL import Image
 
 from ...errors import InputError
 from ...generate import image_seeds, lora_loaded
-from ..api import AttackOutput, LoraInput, register_attack
+from ..api import AttackOutput, LoraInput
 from .common import load_baseline, save_baseline
+from .registry import FitInputs, register_baseline
 
 KIND = "finextract"
 
@@ -212,4 +213,9 @@ def load(directory: Path, pipe: Any) -> FineXtractAttack:
     return FineXtractAttack.from_pretrained(directory, pipe)
 
 
-register_attack(KIND, load)
+def build(settings: FineXtractConfig, inputs: FitInputs) -> FineXtractAttack:
+    """Nothing to learn and no layout: any LoRA of this base."""
+    return FineXtractAttack(settings, inputs.pipe)
+
+
+register_baseline(KIND, FineXtractConfig, build, load)

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..base.loading import base_fingerprint as fingerprint_of_base
 from ..defenses.training import training_defense
-from ..errors import ConfigError, InputError, LoraleakError
+from ..errors import ConfigError, LoraleakError
 from ..lora.io import loaded_adapters
 from .class_images import pipeline_resolution
 from .config import FinetuneConfig
@@ -176,24 +176,26 @@ def run_finetunes(pipe: Any, image_sets: Sequence[list[Image.Image]], cfgs: Sequ
         train_s = time.perf_counter() - train_started
         trainable = trainer.trainable_parameters
 
-    wall_time_s = time.perf_counter() - started
-    timings = {"wall_time_s": wall_time_s, "class_images_s": class_images_s, "train_s": train_s,
+    timings = {"wall_time_s": time.perf_counter() - started, "class_images_s": class_images_s, "train_s": train_s,
                "seconds_per_step": train_s / cfgs[0].steps, "torch_threads": torch.get_num_threads()}
-    results: list[FinetuneResult | LoraleakError] = []
-    for k, cfg in enumerate(cfgs):
-        if losses.errors[k] is not None:
-            results.append(losses.errors[k])
-            continue
-        final_loss = losses.final(k)
-        settings = finetune_settings(
-            cfg, pipe=pipe, resolution=resolution, base={"ref": base_ref, "fingerprint": base_fingerprint},
-            noise_scheduler=noise_scheduler, trainable=trainable, privacy=defenses[k].account(cfg.steps),
-            images=image_sets[k], class_images=class_sets[k], class_dir=class_dirs[k], out_dir=out_dirs[k],
-            snapshots=snapshots[k], losses=losses.values[k], final_loss=final_loss, timings=timings,
-            batched=None if batched_options is None else {"fine_tunes": len(cfgs), "index": k,
-                                                          "options": batched_options}, device=device)
-        write_json_atomically(out_dirs[k] / RECORD_NAME, settings)  # last: it marks the snapshots complete
-        results.append(FinetuneResult(trigger=cfg.trigger_word, instance_prompt=cfg.instance_prompt_text,
-                                      snapshots=snapshots[k], losses=losses.values[k], final_loss=final_loss,
-                                      wall_time_s=wall_time_s, settings=settings))
-    return results
+    run = dict(pipe=pipe, resolution=resolution, base={"ref": base_ref, "fingerprint": base_fingerprint},
+               noise_scheduler=noise_scheduler, trainable=trainable, timings=timings, device=device)
+    return [losses.errors[k] or _result(k, cfgs[k], image_sets[k], class_sets[k], class_dirs[k], out_dirs[k],
+                                        snapshots[k], losses, defenses[k], batched_options, len(cfgs), run)
+            for k in range(len(cfgs))]
+
+
+def _result(k: int, cfg: FinetuneConfig, images: list[Image.Image], class_images: list[Image.Image] | None,
+            class_dir: Path | None, out_dir: Path, snapshots: list[tuple[int, Path]], losses: _Losses,
+            defense: Any, batched_options: dict[str, Any] | None, k_count: int, run: dict[str, Any]) -> FinetuneResult:
+    """Fine-tune k's finetune.json, written last (it marks the snapshots complete), and its result."""
+    final_loss = losses.final(k)
+    batched = None if batched_options is None else {"fine_tunes": k_count, "index": k, "options": batched_options}
+    settings = finetune_settings(cfg, **run, privacy=defense.account(cfg.steps), images=images,
+                                 class_images=class_images, class_dir=class_dir, out_dir=out_dir,
+                                 snapshots=snapshots, losses=losses.values[k], final_loss=final_loss,
+                                 batched=batched)
+    write_json_atomically(out_dir / RECORD_NAME, settings)
+    return FinetuneResult(trigger=cfg.trigger_word, instance_prompt=cfg.instance_prompt_text, snapshots=snapshots,
+                          losses=losses.values[k], final_loss=final_loss,
+                          wall_time_s=run["timings"]["wall_time_s"], settings=settings)

@@ -42,6 +42,8 @@ from tqdm.auto import tqdm
 
 from ..config import ExistingPath, from_dict, read_yaml, to_dict
 from ..errors import ConfigError, LoraleakError
+from ..identities.folder import FolderIdentities
+from ..identities.synthetic import public_images
 from ..imaging import save_grid
 from .loading import PIPELINE_SUBDIR, base_fingerprint
 from .sampling import sample_images
@@ -106,12 +108,8 @@ class PretrainConfig:
 def _public_images(cfg: PretrainConfig) -> Iterator[Image.Image]:
     size = cfg.tiny.resolution
     if cfg.images is None:
-        from ..identities.synthetic import public_images
-
         yield from public_images(cfg.num_images, size, seed=cfg.seed)
         return
-    from ..identities.folder import FolderIdentities
-
     source = FolderIdentities(cfg.images, min_images=1, crop_fraction=cfg.crop_fraction)
     for identity in source.identities():
         yield from identity.load(size)

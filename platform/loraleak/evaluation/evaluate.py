@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
+import pyarrow.compute as pc
+from PIL import Image
 from tqdm.auto import tqdm
 
 from ..base.loading import BUILTIN_BASES, base_fingerprint
@@ -99,8 +101,6 @@ def resolve_config(cfg: EvaluationConfig) -> EvaluationConfig:
 
 def select_victims(cfg: EvaluationConfig) -> tuple[list[dict[str, Any]], list[str]]:
     """The victims (final snapshots of done fine-tunes of the split) and the candidate identities."""
-    import pyarrow.compute as pc
-
     table = read_manifest(cfg.zoo)
     table = table.filter(pc.equal(table["split"], cfg.split))
     candidates = sorted(set(table["identity_id"].to_pylist()))
@@ -216,8 +216,6 @@ class ResultStore:
         return json.loads(self._json(lora_id).read_text())
 
     def images(self, lora_id: str, name: str, limit: int) -> list:
-        from PIL import Image
-
         out = []
         for path in sorted((self.dir / lora_id).glob(f"{name}-*.png"))[:limit]:
             with Image.open(path) as image:
@@ -240,7 +238,7 @@ def _one_line(error: BaseException) -> str:
 
 def _ray_results(cfg: EvaluationConfig, references: Mapping[str, list],
                  victims: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    import ray
+    import ray  # ray starts slowly: only an evaluation that fans out imports it
     from ray.util import ActorPool
 
     connect_ray()
@@ -267,7 +265,7 @@ def run_victims(cfg: EvaluationConfig, references: Mapping[str, list], victims: 
                 store: ResultStore, show_progress: bool = True) -> list[dict[str, str]]:
     """Evaluate `victims` on Ray actors (or here, with workers 0), writing each result as it ends;
     returns the failures."""
-    import ray
+    import ray  # see _ray_results
 
     by_id = {v["lora_id"]: v for v in victims}
     failures: list[dict[str, str]] = []

@@ -19,6 +19,8 @@ import random
 import time
 from typing import Any, Mapping, Sequence
 
+import diffusers
+import torch
 from PIL import Image
 
 from ..attack.api import LoraInput
@@ -73,11 +75,7 @@ class EvaluationWorker:
     """
 
     def __init__(self, cfg: EvaluationConfig, references: Mapping[str, Sequence[Any]], own_process: bool = True):
-        import torch
-
         if own_process:  # a Ray actor's process is the worker's alone to configure
-            import diffusers
-
             torch.set_num_threads(max(1, int(cfg.num_cpus_per_worker)))
             diffusers.utils.logging.disable_progress_bar()
         self.cfg, self.references = cfg, references

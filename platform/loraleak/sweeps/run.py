@@ -17,6 +17,8 @@ build one shared output at once; within a wave, as many run at once as the clust
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
 import logging
 import time
@@ -96,9 +98,6 @@ def plan_sweep(cfg: SweepConfig) -> SweepPlan:
 
 def _stage_experiments(trials: Sequence[Trial]) -> list[str]:
     """The MLflow experiments the trials' stages log to (their configs' defaults; the pipeline's own)."""
-    import dataclasses
-    import importlib
-
     names = []
     for spec in STAGE_CONFIGS:
         module, _, name = spec.partition(":")
@@ -121,7 +120,7 @@ class _Say:
 
 
 def _progress_callback(directory: Path, total: int, start: int, cfg: SweepConfig, say: _Say):
-    from ray.tune import Callback
+    from ray.tune import Callback  # ray starts slowly: only a running sweep imports it
 
     class TrialProgress(Callback):
         """One line per trial as it ends (Tune itself runs quiet)."""
@@ -150,7 +149,7 @@ def _trial_name(trial) -> str:
 
 def _run_wave(cfg: SweepConfig, wave: list[Trial], index: int, common: dict[str, Any], at_once: int,
               callback: Any) -> None:
-    from ray import tune
+    from ray import tune  # see _progress_callback
 
     payloads = [trial_payload(t, cfg.resources_per_trial) for t in wave]
     trainable = tune.with_resources(

@@ -306,3 +306,61 @@ def test_every_baseline_refuses_a_lora_of_another_layout_in_one_line(fitted, mis
     with pytest.raises(InputError, match="does not fit the attack") as error:
         attack.reconstruct(misfits[misfit], n=1)
     assert "\n" not in str(error.value) and kind in str(error.value)
+
+
+# --- a new kind: its own module plus one registration line -------------------------------------
+
+def test_a_registered_kind_is_fitted_saved_and_loaded_through_the_registry(zoo, fitting_zoo, pipe, tmp_path):
+    """What `register_baseline(KIND, Config, build, load)` at the end of a module gives: BaselineConfig
+    accepts the kind and checks its settings, fit_baseline builds it from the attack_train rows only,
+    load_attack reads it back. (The kind is unregistered again at the end.)"""
+    from dataclasses import dataclass
+
+    from loraleak.attack import api
+    from loraleak.attack.baselines import registry
+    from loraleak.attack.baselines.common import load_baseline, save_baseline
+
+    @dataclass(frozen=True)
+    class MeanConfig:
+        scale: float = 1.0
+
+        def __post_init__(self):
+            if not self.scale > 0:
+                raise ValueError(f"scale must be > 0, got {self.scale}")
+
+    class MeanAttack:
+        kind = "mean_embedding"
+
+        def __init__(self, config, mean, record=None):
+            self.config, self.mean, self.record = config, mean, dict(record or {})
+
+        def save_pretrained(self, directory):
+            return save_baseline(directory, self.kind, self.config, self.record, {"mean": self.mean})
+
+    seen = {}
+
+    def build(settings, inputs):
+        seen["lora_ids"] = {row.lora_id for row in inputs.rows}
+        seen["loras"] = len(inputs.loras())
+        return MeanAttack(settings, settings.scale * inputs.prompt_embeddings().mean(0))
+
+    def load(directory, pipe):
+        config, record, tensors = load_baseline(directory, "mean_embedding", MeanConfig)
+        return MeanAttack(config, tensors["mean"], record)
+
+    with pytest.raises(ConfigError, match="kind must be one of"):
+        baseline_config(zoo, fitting_zoo, "mean_embedding", tmp_path / "unknown")
+    registry.register_baseline("mean_embedding", MeanConfig, build, load)
+    try:
+        with pytest.raises(ConfigError, match="scale must be > 0"):
+            baseline_config(zoo, fitting_zoo, "mean_embedding", tmp_path / "bad", settings={"scale": 0})
+        cfg = baseline_config(zoo, fitting_zoo, "mean_embedding", tmp_path / "mean", settings={"scale": 2.0})
+        directory = fit_baseline(cfg, pipe, show_progress=False)
+        attack_train = {r["lora_id"] for r in final_rows(zoo, "attack_train")}
+        assert seen == {"lora_ids": attack_train, "loras": len(attack_train)}  # heldout never read
+        loaded = load_attack(directory, pipe)
+        assert isinstance(loaded, MeanAttack) and loaded.config == MeanConfig(scale=2.0)
+        assert loaded.record["fit"]["num_loras"] == len(attack_train)
+    finally:
+        del registry.BASELINE_KINDS["mean_embedding"], registry._BUILDERS["mean_embedding"]
+        del api.LOADERS["mean_embedding"]

@@ -14,11 +14,16 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from .base.loading import base_fingerprint, load_base_pipeline
 from .config import to_dict
 from .errors import ConfigError
+from .evaluation import score_images, summarise_victim
 from .finetune.config import FinetuneConfig
+from .finetune.dreambooth_lora import finetune_lora
+from .generate import generate_images
 from .identities import IdentitiesConfig, make_source
 from .imaging import save_grid
+from .scoring import make_scorer
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +49,6 @@ class VictimConfig:
 
 
 def run_victim(cfg: VictimConfig) -> dict:
-    from .base.loading import base_fingerprint, load_base_pipeline
-    from .finetune.dreambooth_lora import finetune_lora
-    from .generate import generate_images
-    from .evaluation import score_images, summarise_victim
-    from .scoring import make_scorer
-
     t0 = time.time()
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)

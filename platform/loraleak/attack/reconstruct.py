@@ -21,10 +21,14 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from ..base.loading import base_fingerprint, load_base_pipeline
 from ..errors import InputError
+from ..generate import generate_images
+from ..imaging import save_grid
 from ..lora.io import read_lora, resolve_lora_file
 from .lora_inputs import MatrixSpec, check_layout, collate_lora_matrices, lora_layout, lora_matrices
-from .model import CONFIG_NAME
+from .model import CONFIG_NAME, NetworkAutoencoder
+from .train import TRAINING_RECORD
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +49,6 @@ class Reconstruction:
 
 def read_attack_record(attack_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """The saved model's config.json and (when trained by `train_attack`) its training record."""
-    from .train import TRAINING_RECORD
-
     try:
         config = json.loads((attack_dir / CONFIG_NAME).read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -97,11 +99,6 @@ def reconstruct(attack_dir: str | Path, lora_file: str | Path, base: str | None 
     `base` defaults to the base the attack was trained with; `step` to the LoRA's own step count
     (its snapshot folder or finetune.json), else the attack zoo's usual fine-tune length.
     """
-    from ..base.loading import base_fingerprint, load_base_pipeline
-    from ..generate import generate_images
-    from ..imaging import save_grid
-    from .model import NetworkAutoencoder
-
     attack_dir, out_dir = Path(attack_dir), Path(out_dir)
     config, record = read_attack_record(attack_dir)
     base = base or record.get("base")

@@ -31,11 +31,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+import diffusers
 import torch
+from diffusers import DDPMScheduler
+from tqdm.auto import tqdm
 
-from ..config import from_dict, to_dict
+from ..base.loading import BUILTIN_BASES, base_fingerprint, load_base_pipeline
+from ..cluster import connect_ray
+from ..config import from_dict, load_yaml, to_dict
 from ..errors import ConfigError, LoraleakError
+from ..finetune.class_images import pipeline_resolution
+from ..locking import folder_lock
+from ..lora.batched import epsilon_loss, install_batched_lora
+from ..tracking import FOLDER_TAG, mlflow_run, resolve_tracking_uri
+from ..zoo.plan import base_resolution
+from ..zoo.storage import ZooStore
 from .config import AttackTrainConfig
+from .data import (ImageLatents, LoraSamples, PromptEmbeddings, check_identity_source, collate_samples, load_sample,
+                   select_samples)
+from .model import NetworkAutoencoder
 
 if TYPE_CHECKING:
     from .data import ZooSelection
@@ -60,19 +74,8 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
-    import diffusers
-    import ray.train
+    import ray.train  # ray starts slowly: only Ray Train's workers and the driver's fit import it
     import ray.train.torch
-    from diffusers import DDPMScheduler
-    from tqdm.auto import tqdm
-
-    from ..base.loading import base_fingerprint, load_base_pipeline
-    from ..finetune.class_images import pipeline_resolution
-    from ..zoo.storage import ZooStore
-    from ..lora.batched import epsilon_loss, install_batched_lora
-    from .data import (ImageLatents, LoraSamples, PromptEmbeddings, collate_samples, load_sample,
-                       select_samples)
-    from .model import NetworkAutoencoder
 
     cfg = from_dict(AttackTrainConfig, config["cfg"])
     context = ray.train.get_context()
@@ -291,8 +294,6 @@ class AttackTrainResult:
 
 def _absolute(ref: str) -> str:
     """Ray Train workers run in their own directory: local paths must not be relative."""
-    from ..base.loading import BUILTIN_BASES
-
     if ref in BUILTIN_BASES or "://" in ref or not Path(ref).expanduser().exists():
         return ref  # a built-in base, a URI or a hub id
     return str(Path(ref).expanduser().resolve())
@@ -345,21 +346,13 @@ def export_model(checkpoint_dir: Path, cfg: AttackTrainConfig, selection: ZooSel
 def train_attack(cfg: AttackTrainConfig, show_progress: bool = True) -> AttackTrainResult:
     """Train the attack on the zoo's attack_train LoRAs with Ray Train; resume the run if it exists.
     One training per out_dir at a time (its folder lock)."""
-    from ..locking import folder_lock
-
     with folder_lock(cfg.out_dir, f"attack train {cfg.run_name}"):
         return _train_attack(cfg, show_progress)
 
 
 def _train_attack(cfg: AttackTrainConfig, show_progress: bool) -> AttackTrainResult:
-    import ray.train
+    import ray.train  # see train_loop_per_worker
     from ray.train.torch import TorchTrainer
-
-    from ..base.loading import base_fingerprint
-    from ..tracking import FOLDER_TAG, mlflow_run, resolve_tracking_uri
-    from ..cluster import connect_ray
-    from ..zoo.plan import base_resolution
-    from .data import check_identity_source, select_samples
 
     cfg = for_workers(cfg)
     # Bad input fails here, at once, rather than on a worker after Ray has started.
@@ -413,7 +406,5 @@ def _train_attack(cfg: AttackTrainConfig, show_progress: bool) -> AttackTrainRes
 
 
 def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> AttackTrainConfig:
-    from ..config import load_yaml
-
     return load_yaml(AttackTrainConfig, path, overrides)
 

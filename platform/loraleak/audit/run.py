@@ -32,8 +32,16 @@ from typing import Any, Literal
 
 from PIL import Image
 
+from ..attack.api import LoraInput
 from ..attack.baselines.finextract import FineXtractConfig, guided_samples, image_features, mean_pairwise_distance
-from ..errors import LoraleakError
+from ..attack.loading import load_attack
+from ..attack.reconstruct import lora_step
+from ..base.loading import load_base_pipeline
+from ..config import to_dict
+from ..errors import InputError, LoraleakError
+from ..generate import generate_images
+from ..lora.formats import read_shared_lora
+from ..lora.io import check_lora_fits, lora_summary
 
 REPORT_JSON, REPORT_HTML = "audit.json", "index.html"
 
@@ -96,9 +104,6 @@ class Auditor:
     """The base pipeline, the base's own spread (computed once) and the optional learned attack."""
 
     def __init__(self, cfg: AuditConfig) -> None:
-        from ..attack.loading import load_attack
-        from ..base.loading import load_base_pipeline
-
         self.cfg = cfg
         self.pipe = load_base_pipeline(cfg.base, device=cfg.device)
         self.attack = load_attack(cfg.attack, self.pipe) if cfg.attack is not None else None
@@ -110,11 +115,6 @@ class Auditor:
                                 "samples: no reference spread to compare with (another --scorer?)")
 
     def audit(self, path: Path, folder: Path) -> FileAudit:
-        from ..attack.api import LoraInput
-        from ..lora.io import check_lora_fits, lora_summary
-        from ..generate import generate_images
-        from ..lora.formats import read_shared_lora
-
         started = time.perf_counter()
         cfg, fx = self.cfg, self.cfg.finextract
         lora = read_shared_lora(path)
@@ -150,9 +150,6 @@ class Auditor:
     def _step(self, source: Path | None) -> int | None:
         """The fine-tuning step r a step-embedding attack asks for: from the file's snapshot folder or
         finetune.json, else the attack's usual one; None when neither tells (the attack then says so)."""
-        from ..attack.reconstruct import lora_step
-        from ..errors import InputError
-
         if source is None:
             return None
         try:
@@ -205,8 +202,6 @@ def _write_html(out: Path, base_images: list[str], base_spread: float, results: 
 
 def run_audit(cfg: AuditConfig, files: list[Path], echo: Any = print) -> list[FileAudit]:
     """Audit every file, printing a verdict line as each ends; writes audit.json and index.html."""
-    from ..config import to_dict
-
     if not files:
         raise LoraleakError("no LoRA files to audit")
     out = Path(cfg.out_dir)

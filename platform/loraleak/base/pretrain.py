@@ -53,9 +53,10 @@ from tqdm.auto import tqdm
 
 from ..config import ExistingPath, from_dict, read_yaml, to_dict
 from ..errors import ConfigError, LoraleakError
-from ..imaging import save_grid
 from ..finetune.triggers import random_trigger
+from ..identities.folder import FolderIdentities
 from ..identities.synthetic import PUBLIC_IMAGES_PER_IDENTITY, public_images
+from ..imaging import save_grid
 from .loading import PIPELINE_SUBDIR, base_fingerprint, load_base_pipeline
 from .sampling import sample_images
 from .tiny import TinyBaseConfig, build_tiny_pipeline
@@ -144,8 +145,6 @@ def _public_images(cfg: PretrainConfig) -> Iterator[tuple[Image.Image, int]]:
         for k, image in enumerate(public_images(cfg.num_images, size, seed=cfg.seed, images_per_identity=per)):
             yield image, k // per
         return
-    from ..identities.folder import FolderIdentities
-
     source = FolderIdentities(cfg.images, min_images=1, crop_fraction=cfg.crop_fraction)
     for number, identity in enumerate(source.identities()):
         for image in identity.load(size):

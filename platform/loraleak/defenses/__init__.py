@@ -2,7 +2,8 @@
 
 Two families:
 - training-time: `dp_sgd` (Opacus DP-SGD on the LoRA parameters) and `dpgm` (kernel-MMD loss with
-  Gaussian noise, as the paper's code); their noise is planned by `dp_accounting.DPPlan`.
+  Gaussian noise, as the paper's code); their noise is planned by `dp_accounting.DPPlan`. Each runs in
+  a fine-tune as a `training.NoDefense` subclass whose hooks the fine-tune loop calls (`training.py`).
 - post-hoc, on the LoRA the owner is about to share: `output_noise` (output_perturbation.py) and
   `rank_truncation` (rank_truncation.py). `post_hoc.apply_post_hoc` runs either on a LoRA file.
 

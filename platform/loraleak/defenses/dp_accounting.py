@@ -60,7 +60,7 @@ def noise_multiplier_for(epsilon: float, delta: float, sample_rate: float, steps
         raise ConfigError(f"epsilon must be > 0 (inf for no noise), got {epsilon}")
     if math.isinf(epsilon):
         return 0.0
-    from opacus.accountants.utils import get_noise_multiplier
+    from opacus.accountants.utils import get_noise_multiplier  # opacus: optional (the `dp` extra)
 
     try:
         return get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
@@ -78,7 +78,7 @@ def epsilon_spent(noise_multiplier: float, delta: float, sample_rate: float, ste
         raise ConfigError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier}")
     if noise_multiplier == 0:
         return math.inf
-    from opacus.accountants import RDPAccountant
+    from opacus.accountants import RDPAccountant  # opacus: optional (the `dp` extra)
 
     accountant = RDPAccountant()
     accountant.history = [(noise_multiplier, sample_rate, steps)]

@@ -84,7 +84,7 @@ _HOOK_WARNING = "Full backward hook is firing when gradients are computed with r
 
 
 def _dp_optimizer_class():
-    from opacus.optimizers import DPOptimizer
+    from opacus.optimizers import DPOptimizer  # opacus: optional (the `dp` extra), only a DP fine-tune needs it
 
     class CpuNoiseDPOptimizer(DPOptimizer):
         """Opacus' DPOptimizer with its noise drawn on the CPU from our seeded generator, then moved:
@@ -136,7 +136,7 @@ class LoraPrivacyEngine:
     def attach(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> Iterator["LoraPrivacyEngine"]:
         """Per-sample gradient hooks on `module`'s trainable layers, and Opacus' clip-and-noise around
         `optimizer`, for the duration of the block; the module is left as it was (no hooks, no attributes)."""
-        from opacus.grad_sample import GradSampleHooks
+        from opacus.grad_sample import GradSampleHooks  # opacus: optional (the `dp` extra)
 
         params = [p for group in optimizer.param_groups for p in group["params"]]
         trainable = [p for p in module.parameters() if p.requires_grad]

@@ -31,13 +31,25 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
+import pyarrow.compute as pc
+from PIL import Image
 from tqdm.auto import tqdm
 
+from ..base.loading import BUILTIN_BASES, base_fingerprint
+from ..cluster import connect_ray
 from ..config import to_dict
 from ..errors import ConfigError, InputError, LoraleakError
+from ..identities import make_source
+from ..locking import LOCK_FILE, folder_lock
+from ..scoring import make_scorer
+from ..tracking import FOLDER_TAG, mlflow_run
+from ..zoo.config import read_zoo_config
+from ..zoo.manifest import done_rows, read_manifest
 from .config import CONTROLS, EvaluationConfig
 from .metrics import ConditionMetrics, Estimate, ImageScores, similarity_mapping, summarise
 from .regime import StudyRegime, study_regime
+from .report import write_report
+from .worker import EvaluationWorker, victim_record
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +81,6 @@ class EvaluationResult:
 
 def resolve_config(cfg: EvaluationConfig) -> EvaluationConfig:
     """cfg with the zoo's base and identity source filled in, and local paths absolute (for workers)."""
-    from ..zoo.config import read_zoo_config
-
     base, identities = cfg.base, cfg.identities
     if base is None or identities is None:
         recorded = read_zoo_config(cfg.zoo)
@@ -79,8 +89,6 @@ def resolve_config(cfg: EvaluationConfig) -> EvaluationConfig:
     absolute = lambda p: p.expanduser().resolve() if p is not None else None  # noqa: E731
     if identities.root is not None:
         identities = dataclasses.replace(identities, root=absolute(identities.root))
-    from ..base.loading import BUILTIN_BASES
-
     local_base = Path(base).expanduser()
     if base not in BUILTIN_BASES and local_base.exists():  # a folder: absolute, for the workers
         base = str(local_base.resolve())
@@ -93,11 +101,6 @@ def resolve_config(cfg: EvaluationConfig) -> EvaluationConfig:
 
 def select_victims(cfg: EvaluationConfig) -> tuple[list[dict[str, Any]], list[str]]:
     """The victims (final snapshots of done fine-tunes of the split) and the candidate identities."""
-    import pyarrow.compute as pc
-
-    from ..zoo.manifest import done_rows, read_manifest
-    from .worker import victim_record
-
     table = read_manifest(cfg.zoo)
     table = table.filter(pc.equal(table["split"], cfg.split))
     candidates = sorted(set(table["identity_id"].to_pylist()))
@@ -116,8 +119,6 @@ def select_victims(cfg: EvaluationConfig) -> tuple[list[dict[str, Any]], list[st
 def reference_embeddings(cfg: EvaluationConfig, scorer: Any, candidates: Sequence[str]) -> dict[str, list]:
     """Each candidate's private photos, embedded; candidates in whose photos the scorer finds no face
     are left out (they could never be ranked), with a warning."""
-    from ..identities import make_source
-
     source = {i.identity_id: i for i in make_source(cfg.identities).identities()}
     missing = [c for c in candidates if c not in source]
     if missing:
@@ -139,8 +140,6 @@ def reference_embeddings(cfg: EvaluationConfig, scorer: Any, candidates: Sequenc
 
 def _hash_dir(directory: Path) -> str:
     digest = hashlib.sha256()
-    from ..locking import LOCK_FILE
-
     # The lock file names its last holder, not what the attack computes.
     for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != LOCK_FILE):
         digest.update(path.relative_to(directory).as_posix().encode())
@@ -152,8 +151,6 @@ def _hash_dir(directory: Path) -> str:
 
 def settings_key(cfg: EvaluationConfig, candidates: Sequence[str]) -> str:
     """What a victim's stored result depends on besides the victim itself."""
-    from ..base.loading import base_fingerprint
-
     attacks = {"rec": cfg.attack, **cfg.baselines}
     for name, directory in attacks.items():
         if directory is not None and not directory.is_dir():
@@ -219,8 +216,6 @@ class ResultStore:
         return json.loads(self._json(lora_id).read_text())
 
     def images(self, lora_id: str, name: str, limit: int) -> list:
-        from PIL import Image
-
         out = []
         for path in sorted((self.dir / lora_id).glob(f"{name}-*.png"))[:limit]:
             with Image.open(path) as image:
@@ -243,11 +238,8 @@ def _one_line(error: BaseException) -> str:
 
 def _ray_results(cfg: EvaluationConfig, references: Mapping[str, list],
                  victims: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    import ray
+    import ray  # ray starts slowly: only an evaluation that fans out imports it
     from ray.util import ActorPool
-
-    from ..cluster import connect_ray
-    from .worker import EvaluationWorker
 
     connect_ray()
     worker = ray.remote(EvaluationWorker).options(
@@ -264,8 +256,6 @@ def _ray_results(cfg: EvaluationConfig, references: Mapping[str, list],
 
 def _local_results(cfg: EvaluationConfig, references: Mapping[str, list],
                    victims: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    from .worker import EvaluationWorker
-
     worker = EvaluationWorker(cfg, references, own_process=False)
     for victim in victims:
         yield worker.evaluate(victim)
@@ -275,7 +265,7 @@ def run_victims(cfg: EvaluationConfig, references: Mapping[str, list], victims: 
                 store: ResultStore, show_progress: bool = True) -> list[dict[str, str]]:
     """Evaluate `victims` on Ray actors (or here, with workers 0), writing each result as it ends;
     returns the failures."""
-    import ray
+    import ray  # see _ray_results
 
     by_id = {v["lora_id"]: v for v in victims}
     failures: list[dict[str, str]] = []
@@ -394,17 +384,11 @@ def format_headline(metrics: Mapping[str, ConditionMetrics], headline: Mapping[s
 def evaluate(cfg: EvaluationConfig, show_progress: bool = True) -> EvaluationResult:
     """Evaluate every victim not yet evaluated with these settings, then summarise, report and track.
     One evaluation per out_dir at a time (its folder lock)."""
-    from ..locking import folder_lock
-
     with folder_lock(cfg.out_dir, f"evaluate {cfg.out_dir}"):
         return _evaluate(cfg, show_progress)
 
 
 def _evaluate(cfg: EvaluationConfig, show_progress: bool) -> EvaluationResult:
-    from ..scoring import make_scorer
-    from ..tracking import FOLDER_TAG, mlflow_run
-    from .report import write_report
-
     started = time.perf_counter()
     cfg = resolve_config(cfg)
     victims, candidates = select_victims(cfg)

@@ -19,10 +19,23 @@ import random
 import time
 from typing import Any, Mapping, Sequence
 
+import diffusers
+import torch
 from PIL import Image
 
+from ..attack.api import LoraInput
+from ..attack.loading import load_attack
+from ..base.loading import load_base_pipeline
 from ..errors import InputError
+from ..finetune.class_images import pipeline_resolution
+from ..finetune.triggers import random_trigger
+from ..generate import generate_images, lora_loaded
+from ..identities import image_sha256, make_source
+from ..lora.io import loaded_adapters
+from ..scoring import make_scorer
+from ..zoo.storage import ZooStore
 from .config import EvaluationConfig
+from .metrics import score_images
 
 
 def victim_seed(seed: int, lora_id: str) -> int:
@@ -32,8 +45,6 @@ def victim_seed(seed: int, lora_id: str) -> int:
 
 def wrong_trigger(seed: int, true_trigger: str) -> str:
     """A random trigger word that is not the victim's (drawn from the victim's seed)."""
-    from ..finetune.triggers import random_trigger
-
     rng = random.Random(seed)
     while (word := random_trigger(rng)) == true_trigger:
         pass
@@ -64,17 +75,7 @@ class EvaluationWorker:
     """
 
     def __init__(self, cfg: EvaluationConfig, references: Mapping[str, Sequence[Any]], own_process: bool = True):
-        import torch
-
-        from ..attack.loading import load_attack
-        from ..base.loading import load_base_pipeline
-        from ..finetune.class_images import pipeline_resolution
-        from ..identities import make_source
-        from ..scoring import make_scorer
-
         if own_process:  # a Ray actor's process is the worker's alone to configure
-            import diffusers
-
             torch.set_num_threads(max(1, int(cfg.num_cpus_per_worker)))
             diffusers.utils.logging.disable_progress_bar()
         self.cfg, self.references = cfg, references
@@ -104,9 +105,6 @@ class EvaluationWorker:
         return result
 
     def _evaluate(self, victim: Mapping[str, Any]) -> dict[str, Any]:
-        from ..zoo.storage import ZooStore
-        from .metrics import score_images
-
         private = self._private_images(victim)
         with ZooStore(self.cfg.zoo).local_file(victim["lora_path"]) as lora_path:
             images, prompts = self._images(victim, lora_path)
@@ -119,8 +117,6 @@ class EvaluationWorker:
 
     def _private_images(self, victim: Mapping[str, Any]) -> list[Image.Image]:
         """The photos the LoRA was fine-tuned on, checked against the hashes the zoo recorded."""
-        from ..identities import image_sha256
-
         identity = self.identities.get(victim["identity_id"])
         if identity is None:
             raise InputError(f"identity {victim['identity_id']!r} of the zoo is not in the identity source")
@@ -131,9 +127,6 @@ class EvaluationWorker:
         return images
 
     def _images(self, victim: Mapping[str, Any], lora_path) -> tuple[dict[str, list[Image.Image]], dict[str, str]]:
-        from ..attack.api import LoraInput
-        from ..generate import generate_images, lora_loaded
-
         cfg = self.cfg
         sample = dict(n=cfg.n_images, seed=victim["seed"], num_inference_steps=cfg.sample_steps,
                       guidance_scale=cfg.guidance_scale)
@@ -161,9 +154,6 @@ class EvaluationWorker:
 
     def _recover(self) -> None:
         """Leave the pipeline clean for the next victim after one failed midway."""
-        from ..base.loading import load_base_pipeline
-        from ..lora.io import loaded_adapters
-
         if loaded_adapters(self.pipe):
             self.pipe = load_base_pipeline(self.cfg.base, device=self.pipe.device)
 

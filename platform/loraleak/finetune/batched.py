@@ -22,7 +22,9 @@ and each fine-tune is exactly `finetune_lora` run alone, up to float rounding:
 The fine-tunes must agree on what shapes the batch (rank, targets, steps, batch size, prior
 preservation, precision, device); they may differ in seed, trigger, prompts, alpha, lr, betas,
 weight decay, grad clip, prior loss weight, flips, class images and snapshot steps. Training-time
-defenses (DP-SGD, DPGM) are refused: they run one fine-tune at a time in `finetune_lora`.
+defenses that are not `batchable` (DP-SGD, DPGM: defenses/training.py) are refused: they run one
+fine-tune at a time in `finetune_lora`. Both run the same loop (`loop.run_finetunes`); this module
+is the K-per-pass step (`_BatchedTrainer`).
 
 Device options (`BatchedOptions`; they change speed and memory, not what is learned beyond float
 rounding): bf16 autocast comes from the configs' `mixed_precision="bf16"`; SDPA attention
@@ -33,12 +35,6 @@ convolutions. `find_max_k` finds the largest K that fits the GPU's memory.
 from __future__ import annotations
 
 import gc
-import hashlib
-import math
-import os
-import shutil
-import time
-import uuid
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -46,25 +42,20 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
-from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..lora.batched import install_batched_lora
-from ..base.loading import base_fingerprint as fingerprint_of_base
 from ..config import to_dict
+from ..defenses.training import NoDefense, training_defense_class
 from ..errors import ConfigError, InputError, LoraleakError
-from ..identities.base import image_sha256
-from .class_images import load_or_sample_class_images, pipeline_fingerprint, pipeline_resolution
+from ..lora.batched import install_batched_lora
 from .config import FinetuneConfig
-from .dreambooth_lora import (ADAPTER_NAME, AMP_DTYPES, LORA_WEIGHT_NAME, RECORD_NAME, FinetuneResult, _encode_tokens,
-                              _FrozenBase, _LatentBank, _shuffled_indices, _token_ids, _versions,
-                              _write_json_atomically, snapshot_dir, training_noise_scheduler)
-from ..lora.io import loaded_adapters
+from .data import Draw, encode_tokens, token_ids
+from .loop import ADAPTER_NAME, AMP_DTYPES, FrozenBase, diffusion_inputs, run_finetunes
 from .prior_prompts import PromptEmbeddings
+from .record import FinetuneResult, LoraLayers
 
 # What every fine-tune of one batch must share: it shapes the batch, the LoRA layout or the pass.
 SHARED_FIELDS = ("rank", "targets", "steps", "batch_size", "prior_preservation", "train_text_encoder",
@@ -308,30 +299,7 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Each fine-tune's data, drawn as the single path draws it
-
-
-class _FinetuneStream:
-    """The random draws of one fine-tune, in `finetune_lora`'s order, from its own generator."""
-
-    def __init__(self, cfg: FinetuneConfig, instance_bank: _LatentBank, class_bank: _LatentBank | None,
-                 num_train_timesteps: int) -> None:
-        self.cfg, self.instance_bank, self.class_bank = cfg, instance_bank, class_bank
-        self.num_train_timesteps = num_train_timesteps
-        self.generator = torch.Generator("cpu").manual_seed(cfg.seed)
-        dataset_len = max(len(instance_bank), len(class_bank)) if class_bank else len(instance_bank)
-        self.order = _shuffled_indices(dataset_len, self.generator)
-
-    def draw(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Latents (2B or B, C, h, w), noise and timesteps of the next step, on the CPU."""
-        g = self.generator
-        rows = [next(self.order) for _ in range(self.cfg.batch_size)]
-        latents = self.instance_bank.sample([i % len(self.instance_bank) for i in rows], g)
-        if self.class_bank is not None:
-            latents = torch.cat([latents, self.class_bank.sample([i % len(self.class_bank) for i in rows], g)])
-        noise = torch.randn(latents.shape, generator=g)
-        timesteps = torch.randint(0, self.num_train_timesteps, (latents.shape[0],), generator=g)
-        return latents, noise, timesteps
+# The K fine-tunes' step, as the loop calls it
 
 
 class _PromptRows:
@@ -341,7 +309,7 @@ class _PromptRows:
 
     def __init__(self, pipe: Any, cfgs: Sequence[FinetuneConfig]) -> None:
         self.batch_size = cfgs[0].batch_size
-        self.embeddings = [PromptEmbeddings(pipe.tokenizer, pipe.text_encoder, cfg, _token_ids, _encode_tokens)
+        self.embeddings = [PromptEmbeddings(pipe.tokenizer, pipe.text_encoder, cfg, token_ids, encode_tokens)
                            for cfg in cfgs]
         varies = any(cfg.prior_negative_triggers for cfg in cfgs)  # wrong triggers imply prior preservation
         self.fixed = None if varies else self._rows(step=1)
@@ -353,16 +321,40 @@ class _PromptRows:
         return self.fixed if self.fixed is not None else self._rows(step)
 
 
-def _cpu_bank(vae: Any, images: list[Image.Image], resolution: int, device: torch.device, hflip: bool) -> _LatentBank:
-    """A latent bank encoded on the device but kept on the CPU: each step then moves K fine-tunes'
-    latents to the device in one copy, instead of one small blocking copy per draw."""
-    bank = _LatentBank(vae, images, resolution, device, hflip)
-    bank.mean, bank.std = bank.mean.cpu(), bank.std.cpu()
-    return bank
+class _BatchedTrainer:
+    """K fine-tunes through `BatchedLoRALinear` layers in one UNet pass: the step `loop.run_finetunes` calls."""
+
+    cpu_banks = True  # K fine-tunes' latents move to the device in one copy per step
+
+    def __init__(self, pipe: Any, cfgs: Sequence[FinetuneConfig], defenses: Sequence[NoDefense],
+                 options: BatchedOptions) -> None:
+        self.pipe, self.cfgs, self.options = pipe, cfgs, options
+        self.device = torch.device(cfgs[0].device)
+
+    @contextmanager
+    def installed(self) -> Iterator["_BatchedTrainer"]:
+        """θ_0 of every fine-tune drawn by peft, stacked and installed; the options applied; training mode."""
+        pipe, cfgs = self.pipe, self.cfgs
+        self.prompt_rows = _PromptRows(pipe, cfgs)
+        initial, self.metadata = zip(*(peft_initial_lora(pipe.unet, cfg) for cfg in cfgs))
+        self.factors = BatchedLoRAFactors(initial, [cfg.alpha / cfg.rank for cfg in cfgs], self.device)
+        self.trainable_parameters = sum(p[0].numel() for p in self.factors.parameters())
+        with self.factors.installed(pipe.unet), _device_setup(pipe.unet, self.options) as forward:
+            self.train_step = _BatchedStep(forward, self.factors, cfgs, self.device)
+            pipe.unet.train()
+            yield self
+
+    def step(self, step: int, draws: list[Draw], noise_scheduler: Any) -> torch.Tensor:
+        latents, noise, timesteps = (_to_device(_interleave(part), self.device) for part in zip(*(d[:3] for d in draws)))
+        noisy, target = diffusion_inputs(noise_scheduler, latents, noise, timesteps)
+        return self.train_step(noisy, timesteps, self.prompt_rows.at(step), target)
+
+    def lora(self, k: int) -> LoraLayers:
+        return LoraLayers(unet=self.factors.peft_state_dict(k), unet_metadata=self.metadata[k])
 
 
 # ---------------------------------------------------------------------------------------------
-# Checks and records
+# Checks
 
 
 def check_batchable(cfgs: Sequence[FinetuneConfig]) -> None:
@@ -379,66 +371,14 @@ def check_batchable(cfgs: Sequence[FinetuneConfig]) -> None:
         raise ConfigError("batched fine-tuning trains the UNet LoRA only; use finetune_lora for "
                           "train_text_encoder=True")
     # DP-SGD clips per record and draws its own batches, DPGM changes the loss: one by one instead.
-    defended = next((cfg.defense.kind for cfg in cfgs if cfg.defense.kind != "none"), None)
+    defended = next((cfg.defense.kind for cfg in cfgs if not training_defense_class(cfg.defense.kind).batchable),
+                    None)
     if defended:
         raise ConfigError(f"batched fine-tuning runs undefended fine-tunes only; a {defended!r} fine-tune runs "
                           "alone in finetune_lora (a zoo routes it there)")
     if first.mixed_precision == "fp16":
         raise ConfigError("batched fine-tuning supports mixed_precision 'no' or 'bf16' (fp16 needs a loss "
                           "scaler per fine-tune); use 'bf16'")
-
-
-def _class_image_sets(pipe: Any, cfgs: Sequence[FinetuneConfig], given: Sequence[list[Image.Image] | None] | None,
-                      base_fingerprint: str | None, show_progress: bool
-                      ) -> tuple[list[list[Image.Image] | None], list[Path | None], str | None]:
-    """Each fine-tune's prior-preservation images (given, else loaded or sampled once per distinct
-    setting), the cache directories they came from, and the base fingerprint (hashed if a cache needs it)."""
-    k_count = len(cfgs)
-    if not cfgs[0].prior_preservation:
-        return [None] * k_count, [None] * k_count, base_fingerprint
-    sets: list[list[Image.Image] | None] = list(given) if given is not None else [None] * k_count
-    dirs: list[Path | None] = [None] * k_count
-    sampled: dict[tuple, tuple[list[Image.Image], Path | None]] = {}
-    for k, cfg in enumerate(cfgs):
-        if sets[k] is not None:
-            continue
-        if cfg.class_images_dir is not None and base_fingerprint is None:
-            base_fingerprint = pipeline_fingerprint(pipe)
-        key = (cfg.class_images_dir, cfg.class_prompt, cfg.num_class_images, cfg.class_images_seed,
-               cfg.class_inference_steps, cfg.class_guidance_scale)
-        if key not in sampled:
-            sampled[key] = load_or_sample_class_images(
-                pipe, cfg.class_images_dir, prompt=cfg.class_prompt, count=cfg.num_class_images,
-                seed=cfg.class_images_seed, num_inference_steps=cfg.class_inference_steps,
-                guidance_scale=cfg.class_guidance_scale, base_fingerprint=base_fingerprint,
-                show_progress=show_progress)
-        sets[k], dirs[k] = sampled[key]
-    if any(not images for images in sets):
-        raise InputError("prior preservation needs class images for every fine-tune")
-    return sets, dirs, base_fingerprint
-
-
-def _save_lora(pipe: Any, out_dir: Path, step: int, state_dict: dict[str, torch.Tensor],
-               metadata: dict[str, Any]) -> Path:
-    """What `finetune_lora` writes at a snapshot: out_dir/step-{step:06d}/, diffusers format, atomically."""
-    final = snapshot_dir(out_dir, step)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        type(pipe).save_lora_weights(tmp, unet_lora_layers=convert_state_dict_to_diffusers(state_dict),
-                                     unet_lora_adapter_metadata=metadata)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final / LORA_WEIGHT_NAME
-
-
-def _first_bad_step(losses: list[float]) -> int | None:
-    for step, value in enumerate(losses, start=1):
-        if not math.isfinite(value):
-            return step
-    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -472,138 +412,11 @@ def finetune_lora_batched(pipe: Any, image_sets: Sequence[list[Image.Image]], cf
         raise InputError("every fine-tune of a batch needs its own output directory")
     if class_images is not None and len(class_images) != k_count:
         raise InputError(f"got {len(class_images)} class image lists for {k_count} fine-tunes")
-    if loaded_adapters(pipe):
-        raise LoraleakError(f"the pipeline already carries LoRA adapters {loaded_adapters(pipe)}; "
-                            "fine-tune from a clean base")
-    started = time.perf_counter()
-    for d in out_dirs:
-        d.mkdir(parents=True, exist_ok=True)
-    first = cfgs[0]
-    device = torch.device(first.device)
-    pipe.to(device)
-    resolution = pipeline_resolution(pipe)
-    if base_fingerprint is None and base_ref is not None:
-        base_fingerprint = fingerprint_of_base(base_ref)
-
-    class_sets, class_dirs, base_fingerprint = _class_image_sets(pipe, cfgs, class_images, base_fingerprint,
-                                                                 show_progress)
-    class_images_s = time.perf_counter() - started
-
-    noise_scheduler = training_noise_scheduler(pipe)
-    prediction_type = noise_scheduler.config.prediction_type
-    num_train_timesteps = noise_scheduler.config.num_train_timesteps
-
-    class_banks: dict[tuple[int, bool], _LatentBank] = {}  # by (id of the image list, flips)
-    streams = []
-    for cfg, images, class_set in zip(cfgs, image_sets, class_sets):
-        class_bank = None
-        if class_set is not None:
-            key = (id(class_set), cfg.hflip)
-            if key not in class_banks:
-                class_banks[key] = _cpu_bank(pipe.vae, class_set, resolution, device, cfg.hflip)
-            class_bank = class_banks[key]
-        streams.append(_FinetuneStream(cfg, _cpu_bank(pipe.vae, images, resolution, device, cfg.hflip), class_bank,
-                                       num_train_timesteps))
-    triggers = [cfg.trigger_word for cfg in cfgs]
-    instance_prompts = [cfg.instance_prompt_text for cfg in cfgs]
-    prompt_rows = _PromptRows(pipe, cfgs)
-
-    losses: list[list[float]] = [[] for _ in cfgs]
-    snapshots: list[list[tuple[int, Path]]] = [[] for _ in cfgs]
-    errors: list[LoraleakError | None] = [None] * k_count
-    pending: list[torch.Tensor] = []  # per-step loss rows not yet read back from the device
-    sync_steps = set().union(*(cfg.save_steps for cfg in cfgs)) | {first.steps}
-
-    def read_losses() -> None:
-        if not pending:
-            return
-        rows = torch.stack(pending).cpu().tolist()
-        pending.clear()
-        for row in rows:
-            for k, value in enumerate(row):
-                losses[k].append(value)
-        for k, cfg in enumerate(cfgs):
-            bad = _first_bad_step(losses[k]) if errors[k] is None else None
-            if bad is None:
-                continue
-            errors[k] = LoraleakError(
-                f"fine-tune {k} of the batch ({triggers[k]}, {out_dirs[k]}) diverged: loss is {losses[k][bad - 1]} "
-                f"at step {bad} of {cfg.steps} (lr={cfg.lr}, mixed_precision={cfg.mixed_precision})")
-            if not return_exceptions:
-                raise errors[k]
-
-    def save(step: int) -> None:
-        for k, cfg in enumerate(cfgs):
-            if step in cfg.save_steps and errors[k] is None:
-                snapshots[k].append((step, _save_lora(pipe, out_dirs[k], step, factors.peft_state_dict(k),
-                                                      metadata[k])))
-
-    with ExitStack() as stack:
-        stack.enter_context(_FrozenBase(pipe))
-        initial, metadata = zip(*(peft_initial_lora(pipe.unet, cfg) for cfg in cfgs))
-        factors = BatchedLoRAFactors(initial, [cfg.alpha / cfg.rank for cfg in cfgs], device)
-        stack.enter_context(factors.installed(pipe.unet))
-        forward = stack.enter_context(_device_setup(pipe.unet, options))
-        train_step = _BatchedStep(forward, factors, cfgs, device)
-        pipe.unet.train()
-        save(0)
-
-        train_started = time.perf_counter()
-        progress = tqdm(range(1, first.steps + 1), desc=f"fine-tune x{k_count}", disable=not show_progress)
-        for step in progress:
-            draws = [stream.draw() for stream in streams]
-            latents, noise, timesteps = (_to_device(_interleave(part), device) for part in zip(*draws))
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
-            pending.append(train_step(noisy, timesteps, prompt_rows.at(step), target))
-            if step % options.loss_sync_every == 0 or step in sync_steps:
-                read_losses()
-                alive = [losses[k][-1] for k in range(k_count) if errors[k] is None]
-                if alive:
-                    progress.set_postfix(mean_loss=f"{sum(alive) / len(alive):.4f}")
-                save(step)
-        train_s = time.perf_counter() - train_started
-        trainable = sum(p[0].numel() for p in factors.parameters())
-
-    wall_time_s = time.perf_counter() - started
-    results: list[FinetuneResult | LoraleakError] = []
-    for k, cfg in enumerate(cfgs):
-        if errors[k] is not None:
-            results.append(errors[k])
-            continue
-        tail = losses[k][-max(1, len(losses[k]) // 10):]
-        final_loss = sum(tail) / len(tail)
-        class_set = class_sets[k]
-        settings = {
-            "config": to_dict(cfg),
-            "trigger": triggers[k],
-            "instance_prompt": instance_prompts[k],
-            "class_prompt": cfg.class_prompt,
-            "resolution": resolution,
-            "base": {"ref": base_ref, "fingerprint": base_fingerprint, "pipeline": type(pipe).__name__},
-            "noise_scheduler": {"class": type(noise_scheduler).__name__, "prediction_type": prediction_type,
-                                "num_train_timesteps": num_train_timesteps,
-                                "beta_schedule": noise_scheduler.config.beta_schedule},
-            "lora": {"init": "gaussian", "trainable_parameters": trainable},
-            "privacy": None,  # no training-time defense: check_batchable refuses defended fine-tunes
-            "instance_images": {"count": len(image_sets[k]), "sha256": [image_sha256(im) for im in image_sets[k]]},
-            "class_images": None if not class_set else {
-                "count": len(class_set), "cache_dir": str(class_dirs[k]) if class_dirs[k] else None,
-                "sha256_of_all": hashlib.sha256("".join(image_sha256(im) for im in class_set).encode()).hexdigest()},
-            "snapshots": [{"step": r, "path": str(p.relative_to(out_dirs[k]))} for r, p in snapshots[k]],
-            "losses": losses[k],
-            "final_loss": final_loss,
-            "timings": {"wall_time_s": wall_time_s, "class_images_s": class_images_s, "train_s": train_s,
-                        "seconds_per_step": train_s / cfg.steps, "torch_threads": torch.get_num_threads()},
-            "batched": {"fine_tunes": k_count, "index": k, "options": to_dict(options)},
-            "device": str(device),
-            "versions": _versions(),
-        }
-        _write_json_atomically(out_dirs[k] / RECORD_NAME, settings)  # last: it marks the snapshots complete
-        results.append(FinetuneResult(trigger=triggers[k], instance_prompt=instance_prompts[k],
-                                      snapshots=snapshots[k], losses=losses[k], final_loss=final_loss,
-                                      wall_time_s=wall_time_s, settings=settings))
-    return results
+    return run_finetunes(pipe, image_sets, cfgs, out_dirs, _BatchedTrainer, options=options,
+                         sync_every=options.loss_sync_every, base_ref=base_ref, base_fingerprint=base_fingerprint,
+                         class_images=class_images, return_exceptions=return_exceptions,
+                         show_progress=show_progress, description=f"fine-tune x{k_count}",
+                         batched_options=to_dict(options))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -621,7 +434,7 @@ def probe_step(pipe: Any, cfg: FinetuneConfig, k: int, options: BatchedOptions, 
                          device=device)
     cfgs = [cfg] * k
     with ExitStack() as stack:
-        stack.enter_context(_FrozenBase(pipe))
+        stack.enter_context(FrozenBase(pipe))
         initial, _ = peft_initial_lora(pipe.unet, cfg)
         factors = BatchedLoRAFactors([initial] * k, [cfg.alpha / cfg.rank] * k, device)
         stack.enter_context(factors.installed(pipe.unet))

@@ -14,7 +14,8 @@ from typing import Literal
 
 import torch
 
-from ..defenses import DP_KINDS, DefenseConfig
+from ..defenses import DefenseConfig
+from ..defenses.training import training_defense_class
 from .triggers import random_trigger
 
 MixedPrecision = Literal["no", "bf16", "fp16"]
@@ -118,15 +119,8 @@ class FinetuneConfig:
             raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
         if self.mixed_precision == "fp16" and device.type == "cpu":
             raise ValueError("mixed_precision 'fp16' needs a GPU device; use 'bf16' or 'no' on CPU")
-        if self.defense.kind != "none" and self.defense.kind not in DP_KINDS:
-            raise ValueError(f"defense {self.defense.kind!r} is post-hoc: apply it to the finished LoRA; a fine-tune "
-                             f"takes training-time defenses ({', '.join(DP_KINDS)})")
-        if self.defense.kind == "dp_sgd":
-            # Per-sample gradients are taken on the UNet LoRA; fp16's loss scaler would scale them too.
-            if self.train_text_encoder:
-                raise ValueError("dp_sgd privatises the UNet LoRA only; set train_text_encoder: false")
-            if self.mixed_precision == "fp16":
-                raise ValueError("dp_sgd supports mixed_precision 'no' or 'bf16', not 'fp16'")
+        # A post-hoc or unknown kind is refused; a training-time defense checks the fine-tune it runs in.
+        training_defense_class(self.defense.kind).check_finetune(self)
 
     @property
     def trigger_word(self) -> str:

@@ -17,6 +17,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .trials import format_value
+
 TRIALS_DIR = "trials"
 RECORD_FILE = "result.json"
 TABLE_FILE = "results.csv"
@@ -55,8 +57,6 @@ def is_finished(record: Mapping[str, Any] | None) -> bool:
 def results_frame(records: Sequence[Mapping[str, Any]], varied: Sequence[str], metric: str, mode: str):
     """One row per trial: trial_id, label, the varied settings, status, every metric; best `metric` first."""
     import pandas as pd
-
-    from .trials import format_value
 
     rows = []
     for record in records:

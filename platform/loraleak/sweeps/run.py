@@ -27,10 +27,14 @@ from typing import Any, Sequence
 from ..cluster import cluster_resources, connect_ray
 from ..config import to_dict
 from ..errors import LoraleakError
+from ..locking import folder_lock
+from ..pipeline.tracking import study_experiment
 from .config import SweepConfig
 from .results import (FAILED, FINISHED, PLOT_FILE, TABLE_FILE, format_table, is_finished, privacy_utility_plot,
                       read_record, record_path, results_frame, write_table)
 from .stages import (Concurrency, builds_per_stage, check_rerun, concurrency, driver_resources, peak_need, waves)
+from .tracking import ensure_experiments, open_parent_run, sweep_tracking_uri
+from .trainable import describe_record, trial_payload, trial_trainable
 from .trials import Trial, expand_trials
 
 logger = logging.getLogger(__name__)
@@ -80,8 +84,6 @@ class SweepResult:
 
 def plan_sweep(cfg: SweepConfig) -> SweepPlan:
     """The sweep's trials, validated, and which of them finished before; runs and writes nothing."""
-    from .tracking import sweep_tracking_uri
-
     uri = sweep_tracking_uri(cfg.tracking_uri, cfg.directory)
     trials = expand_trials(cfg, uri)
     check_rerun(cfg.rerun, trials, f"sweep {cfg.name}")
@@ -91,8 +93,6 @@ def plan_sweep(cfg: SweepConfig) -> SweepPlan:
 
 def _stage_experiments(trials: Sequence[Trial]) -> list[str]:
     """The MLflow experiments the trials' pipelines log to (each study's, its stage runs nested in it)."""
-    from ..pipeline.tracking import study_experiment
-
     return [study_experiment(t.config) for t in trials]
 
 
@@ -107,9 +107,7 @@ class _Say:
 
 
 def _progress_callback(directory: Path, total: int, start: int, cfg: SweepConfig, say: _Say):
-    from ray.tune import Callback
-
-    from .trainable import describe_record
+    from ray.tune import Callback  # ray starts slowly: only a running sweep imports it
 
     class TrialProgress(Callback):
         """One line per trial as it ends (Tune itself runs quiet)."""
@@ -138,9 +136,7 @@ def _trial_name(trial) -> str:
 
 def _run_wave(cfg: SweepConfig, wave: list[Trial], index: int, common: dict[str, Any], at_once: int,
               callback: Any) -> None:
-    from ray import tune
-
-    from .trainable import trial_payload, trial_trainable
+    from ray import tune  # see _progress_callback
 
     payloads = [trial_payload(t, cfg.resources_per_trial) for t in wave]
     trainable = tune.with_resources(
@@ -192,16 +188,12 @@ def run_sweep(cfg: SweepConfig, show_progress: bool = True) -> SweepResult:
 
     One sweep per directory at a time (its folder lock). Its trials share the stage folder by design and
     lock only the stage outputs they build (`waves` keeps two trials from building the same one)."""
-    from ..locking import folder_lock
-
     plan_sweep(cfg)  # a bad setting is one line before any folder is made
     with folder_lock(cfg.directory, f"sweep {cfg.name}"):
         return _run_sweep(cfg, show_progress)
 
 
 def _run_sweep(cfg: SweepConfig, show_progress: bool) -> SweepResult:
-    from .tracking import ensure_experiments, open_parent_run
-
     started = time.perf_counter()
     say = _Say(show_progress)
     plan = plan_sweep(cfg)  # every bad setting fails here, before anything is written or started

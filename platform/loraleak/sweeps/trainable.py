@@ -21,7 +21,11 @@ import traceback
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..config import from_dict, to_dict
+from ..pipeline.config import PipelineConfig
+from ..pipeline.run import run_pipeline
 from .results import FAILED, FINISHED, record_path, write_record
+from .stages import driver_resources
 from .tracking import TRIAL_TAG, child_run
 
 # The memory of an empty reservation: Tune needs a non-empty bundle to place the driver task in, and
@@ -45,10 +49,6 @@ def _task_options(bundle: Mapping[str, float]) -> dict[str, Any]:
 
 def trial_payload(trial: Any, resources_per_trial: Mapping[str, float] | None) -> dict[str, Any]:
     """What a trial sends to its Ray task: plain data (the config as a dict, rebuilt there)."""
-    from ..config import to_dict
-
-    from .stages import driver_resources
-
     return {"trial_id": trial.trial_id, "label": trial.label, "overrides": trial.overrides,
             "config": to_dict(trial.config),
             "driver_bundle": driver_bundle(driver_resources(trial.config, resources_per_trial))}
@@ -62,10 +62,6 @@ def _evaluation_report(stage_dirs: Mapping[str, str]) -> Path | None:
 
 def run_trial(trial: Mapping[str, Any], common: Mapping[str, Any]) -> dict[str, Any]:
     """Run one trial's pipeline under its MLflow run; write and return its record."""
-    from ..config import from_dict
-    from ..pipeline.config import PipelineConfig
-    from ..pipeline.run import run_pipeline
-
     path = record_path(Path(common["directory"]), trial["trial_id"])
     cfg = from_dict(PipelineConfig, trial["config"], where=f"trial {trial['trial_id']}")
     record: dict[str, Any] = {"trial_id": trial["trial_id"], "label": trial["label"], "overrides": trial["overrides"],

@@ -19,6 +19,7 @@ from typing import Any
 from ..config import load_yaml, to_dict
 from ..errors import ConfigError
 from ..keys import content_key
+from ..pipeline.config import PipelineConfig, with_overrides
 from .config import SweepConfig, resolve_pipeline_file, split_paths
 
 
@@ -36,8 +37,6 @@ def _key(data: Any) -> str:
 
 def base_pipeline_config(cfg: SweepConfig):
     """The sweep's pipeline config (profile or file) with its fixed `overrides` applied."""
-    from ..pipeline.config import PipelineConfig, with_overrides
-
     path = resolve_pipeline_file(cfg, None)
     base = load_yaml(PipelineConfig, path)
     if not cfg.overrides:
@@ -97,8 +96,6 @@ def trial_label(overrides: dict[str, Any]) -> str:
 
 
 def _apply(base, overrides: dict[str, Any], what: str):
-    from ..pipeline.config import with_overrides
-
     try:
         return with_overrides(base, overrides)
     except ConfigError as e:

@@ -32,18 +32,31 @@ import statistics
 import time
 import warnings
 from contextlib import ExitStack, nullcontext
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+import diffusers
 import pyarrow as pa
+import torch
 from tqdm.auto import tqdm
 
+from ..base.loading import base_fingerprint, load_base_pipeline
 from ..cluster import connect_ray, warn_if_short
 from ..config import from_dict, to_dict
 from ..errors import ConfigError, InputError, LoraleakError
+from ..finetune.batched import SHARED_FIELDS, check_batchable, finetune_lora_batched
+from ..finetune.class_images import load_or_sample_class_images, pipeline_resolution
+from ..finetune.config import FinetuneConfig
+from ..finetune.dreambooth_lora import finetune_lora
+from ..identities import image_sha256
+from ..locking import folder_lock
+from ..lora.io import loaded_adapters
+from ..tracking import FOLDER_TAG, mlflow_run
 from .config import ZooConfig, check_identity_source, record_zoo_config
 from .defense import defend_snapshots, stored_rank_alpha
+from .inspect import zoo_info
 from .manifest import DONE, FAILED, compact_manifest, delete_part, finished_lora_ids, write_part
 from .plan import PlannedFineTune, ZooPlan, plan_zoo
 from .storage import ZooStore
@@ -56,7 +69,7 @@ RESULT_SCHEMA = pa.schema([("lora_id", pa.string()), ("identity_id", pa.string()
 
 def fine_tune_record(ft: PlannedFineTune) -> dict[str, Any]:
     """A planned fine-tune as a Ray Data row: plain columns, the identity (its loader) pickled."""
-    from ray import cloudpickle
+    from ray import cloudpickle  # ray starts slowly: only the build's workers pay for it
 
     return {"lora_id": ft.lora_id, "identity_id": ft.identity_id, "split": ft.split, "variant": ft.variant,
             "finetune": json.dumps(to_dict(ft.finetune)), "image_keys": list(ft.image_keys),
@@ -83,16 +96,12 @@ Outcome = tuple[list[dict[str, Any]], str | None, datetime, float]  # snapshot r
 
 def batch_key(ft: Any) -> tuple:
     """What fine-tunes must share to train in one UNet pass (loraleak.finetune.batched.SHARED_FIELDS)."""
-    from ..finetune.batched import SHARED_FIELDS
-
     return tuple(getattr(ft, name) for name in SHARED_FIELDS)
 
 
 def batch_groups(fts: list[Any]) -> list[list[int]]:
     """Indices of `fts` grouped into fine-tunes that can share UNet passes, in order of first appearance;
     a fine-tune the batched path does not take (text-encoder LoRA, fp16) is a group of its own."""
-    from ..finetune.batched import check_batchable
-
     by_key: dict[tuple, list[int]] = {}
     for i, ft in enumerate(fts):
         by_key.setdefault(batch_key(ft), []).append(i)
@@ -116,9 +125,6 @@ def sample_class_images_once(cfg: ZooConfig, plan: ZooPlan, pending: list, show_
     """Sample the pending fine-tunes' class images in the driver, once, with a progress bar, into the cache
     the workers read: without this every worker samples the same images at start, silently, side by side.
     A zoo on remote storage leaves it to the workers (each node has its own cache)."""
-    from ..base.loading import load_base_pipeline
-    from ..finetune.class_images import load_or_sample_class_images
-
     store = ZooStore(cfg.root)
     if not store.is_local and cfg.finetune.class_images_dir is None:
         return
@@ -144,13 +150,7 @@ class FineTuneWorker:
     """
 
     def __init__(self, cfg: ZooConfig, base_hash: str, own_process: bool = True):
-        from ..base.loading import base_fingerprint, load_base_pipeline
-        from ..finetune.class_images import pipeline_resolution
-
         if own_process:  # a Ray actor's process is the worker's alone to configure
-            import diffusers
-            import torch
-
             torch.set_num_threads(max(1, int(cfg.num_cpus_per_worker)))
             diffusers.utils.logging.disable_progress_bar()  # it loads the base once, then only fine-tunes
         self.cfg, self.base_hash = cfg, base_hash
@@ -171,8 +171,6 @@ class FineTuneWorker:
 
     def _class_images_for(self, ft: Any) -> list | None:
         """Prior-preservation images, sampled (or read from the cache) once per worker and setting."""
-        from ..finetune.class_images import load_or_sample_class_images
-
         if not ft.prior_preservation:
             return None
         key = (ft.class_prompt, ft.num_class_images, ft.class_images_seed, ft.class_inference_steps,
@@ -186,17 +184,12 @@ class FineTuneWorker:
         return self._class_images[key]
 
     def _finetune_config(self, row: dict[str, Any]) -> Any:
-        from dataclasses import replace
-
-        from ..finetune.config import FinetuneConfig
-
         return replace(from_dict(FinetuneConfig, json.loads(row["finetune"])), device=self.device)
 
     def _images(self, row: dict[str, Any]) -> list:
         """The identity's images, as the plan hashed them."""
-        from ray import cloudpickle
+        from ray import cloudpickle  # ray: see fine_tune_record
 
-        from ..identities import image_sha256
 
         images = cloudpickle.loads(row["identity"]).load(self.resolution)
         if [image_sha256(im) for im in images] != row["image_hashes"]:
@@ -221,8 +214,6 @@ class FineTuneWorker:
         return snapshots
 
     def _single(self, row: dict[str, Any], ft: Any, images: list) -> list[dict[str, Any]]:
-        from ..finetune.dreambooth_lora import finetune_lora
-
         with self.store.staging_dir(row["lora_id"]) as stage:
             result = finetune_lora(self.pipe, images, ft, stage, base_ref=self.cfg.base,
                                    base_fingerprint=self.base_hash, class_images=self._class_images_for(ft),
@@ -232,8 +223,6 @@ class FineTuneWorker:
     def _together(self, rows: list[dict[str, Any]], fts: list[Any],
                   image_sets: list[list]) -> list[tuple[list[dict[str, Any]], str | None]]:
         """One UNet pass for all; a fine-tune that fails in it (diverged) fails alone."""
-        from ..finetune.batched import finetune_lora_batched
-
         with ExitStack() as stack:
             stages = [stack.enter_context(self.store.staging_dir(row["lora_id"])) for row in rows]
             results = finetune_lora_batched(
@@ -258,11 +247,6 @@ class FineTuneWorker:
 
     def _recover(self) -> None:
         """Leave the pipeline clean for the next fine-tune after one failed midway."""
-        import torch
-
-        from ..base.loading import load_base_pipeline
-        from ..lora.io import loaded_adapters
-
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
         if loaded_adapters(self.pipe):
@@ -336,7 +320,7 @@ class FineTuneWorker:
 
 
 def _ray_results(cfg: ZooConfig, plan: ZooPlan, pending: list[PlannedFineTune]) -> Iterator[dict[str, Any]]:
-    import ray
+    import ray  # ray starts slowly: only a build that fans out pays for it (cluster.connect_ray)
     import ray.data
 
     connect_ray()
@@ -374,7 +358,7 @@ def _local_results(cfg: ZooConfig, plan: ZooPlan, pending: list[PlannedFineTune]
 def run_fine_tunes(cfg: ZooConfig, plan: ZooPlan, pending: list[PlannedFineTune],
                    show_progress: bool = True) -> Iterator[dict[str, Any]]:
     """Run `pending` on Ray actors (or here, with workers 0); yield one result per fine-tune as it ends."""
-    import ray
+    import ray  # see _ray_results
     from ray.data.exceptions import SystemException
 
     if cfg.fine_tunes_per_pass > 1:  # fine-tunes that can share a pass side by side, so that batches fill
@@ -456,8 +440,6 @@ def build_zoo(cfg: ZooConfig, show_progress: bool = True) -> dict[str, Any]:
     """Plan the zoo, run every fine-tune not yet done, compact the manifest; tracked in MLflow.
 
     One build per local root at a time (its folder lock); an object-store root has no lock."""
-    from ..locking import folder_lock
-
     if not ZooStore(cfg.root).is_local:
         return _build_zoo(cfg, show_progress)
     with folder_lock(ZooStore(cfg.root).path, f"zoo build {cfg.root}"):
@@ -465,9 +447,6 @@ def build_zoo(cfg: ZooConfig, show_progress: bool = True) -> dict[str, Any]:
 
 
 def _build_zoo(cfg: ZooConfig, show_progress: bool) -> dict[str, Any]:
-    from ..tracking import FOLDER_TAG, mlflow_run
-    from .inspect import zoo_info
-
     check_identity_source(cfg)  # before planning, which hashes every image
     started = time.perf_counter()
     store = ZooStore(cfg.root)

@@ -126,7 +126,7 @@ def _check_file(store: ZooStore, row: dict[str, Any], size: int | None, pipe: An
 
 def _check_record(store: ZooStore, lora_id: str, base_hash: str) -> str | None:
     """Whether the fine-tune's finetune.json exists and names the manifest's base."""
-    from ..finetune.dreambooth_lora import RECORD_NAME
+    from ..finetune.record import RECORD_NAME  # torch, diffusers: only verify needs them
 
     try:
         record = json.loads(store.read_bytes(f"{store.lora_relative_dir(lora_id)}/{RECORD_NAME}"))
@@ -146,11 +146,11 @@ def verify_zoo(root: str, show_progress: bool = True, base: str | None = "zoo") 
     table = _load_manifest(store)
     pipe = None
     if base == "zoo":
-        from .config import read_zoo_config
+        from .config import read_zoo_config  # torch (finetune settings): only verify needs it
 
         base = read_zoo_config(store).base if store.exists(store.config_path) else None
     if base is not None:
-        from ..base.loading import load_base_pipeline
+        from ..base.loading import load_base_pipeline  # torch, diffusers: only verify needs them
 
         pipe = load_base_pipeline(base)
     rows = [r for r in table.to_pylist() if r["status"] == DONE]

@@ -64,7 +64,7 @@ def sample_rows(root: str | ZooStore, split: str | None = None, rank: int | None
 
 
 def _read_state(store: ZooStore, relative: str) -> dict[str, Any]:
-    from ..lora.io import read_lora
+    from ..lora.io import read_lora  # torch: only reading the tensors needs it (the package imports none)
 
     with store.local_file(relative) as local:
         return read_lora(local)[0]

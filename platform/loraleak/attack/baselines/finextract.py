@@ -28,12 +28,15 @@ from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
+from diffusers import DPMSolverMultistepScheduler
 from PIL import Image
 
 from ...errors import InputError
 from ...generate import image_seeds, lora_loaded
-from ..api import AttackOutput, LoraInput, register_attack
+from ...scoring import make_scorer
+from ..api import AttackOutput, LoraInput
 from .common import load_baseline, save_baseline
+from .registry import FitInputs, register_baseline
 
 KIND = "finextract"
 
@@ -90,8 +93,6 @@ def guided_samples(pipe: Any, lora: str | Path | None, config: FineXtractConfig,
 
 def _sample(pipe: Any, adapters: _Adapters | None, config: FineXtractConfig, n: int, seed: int,
             w: float) -> list[Image.Image]:
-    from diffusers import DPMSolverMultistepScheduler
-
     device, dtype = pipe.unet.device, pipe.unet.dtype
     scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)  # its own state, not the pipe's
     cond = pipe.encode_prompt([config.prompt], device, 1, False)[0]
@@ -143,8 +144,6 @@ def image_features(images: Sequence[Image.Image], features: str, size: int = 16)
             v = v - v.mean()
             out.append(v / max(np.linalg.norm(v), 1e-12))
         return out
-    from ...scoring import make_scorer
-
     embeddings = make_scorer(features).embed(list(images))
     return [None if e is None else np.asarray(e, np.float64) / max(np.linalg.norm(e), 1e-12) for e in embeddings]
 
@@ -212,4 +211,9 @@ def load(directory: Path, pipe: Any) -> FineXtractAttack:
     return FineXtractAttack.from_pretrained(directory, pipe)
 
 
-register_attack(KIND, load)
+def build(settings: FineXtractConfig, inputs: FitInputs) -> FineXtractAttack:
+    """Nothing to learn and no layout: any LoRA of this base."""
+    return FineXtractAttack(settings, inputs.pipe)
+
+
+register_baseline(KIND, FineXtractConfig, build, load)

@@ -16,38 +16,27 @@ import logging
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
+from ...base.loading import base_fingerprint, load_base_pipeline
 from ...config import from_dict, to_dict
-from ...identities import IdentitiesConfig, make_source
-from ...zoo.config import read_zoo_config
-from ...zoo.storage import ZooStore
+from ...identities import IdentitiesConfig
+from ...locking import folder_lock
+from ...tracking import FOLDER_TAG, mlflow_run
 from ..config import AttackTrainConfig
-from ..data import PromptEmbeddings, SampleRow, private_images, read_state, select_samples
+from ..data import SampleRow, select_samples
 from ..model import text_encoder_sha256
-from .common import CONFIG_NAME, TrainingLora
-from .finextract import FineXtractAttack, FineXtractConfig
-from .matching_updates import MatchingUpdatesAttack, MatchingUpdatesConfig
-from .nearest_neighbour import NearestNeighbourAttack, NearestNeighbourConfig
-from .pca_map import PcaMapAttack, PcaMapConfig
+from .common import CONFIG_NAME
+from .registry import BASELINE_KINDS, FitInputs, baseline_builder
 
 logger = logging.getLogger(__name__)
-
-BASELINE_KINDS: dict[str, type] = {
-    "nearest_neighbour": NearestNeighbourConfig,
-    "pca_map": PcaMapConfig,
-    "matching_updates": MatchingUpdatesConfig,
-    "finextract": FineXtractConfig,  # training-free: reads no zoo LoRA, samples through the victim's
-}
-BaselineKind = Literal["nearest_neighbour", "pca_map", "matching_updates", "finextract"]
 
 
 @dataclass(frozen=True)
 class BaselineConfig:
-    kind: BaselineKind
+    kind: str  # a registered baseline kind (BASELINE_KINDS: each baseline module registers its own)
     zoo: str  # zoo root (local path or pyarrow URI); its attack_train split only
     base: str = "tiny"  # the base the zoo was fine-tuned from (checked against the manifest)
     out_dir: Path = Path("runs/baseline")  # the attack directory written (config.json + safetensors)
@@ -87,53 +76,18 @@ def _subset(rows: list[SampleRow], max_samples: int | None, seed: int) -> list[S
     return [rows[i] for i in sorted(keep.tolist())]
 
 
-def _read_loras(cfg: BaselineConfig, rows: list[SampleRow], show_progress: bool) -> list[TrainingLora]:
-    store = ZooStore(cfg.zoo)
-    loras = []
-    for row in tqdm(rows, desc=f"{cfg.kind}: read LoRAs", disable=not show_progress):
-        state_dict, metadata = read_state(store, row.lora_path)
-        loras.append(TrainingLora(row.lora_id, row.identity_id, row.instance_prompt, state_dict, metadata))
-    return loras
-
-
-def _photos(cfg: BaselineConfig, rows: list[SampleRow], resolution: int) -> dict[str, list]:
-    """Each identity's private photos, from the zoo's identity source, checked against the manifest's hashes."""
-    source = cfg.identities if cfg.identities is not None else read_zoo_config(cfg.zoo).identities
-    identities = {i.identity_id: i for i in make_source(source).identities()}
-    photos: dict[str, list] = {}
-    for row in rows:
-        if row.identity_id not in photos:
-            photos[row.identity_id] = private_images(identities, row, resolution)
-    return photos
-
-
 def build_baseline(cfg: BaselineConfig, pipe: Any = None, show_progress: bool = True) -> Any:
     """Fit baseline `cfg.kind` on the final attack_train LoRAs of `cfg.zoo`: the attack, in memory.
 
     `pipe`: the loaded base pipeline, when the caller has it (else `cfg.base` is loaded on `cfg.device`).
     """
-    from ...base.loading import base_fingerprint, load_base_pipeline
-    from ...finetune.class_images import pipeline_resolution
-
     settings = cfg.baseline_settings()
     fingerprint = base_fingerprint(cfg.base)
     selection = select_samples(AttackTrainConfig(zoo=cfg.zoo, base=cfg.base, snapshots="final", val_fraction=0.0,
                                                  rank=cfg.rank), base_hash=fingerprint)
     rows = _subset(selection.train, cfg.max_samples, cfg.seed)
     pipe = pipe if pipe is not None else load_base_pipeline(cfg.base, device=cfg.device)
-
-    if cfg.kind == "matching_updates":  # nothing to learn: the layout it attacks and the base
-        attack: Any = MatchingUpdatesAttack(settings, pipe, selection.layout)
-    elif cfg.kind == "finextract":  # nothing to learn and no layout: any LoRA of this base
-        attack = FineXtractAttack(settings, pipe)
-    else:
-        loras = _read_loras(cfg, rows, show_progress)
-        if cfg.kind == "nearest_neighbour":
-            attack = NearestNeighbourAttack.fit(settings, selection.layout, loras,
-                                                _photos(cfg, rows, pipeline_resolution(pipe)), show_progress)
-        else:
-            embeds = PromptEmbeddings(pipe, pipe.device)(rows).float().cpu()
-            attack = PcaMapAttack.fit(settings, selection.layout, loras, embeds, show_progress)
+    attack = baseline_builder(cfg.kind)(settings, FitInputs(cfg, pipe, selection.layout, rows, show_progress))
     attack.record.update({
         "zoo": cfg.zoo, "base": cfg.base, "base_fingerprint": fingerprint,
         "text_encoder_sha256": text_encoder_sha256(pipe.text_encoder),
@@ -147,16 +101,11 @@ def build_baseline(cfg: BaselineConfig, pipe: Any = None, show_progress: bool = 
 def fit_baseline(cfg: BaselineConfig, pipe: Any = None, show_progress: bool = True) -> Path:
     """`build_baseline`, saved to `cfg.out_dir` (logged to MLflow when cfg.tracking); returns cfg.out_dir,
     an attack directory for `loraleak.attack.api.load_attack(directory, pipe)`."""
-    from ...locking import folder_lock
-    from ...tracking import mlflow_run
-
     with folder_lock(cfg.out_dir, f"baseline {cfg.kind} {cfg.out_dir}"):
-        return _fit_baseline(cfg, pipe, show_progress, mlflow_run)
+        return _fit_baseline(cfg, pipe, show_progress)
 
 
-def _fit_baseline(cfg: BaselineConfig, pipe: Any, show_progress: bool, mlflow_run: Any) -> Path:
-    from ...tracking import FOLDER_TAG
-
+def _fit_baseline(cfg: BaselineConfig, pipe: Any, show_progress: bool) -> Path:
     folder = str(Path(cfg.out_dir).expanduser().resolve())
     tracked = mlflow_run(cfg.experiment, f"baseline {cfg.kind}", cfg.tracking_uri, cfg.workdir, cfg.parent_run_id,
                          {FOLDER_TAG: folder}) if cfg.tracking else nullcontext()

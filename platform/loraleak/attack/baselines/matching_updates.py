@@ -39,13 +39,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from ...errors import InputError
-from ...finetune.dreambooth_lora import training_noise_scheduler
+from ...finetune.loop import training_noise_scheduler
 from ...lora.io import check_lora_fits, lora_factors, module_order_key
-from ..api import AttackOutput, LoraInput, register_attack
+from ..api import AttackOutput, LoraInput
 from ...lora.batched import batched_lora
 from ..lora_inputs import LoraLayout, lora_layout
 from ..model import text_encoder_sha256
 from .common import check_lora, layout_from_json, layout_to_json, load_baseline, save_baseline
+from .registry import FitInputs, register_baseline
 
 KIND = "matching_updates"
 
@@ -242,4 +243,9 @@ def load(directory: Path, pipe: Any) -> MatchingUpdatesAttack:
     return MatchingUpdatesAttack.from_pretrained(directory, pipe)
 
 
-register_attack(KIND, load)
+def build(settings: MatchingUpdatesConfig, inputs: FitInputs) -> MatchingUpdatesAttack:
+    """Nothing to learn: the layout it attacks and the base."""
+    return MatchingUpdatesAttack(settings, inputs.pipe, inputs.layout)
+
+
+register_baseline(KIND, MatchingUpdatesConfig, build, load)

@@ -22,11 +22,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ...errors import InputError
-from ..api import AttackOutput, LoraInput, register_attack
+from ..api import AttackOutput, LoraInput
 from ..lora_inputs import LoraLayout
 from .common import TrainingLora, check_lora, layout_from_json, layout_to_json, load_baseline, require_tensors, \
     save_baseline
 from .features import SKETCH_PREFIX, delta_w_features, sketch_matrices
+from .registry import FitInputs, register_baseline
 
 KIND = "nearest_neighbour"
 
@@ -165,4 +166,10 @@ def load(directory: Path, pipe: Any = None) -> NearestNeighbourAttack:
     return NearestNeighbourAttack.from_pretrained(directory)
 
 
-register_attack(KIND, load)
+def build(settings: NearestNeighbourConfig, inputs: FitInputs) -> NearestNeighbourAttack:
+    """Fitted on the attack_train LoRAs' updates and their owners' photos."""
+    loras = inputs.loras()
+    return NearestNeighbourAttack.fit(settings, inputs.layout, loras, inputs.photos(), inputs.show_progress)
+
+
+register_baseline(KIND, NearestNeighbourConfig, build, load)

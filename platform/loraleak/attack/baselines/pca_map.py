@@ -23,12 +23,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ...errors import InputError
-from ..api import AttackOutput, LoraInput, register_attack
+from ..api import AttackOutput, LoraInput
 from ..lora_inputs import LoraLayout
 from ..model import text_encoder_sha256
 from .common import TrainingLora, check_lora, layout_from_json, layout_to_json, load_baseline, require_tensors, \
     save_baseline
 from .features import SKETCH_PREFIX, delta_w_features, sketch_matrices
+from .registry import FitInputs, register_baseline
 
 KIND = "pca_map"
 TENSORS = ["mean", "components", "coefficient_std", "weight", "intercept"]
@@ -155,4 +156,10 @@ def load(directory: Path, pipe: Any) -> PcaMapAttack:
     return PcaMapAttack.from_pretrained(directory, getattr(pipe, "text_encoder", None))
 
 
-register_attack(KIND, load)
+def build(settings: PcaMapConfig, inputs: FitInputs) -> PcaMapAttack:
+    """Fitted on the attack_train LoRAs' updates and their true prompt embeddings."""
+    loras = inputs.loras()
+    return PcaMapAttack.fit(settings, inputs.layout, loras, inputs.prompt_embeddings(), inputs.show_progress)
+
+
+register_baseline(KIND, PcaMapConfig, build, load)

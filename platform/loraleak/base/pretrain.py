@@ -13,8 +13,9 @@ the UNet never learns to read its text: every unfamiliar word then looks alike t
 LoRA learns the template "A face of X." rather than its trigger. `captions: names` gives each public
 identity a name (a random word drawn like the victims' triggers) and captions its images "A face of
 <name>." (`named_fraction` of draws; "A human face." otherwise), optionally training the text encoder
-with the UNet: the base then tells names apart, as SD 1.4 does from captions full of names, and a
-DreamBooth trigger is one more name for the LoRA to teach (measured in README, "Which regime").
+with the UNet, so that the base might tell names apart as SD 1.4 does from captions full of names and a
+DreamBooth trigger would be one more name for the LoRA to teach. An experiment: 2,400 steps on 2 cores
+did not teach the base names (configs/pretrain-synthetic-names.yaml has the measurement).
 `init_from` continues from a pretrained pipeline (its VAE is kept as is).
 
 Everything lives in `out_dir`: the decoded image set, checkpoints written every few minutes (a
@@ -29,17 +30,17 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import json
 import logging
 import os
+import random
 import shlex
 import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-import hashlib
-import random
 from typing import Any, Iterable, Iterator, Literal
 
 import diffusers
@@ -69,8 +70,8 @@ LATENTS_FILE = "latents.safetensors"
 PSNR_IMAGES = 256  # images whose reconstruction PSNR is reported after the VAE phase
 SAMPLE_IMAGES = 16
 # Settings that define what a run in `out_dir` is; the rest (steps, lr, limits) may change on resume.
-RUN_IDENTITY = ("images", "num_images", "crop_fraction", "images_per_identity", "tiny", "seed", "hflip", "prompt", "captions",
-                "named_prompt", "named_fraction", "train_text_encoder", "init_from")
+RUN_IDENTITY = ("images", "num_images", "crop_fraction", "images_per_identity", "tiny", "seed", "hflip", "prompt",
+                "captions", "named_prompt", "named_fraction", "train_text_encoder", "init_from")
 NAMES_GRID_IDENTITIES = 8  # identities in the names grid: their first photo above, "A face of <name>." below
 
 
@@ -366,9 +367,7 @@ def encode_latents(cfg: PretrainConfig, vae, images: torch.Tensor, batch_size: i
 
 @torch.no_grad()
 def _prompt_features(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor:
-    tok = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt")
-    return pipe.text_encoder(tok.input_ids)[0]
+    return _encode(pipe, pipe.text_encoder, prompts)
 
 
 @torch.no_grad()
@@ -388,34 +387,31 @@ def _sampling_pipeline(pipe: StableDiffusionPipeline, unet, text_encoder=None) -
 
 
 def save_samples(cfg: PretrainConfig, pipe: StableDiffusionPipeline, unet, step: int, text_encoder=None,
-                 captions: Captions | None = None, identities: torch.Tensor | None = None) -> Path:
+                 captions: Captions | None = None) -> Path:
     sampler = _sampling_pipeline(pipe, unet, text_encoder)
     sampler.set_progress_bar_config(disable=True)
     images = sample_images(sampler, cfg.prompt, SAMPLE_IMAGES, seed=cfg.seed, steps=cfg.sample_steps)
     scale = max(1, 128 // cfg.tiny.resolution)  # 32 px faces are hard to judge at 1:1
     path = save_grid(images, cfg.out_dir / "samples" / f"step_{step:06d}.png", scale=scale)
-    if cfg.captions == "names" and captions is not None and identities is not None:
+    if cfg.captions == "names" and captions is not None:
         # Does the base tell names apart? Row 1: an identity's first photo; row 2: "A face of <its name>.".
-        shown = identities.unique()[:NAMES_GRID_IDENTITIES].tolist()
-        firsts = [int((identities == i).nonzero()[0]) for i in shown]
-        photos = [Image.fromarray(_load_cached_image(cfg, j)) for j in firsts]
         drawn = [sample_images(sampler, cfg.named_prompt.format(name=captions.name(i)), 1, seed=cfg.seed + i,
-                               steps=cfg.sample_steps)[0] for i in shown]
-        save_grid(photos + drawn, cfg.out_dir / "samples" / f"step_{step:06d}-names.png",
-                  ncols=len(shown), scale=scale)
+                               steps=cfg.sample_steps)[0] for i in captions.grid_photos]
+        save_grid([*captions.grid_photos.values(), *drawn], cfg.out_dir / "samples" / f"step_{step:06d}-names.png",
+                  ncols=len(drawn), scale=scale)
     return path
-
-
-def _load_cached_image(cfg: PretrainConfig, index: int):
-    return load_file(cfg.out_dir / IMAGES_FILE)["images"][index].permute(1, 2, 0).numpy()
 
 
 class Captions:
     """The caption of each training row: "", the prompt, or the named prompt with the identity's name."""
 
-    def __init__(self, cfg: PretrainConfig, identities: torch.Tensor):
+    def __init__(self, cfg: PretrainConfig, images: torch.Tensor, identities: torch.Tensor):
         self.cfg, self.identities = cfg, identities
         self.names: dict[int, str] = {}
+        # The first photo of the first few identities, shown in the names grid beside what their names draw.
+        shown = identities.unique()[:NAMES_GRID_IDENTITIES].tolist()
+        self.grid_photos = {i: Image.fromarray(images[int((identities == i).nonzero()[0])].permute(1, 2, 0).numpy())
+                            for i in shown}
 
     def name(self, identity: int) -> str:
         if identity not in self.names:
@@ -432,12 +428,11 @@ class Captions:
 def _encode(pipe: StableDiffusionPipeline, text_encoder, prompts: list[str]) -> torch.Tensor:
     tok = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                          truncation=True, return_tensors="pt")
-    with torch.set_grad_enabled(text_encoder.training):
-        return text_encoder(tok.input_ids)[0]
+    return text_encoder(tok.input_ids)[0]  # with gradients where the caller enables them
 
 
 def train_unet(cfg: PretrainConfig, pipe: StableDiffusionPipeline, latents: dict[str, torch.Tensor],
-               identities: torch.Tensor, clock: Clock) -> dict:
+               captions: Captions, clock: Clock) -> dict:
     path = cfg.out_dir / CHECKPOINT_DIR / "unet.pt"
     unet, text_encoder = pipe.unet, pipe.text_encoder
     ema = copy.deepcopy(unet).requires_grad_(False).eval()
@@ -459,7 +454,6 @@ def train_unet(cfg: PretrainConfig, pipe: StableDiffusionPipeline, latents: dict
     scaling = float(latents["scaling_factor"])
     mean, std = latents["mean"], latents["std"]
     features = _prompt_features(pipe, [cfg.prompt, ""])
-    captions = Captions(cfg, identities)
     rand = StepRandom(cfg.seed, len(mean), cfg.batch_size)
 
     def save() -> None:
@@ -487,7 +481,8 @@ def train_unet(cfg: PretrainConfig, pipe: StableDiffusionPipeline, latents: dict
             dropped = torch.rand(len(x0), generator=g) < cfg.prompt_dropout
             if cfg.captions == "names" or cfg.train_text_encoder:
                 named = torch.rand(len(x0), generator=g) < (cfg.named_fraction if cfg.captions == "names" else 0.0)
-                cond = _encode(pipe, text_encoder, captions.for_rows(idx, dropped, named))
+                with torch.set_grad_enabled(cfg.train_text_encoder):
+                    cond = _encode(pipe, text_encoder, captions.for_rows(idx, dropped, named))
             else:
                 cond = features[dropped.long()]  # row 0: the prompt, row 1: ""
             pred = unet(noise_scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
@@ -510,8 +505,7 @@ def train_unet(cfg: PretrainConfig, pipe: StableDiffusionPipeline, latents: dict
             state["step"] = step + 1
             bar.set_postfix(loss=f"{_recent_mean(state['losses']):.4f}")
             if cfg.sample_every and state["step"] % cfg.sample_every == 0:
-                save_samples(cfg, pipe, ema, state["step"], ema_text if cfg.train_text_encoder else None,
-                             captions, identities)
+                save_samples(cfg, pipe, ema, state["step"], ema_text if cfg.train_text_encoder else None, captions)
             if clock.checkpoint_due():
                 save()
     except KeyboardInterrupt:
@@ -567,9 +561,9 @@ def pretrain_base(cfg: PretrainConfig, command: str | None = None) -> Path:
     else:
         vae_state = train_vae(cfg, pipe, images, clock)
     latents = encode_latents(cfg, pipe.vae, images)
-    unet_state = train_unet(cfg, pipe, latents, identities, clock)
-    save_samples(cfg, pipe, pipe.unet, unet_state["step"], pipe.text_encoder,
-                 Captions(cfg, identities), identities)
+    captions = Captions(cfg, images, identities)
+    unet_state = train_unet(cfg, pipe, latents, captions, clock)
+    save_samples(cfg, pipe, pipe.unet, unet_state["step"], pipe.text_encoder, captions)
 
     record = {
         "config": to_dict(cfg),

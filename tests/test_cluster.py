@@ -202,3 +202,129 @@ def test_a_job_ships_its_scripts_and_configs_not_the_models_or_results(tmp_path)
     assert "jobs/pipeline.py" in names and "platform/loraleak/configs/zoo-synthetic.yaml" in names
     assert not any(n.startswith(("platform/loraleak/assets/", "runs/", ".venv/")) for n in names)
     assert package.stat().st_size < 5e6  # ~1.3 MB; the whole working directory is ~45 MB
+
+
+# --- a command shuts down the local Ray it started, and only that one ------------------------------------------
+
+# A command run by the real runner (loraleak.command.stage_main) whose handler joins or starts Ray as every
+# stage does (connect_ray), then ends as asked; after each command, still in the same process, it reports
+# which processes of the Ray instances under MARKER are left (Ray's own exit handler has not run yet).
+STAND_IN = """
+import json, os, sys
+import psutil, ray
+from loraleak.cluster import connect_ray
+from loraleak.command import stage_main
+from loraleak.errors import LoraleakError
+
+marker = sys.argv[1]
+
+def ray_processes():
+    found = []
+    for p in psutil.process_iter(["pid", "name", "cmdline"]):
+        try:
+            if p.info["pid"] != os.getpid() and any(marker in arg for arg in p.info["cmdline"] or ()):
+                found.append(f"{p.info['pid']} {p.info['name']}")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+def add(sub):
+    p = sub.add_parser("work")
+    p.add_argument("--end", choices=["ok", "error", "interrupt"])
+    def work(args):
+        connect_ray()
+        print(json.dumps({"gcs": ray.get_runtime_context().gcs_address, "running": ray_processes()}), flush=True)
+        if args.end == "error":
+            raise LoraleakError("stand-in failure")
+        if args.end == "interrupt":
+            raise KeyboardInterrupt
+    p.set_defaults(func=work)
+
+for end in sys.argv[2:]:
+    status = stage_main(add, ["work", "--end", end])
+    print(json.dumps({"end": end, "status": status, "initialized": ray.is_initialized(), "left": ray_processes()}),
+          flush=True)
+"""
+
+
+def _run_stand_in(marker: str, ends: list[str], env: dict) -> list[dict]:
+    env = {**env, "PYTHONPATH": f"{REPO / 'platform'}{os.pathsep}{env.get('PYTHONPATH', '')}"}
+    done = subprocess.run([sys.executable, "-c", STAND_IN, marker, *ends], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def _ray_processes(marker: str) -> list[psutil.Process]:
+    deadline = time.monotonic() + 30  # a process killed a moment ago may still be exiting
+    while (left := _processes_under(marker)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
+STATUS = {"ok": 0, "error": 2, "interrupt": 130}
+
+
+# Each Ray start costs ~10 s on a busy machine: the default suite ends one command well, the slow one the others
+# (after an error, after Ctrl-C), two commands in one process (the second starts a Ray of its own again).
+@pytest.mark.parametrize("ends", [["ok"], pytest.param(["error", "interrupt"], marks=pytest.mark.slow)])
+def test_a_command_shuts_down_the_local_ray_it_started_however_it_ends(ends):
+    # A Ray of its own: RAY_TMPDIR puts its session (named in every one of its processes' command lines) in a
+    # fresh folder, and no `ray start` cluster of this machine is found there to join instead.
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    try:
+        lines = _run_stand_in(temp_dir, ends, {**env, "RAY_TMPDIR": temp_dir})
+        started, ended = lines[0::2], lines[1::2]
+        assert [(e["end"], e["status"]) for e in ended] == [(end, STATUS[end]) for end in ends]
+        for start, end in zip(started, ended):
+            assert any("raylet" in p for p in start["running"]) and any("gcs_server" in p for p in start["running"])
+            assert not end["initialized"] and end["left"] == [], end  # stopped by the runner, not at exit
+        assert len({s["gcs"] for s in started}) == len(ends)  # each command started (and stopped) its own
+        assert _ray_processes(temp_dir) == []
+    finally:
+        for p in _processes_under(temp_dir):
+            p.kill()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_a_command_leaves_a_ray_it_joined_running(tmp_path):
+    gcs, client, node_manager, object_manager, metrics, agent, agent_grpc, runtime_env = _free_ports(8)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_AUTH_MODE="disabled", PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    log = (tmp_path / "ray-start.log").open("w")
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", f"--port={gcs}", "--num-cpus=1", "--num-gpus=0", "--disable-usage-stats",
+         f"--temp-dir={temp_dir}", "--include-dashboard=false", f"--ray-client-server-port={client}",
+         f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
+         f"--metrics-export-port={metrics}", f"--dashboard-agent-listen-port={agent}",
+         f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        address = f"127.0.0.1:{gcs}"
+        deadline = time.monotonic() + 180
+        while _ray(["status", "--address", address], env, timeout=60).returncode != 0:
+            assert head.poll() is None, (tmp_path / "ray-start.log").read_text()
+            assert time.monotonic() < deadline, "the Ray head did not come up within 180 s"
+            time.sleep(2)
+        before = {p.pid for p in _processes_under(temp_dir)}
+        lines = _run_stand_in(temp_dir, ["ok", "error"], {**env, "RAY_ADDRESS": address})
+        assert [line["gcs"] for line in lines[0::2]] == [address, address]  # joined, not started
+        assert [line["status"] for line in lines[1::2]] == [0, 2]
+        after = {p.pid for p in _processes_under(temp_dir)}
+        assert {p for p in before if psutil.pid_exists(p)} == before  # the head's processes all still run
+        assert any("raylet" in p.name() or "gcs_server" in p.name() for p in _processes_under(temp_dir))
+        assert before <= after
+        assert _ray(["status", "--address", address], env, timeout=60).returncode == 0
+    finally:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        for p in _ray_processes(temp_dir):
+            p.kill()
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Mapping
 
 from .errors import LoraleakError
@@ -17,12 +18,15 @@ logger = logging.getLogger(__name__)
 
 WORKER_LOGS = "LORALEAK_WORKER_LOGS"  # "1": stream the Ray workers' output into the driver's (connect_ray)
 
+_started_here = False  # whether connect_ray started the local Ray this process is connected to (shutdown_ray)
+
 
 def connect_ray() -> None:
     """Join the running Ray (a `ray job submit` driver, `RAY_ADDRESS`, one `ray start` made on this machine) or
     start a local one; a failure is one line (LoraleakError) that says what to do, not Ray's traceback."""
     import ray  # ray starts slowly: only the commands that fan out pay for it
 
+    global _started_here
     if ray.is_initialized():
         return
     try:
@@ -35,6 +39,32 @@ def connect_ray() -> None:
         ray.init(**({} if client else {"log_to_driver": os.environ.get(WORKER_LOGS, "0") == "1"}))
     except Exception as e:  # ConnectionError, RuntimeError, ValueError...: Ray raises many kinds here
         raise LoraleakError(ray_failure(e, os.environ.get("RAY_ADDRESS"), local_ray_instances())) from None
+    _started_here = _owns_local_ray()
+
+
+def _owns_local_ray() -> bool:
+    """Whether this process started the Ray it is connected to (its GCS, raylet... are this process's
+    children), rather than joined one (`--address`, RAY_ADDRESS, a `ray start` cluster, Ray Client)."""
+    try:
+        from ray._private import worker
+
+        node = worker._global_node
+        return node is not None and bool(node.head) and bool(node.all_processes)
+    except Exception:  # private attributes: another Ray version; Ray's own exit handler still stops it
+        return False
+
+
+def shutdown_ray() -> None:
+    """Stop the local Ray that `connect_ray` started in this process, waiting for its processes (GCS, raylet,
+    workers) to exit; a Ray this process joined, or one started by someone else, is left as it is. What every
+    command runs when it ends (loraleak.command.run_command): success, error or Ctrl-C."""
+    global _started_here
+    if not _started_here:
+        return
+    _started_here = False
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown(wait_for_processes=True)
 
 
 def local_ray_instances() -> list[str]:

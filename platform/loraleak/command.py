@@ -11,10 +11,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
+from .cluster import shutdown_ray
 from .errors import LoraleakError
 
 DESCRIPTION = ("Measure whether a shared LoRA fine-tune of a diffusion model leaks the face it was trained on. "
@@ -84,17 +88,46 @@ def _configure_logging(verbose: bool) -> None:
             pass
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `ray job stop`), raised where the command is, so that it ends as after Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM ends the command like Ctrl-C (locks released, MLflow runs closed, its local Ray stopped)
+    rather than at once; only in the main thread, where Python delivers signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_command(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Parse, run the handler; a LoraleakError is one line and status 2, Ctrl-C 130, SIGTERM 143. Whatever the
+    end, the local Ray the command started (if any) is shut down; one it joined is left running."""
     args = parser.parse_args(argv)
     _configure_logging(args.verbose)
     try:
-        status = args.func(args)  # a handler may return an exit status (audit: 1 above --fail-above)
+        with _sigterm_as_interrupt():
+            try:
+                status = args.func(args)  # a handler may return an exit status (audit: 1 above --fail-above)
+            finally:
+                shutdown_ray()
     except LoraleakError as e:
         print(f"loraleak: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("loraleak: interrupted; finished work is kept and a rerun resumes", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        stopped = "terminated" if isinstance(e, Terminated) else "interrupted"
+        print(f"loraleak: {stopped}; finished work is kept and a rerun resumes", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     return status if isinstance(status, int) else 0
 
 

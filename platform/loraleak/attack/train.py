@@ -41,6 +41,7 @@ from ..cluster import connect_ray
 from ..config import from_dict, load_yaml, to_dict
 from ..errors import ConfigError, LoraleakError
 from ..finetune.class_images import pipeline_resolution
+from ..leftovers import remove_temporary, remove_unregistered_checkpoints
 from ..locking import folder_lock
 from ..lora.batched import epsilon_loss, install_batched_lora
 from ..tracking import FOLDER_TAG, mlflow_run, resolve_tracking_uri
@@ -346,7 +347,13 @@ def export_model(checkpoint_dir: Path, cfg: AttackTrainConfig, selection: ZooSel
 def train_attack(cfg: AttackTrainConfig, show_progress: bool = True) -> AttackTrainResult:
     """Train the attack on the zoo's attack_train LoRAs with Ray Train; resume the run if it exists.
     One training per out_dir at a time (its folder lock)."""
-    with folder_lock(cfg.out_dir, f"attack train {cfg.run_name}"):
+    with folder_lock(cfg.out_dir, f"attack train {cfg.run_name}") as out:
+        # What a killed training left: its export's staging folder, a checkpoint Ray had not registered.
+        removed = remove_temporary(out)
+        if "://" not in cfg.storage:
+            removed += remove_unregistered_checkpoints(Path(cfg.storage) / cfg.run_name)
+        if removed:
+            logger.info("attack %s: removed %d folder(s) left by a killed run", cfg.run_name, len(removed))
         return _train_attack(cfg, show_progress)
 
 

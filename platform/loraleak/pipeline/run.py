@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import to_dict
+from ..leftovers import remove_study_leftovers
 from ..locking import folder_lock
 from .config import PipelineConfig
 from .stages import STAGES, BaselinesStage, RunContext, Stage, StudyStages, plan_stages
@@ -116,6 +117,8 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool = True, lock: bool = T
         return _run_pipeline(cfg, show_progress)
     with folder_lock(cfg.out_dir) as out:
         _close_orphan_runs(cfg, out)
+        if removed := remove_study_leftovers(out):
+            logger.info("removed %d temporary or unregistered folder(s) left by a killed run", len(removed))
         return _run_pipeline(cfg, show_progress)
 
 

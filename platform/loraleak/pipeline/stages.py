@@ -33,6 +33,7 @@ from ..evaluation.config import EvaluationConfig
 from ..evaluation.evaluate import SUMMARY_FILE, _hash_dir, evaluate
 from ..identities import make_source, split_identities
 from ..keys import content_key
+from ..leftovers import complete_checkpoints
 from ..zoo.build import build_zoo
 from ..zoo.config import ZooConfig, check_identity_source
 from ..zoo.manifest import finished_lora_ids
@@ -285,9 +286,11 @@ def _read_step(checkpoint: Path) -> int | None:
 
 
 def latest_checkpoint(folder: Path) -> tuple[Path, int] | None:
-    """An attack folder's latest Ray Train checkpoint (its directory and step) in its storage, folder/ray."""
-    found = [(c.parent, step) for c in (folder / "ray").glob(f"*/checkpoint_*/{TRAINER_STATE}")
-             if (step := _read_step(c.parent)) is not None]
+    """An attack folder's latest Ray Train checkpoint (its directory and step) in its storage, folder/ray: of
+    the complete ones, those Ray registered (one a killed run was writing is not one to continue from)."""
+    runs = [run for run in (folder / "ray").glob("*") if run.is_dir()]
+    found = [(c, step) for run in runs for c in complete_checkpoints(run)
+             if (c / TRAINER_STATE).is_file() and (step := _read_step(c)) is not None]
     return max(found, key=lambda item: item[1], default=None)
 
 

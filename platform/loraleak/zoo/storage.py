@@ -26,6 +26,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ..errors import InputError
+from ..leftovers import is_temporary
 
 LORAS_DIR = "loras"
 PARTS_DIR = "parts"
@@ -43,8 +44,9 @@ def _filesystem(root: str) -> tuple[pafs.FileSystem, str]:
 
 
 def _is_leftover(name: str) -> bool:
-    """What an interrupted writer leaves: `.<name>.tmp-<pid>-<id>` files and `.stage-...` directories."""
-    return name.startswith(".stage-") or (name.startswith(".") and ".tmp-" in name)
+    """What an interrupted writer leaves: `.<name>.tmp-<pid>-<id>` files and `.stage-...` directories (the
+    private names loraleak.leftovers lists)."""
+    return is_temporary(name)
 
 
 def _private_name(path: str) -> str:

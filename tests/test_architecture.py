@@ -15,7 +15,7 @@ import loraleak
 PACKAGE = Path(loraleak.__file__).parent
 # The shared kernel (see ARCHITECTURE.md): what the stages build on, so it imports none of them.
 KERNEL = ("loraleak.lora", "loraleak.cluster", "loraleak.tracking", "loraleak.config", "loraleak.errors",
-          "loraleak.locking", "loraleak.keys", "loraleak.command")
+          "loraleak.locking", "loraleak.keys", "loraleak.command", "loraleak.leftovers")
 
 
 def _modules() -> dict[str, Path]:

@@ -1,7 +1,8 @@
 """The `loraleak` command's runner, shared by `loraleak.cli` and each stage's own entry point.
 
 `run_command(parser, argv)` parses, sets up logging and runs the chosen handler; every user-facing
-failure (a `LoraleakError`) is one line on stderr and exit status 2. `loraleak.cli.main` runs it on
+failure (a `LoraleakError`) is one line on stderr and exit status 2; Ctrl-C and SIGTERM end it cleanly
+(130, 143), and whatever the end, the local Ray it started is shut down (`cluster.shutdown_ray`). `loraleak.cli.main` runs it on
 the whole parser; `zoo_main`, `attack_main`, `pipeline_main`... (what `jobs/*.py` call) on a parser
 with only their own commands, so a stage's CLI never imports the top-level one (no import cycle).
 """

@@ -57,8 +57,8 @@ def add_attack_commands(subparsers: argparse._SubParsersAction) -> None:
                         "pytorch_lora_weights.safetensors, or a PEFT adapter folder")
     p.add_argument("--out", type=Path, required=True, help="output folder for the images")
     p.add_argument("--base", help="base model (default: the one the attack was trained with)")
-    p.add_argument("--step", type=int, help="the LoRA's fine-tuning steps r (default: from its metadata, "
-                                            "folder or finetune.json, else the attack zoo's fine-tune length)")
+    p.add_argument("--step", type=int, help="the LoRA's fine-tuning steps r (default: from its folder, metadata "
+                                            "or finetune.json, else the attack zoo's fine-tune length)")
     p.add_argument("--n", type=int, default=8, help="images to generate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=25, help="sampling steps")

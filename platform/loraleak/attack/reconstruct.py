@@ -76,11 +76,14 @@ def _finetune_record(lora_path: Path) -> dict[str, Any] | None:
     return None
 
 
-def lora_step(lora_path: Path, default: int | None) -> tuple[int, str]:
-    """The fine-tuning step r of a LoRA file: its snapshot folder, its finetune.json, else `default`."""
+def lora_step(lora_path: Path, default: int | None, provenance: LoraProvenance | None = None) -> tuple[int, str]:
+    """The fine-tuning step r of a LoRA file: its snapshot folder, its metadata (`provenance`), its
+    finetune.json, else `default`."""
     match = SNAPSHOT_DIR.fullmatch(lora_path.parent.name)
     if match:
         return int(match.group(1)), f"snapshot folder {lora_path.parent.name}"
+    if provenance is not None:
+        return provenance.step, "the LoRA file's metadata"
     record = _finetune_record(lora_path)
     if record is not None and isinstance(record.get("config", {}).get("steps"), int):
         return record["config"]["steps"], FINETUNE_RECORD
@@ -115,7 +118,7 @@ def reconstruct(attack_dir: str | Path, lora_file: str | Path, base: str | None 
     """Images of the person a shared LoRA was fine-tuned on, from the LoRA's weights alone.
 
     `base` defaults to the base the attack was trained with; `step` to the LoRA's own step count
-    (its metadata, snapshot folder or finetune.json), else the attack zoo's usual fine-tune length.
+    (its snapshot folder, metadata or finetune.json), else the attack zoo's usual fine-tune length.
     """
     attack_dir, out_dir = Path(attack_dir), Path(out_dir)
     config, record = read_attack_record(attack_dir)
@@ -140,12 +143,7 @@ def reconstruct(attack_dir: str | Path, lora_file: str | Path, base: str | None 
     notes = list(shared.notes) + adapted
     for note in notes:
         logger.warning("%s", note)
-    if step is not None:
-        r, step_source = step, "given"
-    elif provenance is not None:
-        r, step_source = provenance.step, "the LoRA file's metadata"
-    else:
-        r, step_source = lora_step(lora_path, record.get("lora_steps"))
+    r, step_source = (step, "given") if step is not None else lora_step(lora_path, record.get("lora_steps"), provenance)
 
     pipe = load_base_pipeline(base, device=device)
     model = NetworkAutoencoder.from_pretrained(attack_dir, pipe.text_encoder).to(device).eval()

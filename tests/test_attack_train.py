@@ -28,6 +28,7 @@ from loraleak.errors import ConfigError, InputError
 from loraleak.finetune.config import FinetuneConfig
 from loraleak.finetune.dreambooth_lora import finetune_lora
 from loraleak.identities import SyntheticFaces
+from loraleak.lora.io import read_lora, save_lora_file
 from loraleak.zoo.manifest import read_manifest
 from studies import TINY, TINY_ZOO_FINETUNE, TINY_ZOO_IDENTITIES, build_tiny_zoo
 
@@ -178,7 +179,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(trained, tmp_path):
 
 def test_reconstruct_writes_images_of_a_heldout_lora(trained, zoo, tmp_path):
     cfg, result = trained
-    lora, _ = final_lora(zoo, "heldout")
+    lora, row = final_lora(zoo, "heldout")
     rec = reconstruct(result.attack_dir, lora, out_dir=tmp_path / "rec", n=2, num_inference_steps=2)
     assert rec.step == 5 and "step-000005" in rec.step_source  # r from the snapshot's folder
     assert [p.name for p in rec.images] == ["rec_000.png", "rec_001.png"] and rec.grid.is_file()
@@ -189,31 +190,62 @@ def test_reconstruct_writes_images_of_a_heldout_lora(trained, zoo, tmp_path):
     assert z.shape == (77, TINY.text_width) and torch.isfinite(z).all()
     record = json.loads((tmp_path / "rec" / "reconstruct.json").read_text())
     assert record["base"] == cfg.base and record["step"] == 5
-    # A LoRA shared as a bare file says nothing of its steps: r is the attack zoo's fine-tune length.
+    # A project LoRA shared as a bare file says its step and trigger in its metadata; one stripped of
+    # them says nothing of its steps: r is the attack zoo's fine-tune length.
     shared = tmp_path / "shared" / "victim.safetensors"
     shared.parent.mkdir()
     shutil.copy(lora, shared)
     bare = reconstruct(result.attack_dir, shared, out_dir=tmp_path / "bare", n=1, num_inference_steps=2)
-    assert bare.step == 5 and "zoo" in bare.step_source
+    assert bare.step == 5 and "metadata" in bare.step_source and bare.trigger == row["trigger"]
     torch.testing.assert_close(load_file(str(bare.z))["z"], z)
+    state, metadata = read_lora(lora)
+    stripped = save_lora_file(state, {k: v for k, v in metadata.items() if not k.startswith("loraleak_")},
+                              tmp_path / "stripped" / "victim.safetensors")
+    bare = reconstruct(result.attack_dir, stripped, out_dir=tmp_path / "stripped-rec", n=1, num_inference_steps=2)
+    assert bare.step == 5 and "zoo" in bare.step_source and bare.trigger is None
 
 
-@pytest.mark.parametrize("change", [{"rank": 4, "alpha": 4}, {"targets": ["to_k", "to_v"]}])
-def test_reconstruct_refuses_a_lora_that_does_not_fit_the_attack(trained, zoo, tmp_path, change, capsys):
+@pytest.mark.parametrize("change, says", [({"rank": 4, "alpha": 4}, "truncated"),
+                                          ({"targets": ["to_k", "to_v"]}, "dropped")])
+def test_reconstruct_adapts_a_lora_of_another_rank_or_targets_and_refuses_other_shapes(trained, zoo, tmp_path,
+                                                                                       change, says, capsys):
     _, result = trained
     pipe = load_base_pipeline(zoo.base)
     images = SyntheticFaces(1, 2, seed=3, namespace="other").identities()[0].load(TINY.resolution)
     ft = from_dict(FinetuneConfig, {**FINETUNE, "steps": 1, **change})
     finetune_lora(pipe, images, ft, tmp_path / "victim", base_ref=zoo.base, show_progress=False)
     lora = tmp_path / "victim" / "step-000001"
-    with pytest.raises(InputError, match="does not fit the attack"):
-        reconstruct(result.attack_dir, lora, out_dir=tmp_path / "rec")
-    assert not (tmp_path / "rec").exists()
+    rec = reconstruct(result.attack_dir, lora, out_dir=tmp_path / "rec", n=1, num_inference_steps=2)
+    assert "adapted to the attack's zoo by SVD" in rec.notes[0] and any(n.startswith(says) for n in rec.notes)
+    assert json.loads((tmp_path / "rec" / "reconstruct.json").read_text())["notes"] == list(rec.notes)
     capsys.readouterr()
     code = attack_main(["reconstruct", "--attack", str(result.attack_dir), "--lora", str(lora),
-                        "--out", str(tmp_path / "rec")])
+                        "--out", str(tmp_path / "rec-cli"), "--n", "1", "--steps", "2"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "note: " in printed and f"trigger {ft.trigger_word!r}" in printed
+
+    # Module shapes that cannot match the zoo's (another base): one line, nothing written.
+    state, metadata = read_lora(lora / "pytorch_lora_weights.safetensors")
+    key = next(k for k in sorted(state) if k.endswith("to_v.lora.down.weight"))  # a module of the zoo
+    state[key] = torch.cat([state[key], state[key][:, :1]], dim=1)
+    wider = save_lora_file(state, metadata, tmp_path / "wider.safetensors")
+    with pytest.raises(InputError, match="another base"):
+        reconstruct(result.attack_dir, wider, out_dir=tmp_path / "rec-wider")
+    assert not (tmp_path / "rec-wider").exists()
+    code = attack_main(["reconstruct", "--attack", str(result.attack_dir), "--lora", str(wider),
+                        "--out", str(tmp_path / "rec-wider")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("loraleak: error: LoRA") and "\n" not in err
+
+
+def test_reconstruct_refuses_a_lora_whose_metadata_names_another_base(trained, zoo, tmp_path):
+    _, result = trained
+    lora, _ = final_lora(zoo, "heldout")
+    state, metadata = read_lora(lora)
+    moved = save_lora_file(state, {**metadata, "loraleak_base_fingerprint": "0123456789abcdef"},
+                           tmp_path / "moved.safetensors")
+    with pytest.raises(InputError, match="fine-tuned from another base .fingerprint 0123456789abcdef, from its metadata"):
+        reconstruct(result.attack_dir, moved, out_dir=tmp_path / "rec")
 
 
 def test_reconstruct_refuses_another_base(trained, zoo, other_base, tmp_path):

@@ -32,8 +32,11 @@ def cmd_attack_reconstruct(args: argparse.Namespace) -> None:
     result = reconstruct(args.attack, args.lora, base=args.base, out_dir=args.out, n=args.n, seed=args.seed,
                          step=args.step, guidance_scale=args.guidance, num_inference_steps=args.steps,
                          device=args.device)
+    for note in result.notes:
+        print(f"note: {note}")
+    trigger = f", trigger {result.trigger!r}" if result.trigger else ""
     print(f"wrote {len(result.images)} images and {result.grid} (LoRA step r={result.step}, from "
-          f"{result.step_source})")
+          f"{result.step_source}{trigger})")
 
 
 def add_attack_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -50,11 +53,12 @@ def add_attack_commands(subparsers: argparse._SubParsersAction) -> None:
     p = attack.add_parser("reconstruct", help="images of the person a shared LoRA file was fine-tuned on")
     p.add_argument("--attack", type=Path, required=True, help="a trained attack (out_dir/attack)")
     p.add_argument("--lora", type=Path, required=True,
-                   help="the shared LoRA: a .safetensors file or a folder holding pytorch_lora_weights.safetensors")
+                   help="the shared LoRA: a .safetensors file (diffusers or kohya), a folder holding "
+                        "pytorch_lora_weights.safetensors, or a PEFT adapter folder")
     p.add_argument("--out", type=Path, required=True, help="output folder for the images")
     p.add_argument("--base", help="base model (default: the one the attack was trained with)")
-    p.add_argument("--step", type=int, help="the LoRA's fine-tuning steps r (default: from its folder or "
-                                            "finetune.json, else the attack zoo's fine-tune length)")
+    p.add_argument("--step", type=int, help="the LoRA's fine-tuning steps r (default: from its folder, metadata "
+                                            "or finetune.json, else the attack zoo's fine-tune length)")
     p.add_argument("--n", type=int, default=8, help="images to generate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=25, help="sampling steps")

@@ -21,7 +21,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import InputError
-from ..lora.io import read_lora
+from ..lora.io import adapter_metadata, read_lora
 from ..identities import IdentitiesConfig, Identity, image_sha256, make_source, split_identities
 from ..imaging import center_crop_resize, to_tensor
 from ..zoo.reader import sample_rows
@@ -56,6 +56,7 @@ class ZooSelection:
     lora_steps: int  # the usual fine-tune length: r for a shared LoRA that does not say its own
     train_identities: int
     val_identities: int
+    lora_alpha: float | None = None  # the zoo's LoRA alpha (a shared LoRA of another rank is adapted to it)
 
 
 def read_state(store: ZooStore, relative: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -101,9 +102,11 @@ def select_samples(cfg: AttackTrainConfig, base_hash: str | None = None) -> ZooS
         raise InputError(f"zoo {cfg.zoo} gives {len(train)} training samples, fewer than the {cfg.num_workers} "
                          "workers")
     store = ZooStore(cfg.zoo)
-    layout = lora_layout(read_state(store, train[0].lora_path)[0])
+    first, first_metadata = read_state(store, train[0].lora_path)
+    layout = lora_layout(first)
     lora_steps = Counter(r.steps for r in rows).most_common(1)[0][0]
-    return ZooSelection(train, val, layout, zoo_base, lora_steps, len(identities) - len(val_ids), len(val_ids))
+    return ZooSelection(train, val, layout, zoo_base, lora_steps, len(identities) - len(val_ids), len(val_ids),
+                        adapter_metadata(first_metadata).get("unet.lora_alpha"))
 
 
 # ---------------------------------------------------------------------------------------------

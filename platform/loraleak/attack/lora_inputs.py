@@ -29,6 +29,7 @@ from typing import Any, Literal, Mapping, Sequence
 import torch
 
 from ..errors import InputError
+from ..lora.adapt import TargetShape, adapt_lora
 from ..lora.io import lora_factors, module_order_key
 
 InputMode = Literal["delta", "raw", "gl_invariant"]
@@ -96,6 +97,36 @@ def check_layout(found: LoraLayout, expected: LoraLayout, what: str = "the LoRA"
             raise InputError(f"{what} does not fit the attack: matrix {got.factor} of {got.module!r} is "
                              f"rank {got.rank} x {got.length}, expected {want.factor} of {want.module!r} "
                              f"rank {want.rank} x {want.length}")
+
+
+def layout_targets(layout: LoraLayout) -> dict[str, TargetShape]:
+    """Module -> its rank and sides, as `lora.adapt` takes a zoo's layout."""
+    sides: dict[str, dict[str, int]] = {}
+    for spec in layout:
+        entry = sides.setdefault(spec.module, {"rank": spec.rank})
+        entry["in" if spec.factor == "A" else "out"] = spec.length
+    return {m: TargetShape(e["rank"], e["in"], e["out"]) for m, e in sides.items()}
+
+
+def fit_to_layout(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str], layout: LoraLayout,
+                  zoo_alpha: float | None = None, what: str = "the LoRA"
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
+    """A shared LoRA as an attack of `layout` reads it: unchanged when its layout is the attack's, else
+    re-factorised by SVD to the zoo's rank and `zoo_alpha` with zero blocks for missing targets
+    (`lora.adapt`), plus the warning lines saying what changed. `metadata` must state the LoRA's
+    alpha (`lora.formats.read_shared_lora` gives such metadata for any file). InputError (one line)
+    when the shapes cannot match: a LoRA of another base."""
+    try:
+        if lora_layout(state_dict) == layout:
+            return dict(state_dict), dict(metadata), []
+    except InputError:  # e.g. a convolution LoRA module: dropped by the adaptation when the zoo lacks it
+        pass
+    out, new_metadata, adapted = adapt_lora(dict(state_dict), dict(metadata), layout_targets(layout), zoo_alpha, what)
+    rank = layout[0].rank
+    alpha = "its own scale kept (the attack does not record its zoo's alpha)" if zoo_alpha is None \
+        else f"alpha {zoo_alpha:g}"
+    notes = [f"{what} adapted to the attack's zoo by SVD: rank {rank}, {len(adapted.factors)} modules, {alpha}"]
+    return out, new_metadata, notes + adapted.notes(rank)
 
 
 def canonical_factors(down: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,8 +3,11 @@
     z = μ(encoder(LoRA matrices, r))        r = the LoRA's fine-tuning steps
     images = victim's model (base + that LoRA) sampled with prompt_embeds = z
 
-The LoRA is read from safetensors only and refused, in one line, when it does not fit the attack
-(other base, targets or rank). Classifier-free guidance contrasts z with the empty prompt's
+The LoRA (diffusers, PEFT folder or kohya, `lora.formats`) is read from safetensors only. Its own
+metadata, when a project fine-tune wrote it, names its trigger, base and step (`lora.io.lora_provenance`):
+a LoRA of another base than `base` is refused in one line. A LoRA of another rank or target set than
+the attack's zoo is adapted to the zoo's layout by SVD re-factorisation (`lora.adapt`, warnings say
+what changed); one whose module shapes cannot match (another base) is refused in one line. Classifier-free guidance contrasts z with the empty prompt's
 embedding, which the pipeline computes itself when given `prompt_embeds` without negatives: the
 same unconditional branch the victim's own prompts get.
 """
@@ -25,8 +28,9 @@ from ..base.loading import base_fingerprint, load_base_pipeline
 from ..errors import InputError
 from ..generate import generate_images
 from ..imaging import save_grid
-from ..lora.io import read_lora, resolve_lora_file
-from .lora_inputs import MatrixSpec, check_layout, collate_lora_matrices, lora_layout, lora_matrices
+from ..lora.formats import PEFT_WEIGHT_NAME, read_shared_lora
+from ..lora.io import LoraProvenance, lora_provenance, read_lora
+from .lora_inputs import MatrixSpec, collate_lora_matrices, fit_to_layout, lora_matrices
 from .model import CONFIG_NAME, NetworkAutoencoder
 from .train import TRAINING_RECORD
 
@@ -45,6 +49,8 @@ class Reconstruction:
     z: Path  # the recovered prompt embedding (safetensors), for evaluation without re-encoding
     step: int
     step_source: str  # where r came from
+    trigger: str | None = None  # the LoRA's trigger word, when its file states it
+    notes: tuple[str, ...] = ()  # how the LoRA was read or adapted to the attack's layout
 
 
 def read_attack_record(attack_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -70,11 +76,14 @@ def _finetune_record(lora_path: Path) -> dict[str, Any] | None:
     return None
 
 
-def lora_step(lora_path: Path, default: int | None) -> tuple[int, str]:
-    """The fine-tuning step r of a LoRA file: its snapshot folder, its finetune.json, else `default`."""
+def lora_step(lora_path: Path, default: int | None, provenance: LoraProvenance | None = None) -> tuple[int, str]:
+    """The fine-tuning step r of a LoRA file: its snapshot folder, its metadata (`provenance`), its
+    finetune.json, else `default`."""
     match = SNAPSHOT_DIR.fullmatch(lora_path.parent.name)
     if match:
         return int(match.group(1)), f"snapshot folder {lora_path.parent.name}"
+    if provenance is not None:
+        return provenance.step, "the LoRA file's metadata"
     record = _finetune_record(lora_path)
     if record is not None and isinstance(record.get("config", {}).get("steps"), int):
         return record["config"]["steps"], FINETUNE_RECORD
@@ -89,6 +98,18 @@ def _initial_lora(lora_path: Path) -> dict[str, torch.Tensor] | None:
     return read_lora(candidate)[0] if SNAPSHOT_DIR.fullmatch(lora_path.parent.name) and candidate.is_file() else None
 
 
+def check_lora_base(lora_path: Path, provenance: LoraProvenance | None, fingerprint: str, base: str) -> None:
+    """Refuse, in one line, a LoRA whose own metadata (else its fine-tune's finetune.json) names another
+    base than `base` (fingerprint `fingerprint`)."""
+    if provenance is not None and provenance.base_fingerprint is not None:
+        lora_base, where = provenance.base_fingerprint, "its metadata"
+    else:
+        lora_base, where = ((_finetune_record(lora_path) or {}).get("base") or {}).get("fingerprint"), FINETUNE_RECORD
+    if lora_base not in (None, fingerprint):
+        raise InputError(f"LoRA {lora_path} was fine-tuned from another base (fingerprint {lora_base}, from "
+                         f"{where}) than {base!r} ({fingerprint})")
+
+
 @torch.no_grad()
 def reconstruct(attack_dir: str | Path, lora_file: str | Path, base: str | None = None,
                 out_dir: str | Path = "runs/reconstruct", n: int = 8, seed: int = 0, step: int | None = None,
@@ -97,35 +118,37 @@ def reconstruct(attack_dir: str | Path, lora_file: str | Path, base: str | None 
     """Images of the person a shared LoRA was fine-tuned on, from the LoRA's weights alone.
 
     `base` defaults to the base the attack was trained with; `step` to the LoRA's own step count
-    (its snapshot folder or finetune.json), else the attack zoo's usual fine-tune length.
+    (its snapshot folder, metadata or finetune.json), else the attack zoo's usual fine-tune length.
     """
     attack_dir, out_dir = Path(attack_dir), Path(out_dir)
     config, record = read_attack_record(attack_dir)
     base = base or record.get("base")
     if base is None:
         raise InputError(f"{attack_dir} does not record its base model; pass the base")
-    lora_path = resolve_lora_file(lora_file)
-    state_dict, _ = read_lora(lora_path)
+    shared = read_shared_lora(lora_file)
+    source = Path(shared.source or lora_file)
+    lora_path = source / PEFT_WEIGHT_NAME if shared.source_format == "peft" else source
+    provenance = lora_provenance(shared.metadata, lora_path)
 
-    # Refuse before loading any model: the encoder has one token per matrix of the layout it was
-    # trained on, and decoding needs the base the LoRA was fine-tuned from.
+    # Refuse before loading any model: decoding needs the base the LoRA was fine-tuned from, and the
+    # encoder has one token per matrix of the layout it was trained on (another one is adapted to it).
     layout = tuple(MatrixSpec.from_dict(spec) for spec in config["layout"])
-    check_layout(lora_layout(state_dict), layout, what=f"LoRA {lora_path}")
     fingerprint = base_fingerprint(base)
     if config.get("base_fingerprint") not in (None, fingerprint):
         raise InputError(f"the attack in {attack_dir} was trained on another base (fingerprint "
                          f"{config['base_fingerprint']}) than {base!r} ({fingerprint})")
-    finetune = _finetune_record(lora_path) or {}
-    lora_base = (finetune.get("base") or {}).get("fingerprint")
-    if lora_base not in (None, fingerprint):
-        raise InputError(f"LoRA {lora_path} was fine-tuned from another base (fingerprint {lora_base}) than "
-                         f"{base!r} ({fingerprint})")
-    r, step_source = (step, "given") if step is not None else lora_step(lora_path, record.get("lora_steps"))
+    check_lora_base(lora_path, provenance, fingerprint, base)
+    state_dict, _, adapted = fit_to_layout(shared.state_dict, shared.metadata, layout, record.get("lora_alpha"),
+                                           what=f"LoRA {lora_path}")
+    notes = list(shared.notes) + adapted
+    for note in notes:
+        logger.warning("%s", note)
+    r, step_source = (step, "given") if step is not None else lora_step(lora_path, record.get("lora_steps"), provenance)
 
     pipe = load_base_pipeline(base, device=device)
     model = NetworkAutoencoder.from_pretrained(attack_dir, pipe.text_encoder).to(device).eval()
     initial = None
-    if model.config.input_mode == "delta" and record.get("use_initial_lora"):
+    if model.config.input_mode == "delta" and record.get("use_initial_lora") and not adapted:
         initial = _initial_lora(lora_path)
         if initial is None:
             logger.warning("the attack was trained on Δθ = θ_r - θ_0, but %s comes without its θ_0: feeding A raw",
@@ -133,9 +156,11 @@ def reconstruct(attack_dir: str | Path, lora_file: str | Path, base: str | None 
     matrices = collate_lora_matrices([lora_matrices(state_dict, model.config.input_mode, initial, layout)])
     z = model.encode_mean(matrices, torch.tensor([r]) if model.config.step_embedding else None)[0]
 
-    images = generate_images(pipe, prompt_embeds=z, n=n, seed=seed, num_inference_steps=num_inference_steps,
-                             guidance_scale=guidance_scale, lora=lora_path, show_progress=True)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # The victim's model is base + the LoRA as shared; another tool's file is decoded in the project's form.
+    decode_with = lora_path if shared.source_format == "diffusers" else shared.save(out_dir / "lora.safetensors")
+    images = generate_images(pipe, prompt_embeds=z, n=n, seed=seed, num_inference_steps=num_inference_steps,
+                             guidance_scale=guidance_scale, lora=decode_with, show_progress=True)
     paths = []
     for i, image in enumerate(images):
         paths.append(out_dir / f"rec_{i:03d}.png")
@@ -144,7 +169,9 @@ def reconstruct(attack_dir: str | Path, lora_file: str | Path, base: str | None 
     z_path = out_dir / "z.safetensors"
     save_file({"z": z.detach().float().cpu().contiguous()}, str(z_path))
     (out_dir / "reconstruct.json").write_text(json.dumps({
-        "attack": str(attack_dir), "lora": str(lora_path), "base": base, "base_fingerprint": fingerprint,
-        "step": r, "step_source": step_source, "n": n, "seed": seed, "guidance_scale": guidance_scale,
+        "attack": str(attack_dir), "lora": str(lora_path), "format": shared.source_format,
+        "trigger": provenance.trigger if provenance else None, "notes": notes,
+        "base": base, "base_fingerprint": fingerprint, "step": r, "step_source": step_source, "n": n, "seed": seed, "guidance_scale": guidance_scale,
         "num_inference_steps": num_inference_steps, "images": [p.name for p in paths]}, indent=1))
-    return Reconstruction(out_dir, grid, paths, z_path, r, step_source)
+    return Reconstruction(out_dir, grid, paths, z_path, r, step_source,
+                          provenance.trigger if provenance else None, tuple(notes))

@@ -333,7 +333,8 @@ def export_model(checkpoint_dir: Path, cfg: AttackTrainConfig, selection: ZooSel
     staging = Path(tempfile.mkdtemp(prefix=".attack-", dir=final.parent))
     shutil.copytree(checkpoint_dir / MODEL_DIR, staging, dirs_exist_ok=True)
     record = {"zoo": cfg.zoo, "base": cfg.base, "base_fingerprint": selection.base_hash, "step": step,
-              "lora_steps": selection.lora_steps, "use_initial_lora": cfg.use_initial_lora,
+              "lora_steps": selection.lora_steps, "lora_alpha": selection.lora_alpha,
+              "use_initial_lora": cfg.use_initial_lora,
               "snapshots": cfg.snapshots, "train_samples": len(selection.train),
               "train_identities": selection.train_identities, "val_identities": selection.val_identities,
               **evaluation, "references": references, "config": to_dict(cfg)}

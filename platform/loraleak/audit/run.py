@@ -2,8 +2,10 @@
 without the private photos.
 
 Each file (diffusers, PEFT folder or kohya, see `lora.formats`) is read through the safe path,
-checked against the base, and attacked by FineXtract (training-free, always) and, with `--attack`,
-by a saved learned attack. The score needs no reference photos: a LoRA fine-tuned on one person
+checked against the base (a project LoRA whose metadata names another base fingerprint is refused in
+one line; its trigger is shown in the verdict), and attacked by FineXtract (training-free, always)
+and, with `--attack`, by a saved learned attack; a LoRA of another rank or target set than that
+attack's zoo is adapted to it by SVD re-factorisation (`lora.adapt`; the record's notes say how). The score needs no reference photos: a LoRA fine-tuned on one person
 pulls the guided samples towards that person, so their identities agree with each other more than
 the base model's samples do. With `spread` = the mean pairwise embedding distance of the samples
 under the face scorer,
@@ -35,13 +37,14 @@ from PIL import Image
 from ..attack.api import LoraInput
 from ..attack.baselines.finextract import FineXtractConfig, guided_samples, image_features, mean_pairwise_distance
 from ..attack.loading import load_attack
+from ..attack.lora_inputs import fit_to_layout
 from ..attack.reconstruct import lora_step
-from ..base.loading import load_base_pipeline
+from ..base.loading import base_fingerprint, load_base_pipeline
 from ..config import to_dict
 from ..errors import InputError, LoraleakError
 from ..generate import generate_images
 from ..lora.formats import read_shared_lora
-from ..lora.io import check_lora_fits, lora_summary
+from ..lora.io import check_lora_fits, lora_provenance, lora_summary
 
 REPORT_JSON, REPORT_HTML = "audit.json", "index.html"
 
@@ -107,6 +110,10 @@ class Auditor:
         self.cfg = cfg
         self.pipe = load_base_pipeline(cfg.base, device=cfg.device)
         self.attack = load_attack(cfg.attack, self.pipe) if cfg.attack is not None else None
+        try:
+            self.fingerprint: str | None = base_fingerprint(cfg.base)
+        except LoraleakError:  # a base loaded from somewhere it cannot be fingerprinted: no check
+            self.fingerprint = None
         fx = cfg.finextract
         self.base_images = guided_samples(self.pipe, None, fx, fx.num_candidates, cfg.seed)
         self.base_spread, self.base_faces = _spread(self.base_images, cfg.scorer)
@@ -118,6 +125,11 @@ class Auditor:
         started = time.perf_counter()
         cfg, fx = self.cfg, self.cfg.finextract
         lora = read_shared_lora(path)
+        provenance = lora_provenance(lora.metadata, path)
+        stated = provenance.base_fingerprint if provenance is not None else None
+        if stated is not None and self.fingerprint is not None and stated != self.fingerprint:
+            raise InputError(f"{path} was fine-tuned from another base (fingerprint {stated}, from its metadata) "
+                             f"than {cfg.base!r} ({self.fingerprint})")
         check_lora_fits(lora.state_dict, self.pipe)  # one line when it belongs to another base
         summary = lora_summary(lora.state_dict, lora.metadata)
         project_file = lora.save(folder / "lora.safetensors")  # the project's form: what every attack reads
@@ -126,19 +138,22 @@ class Auditor:
         leakage = None if spread is None else 1.0 - spread / self.base_spread
         record: dict[str, Any] = {
             "file": str(path), "format": lora.source_format, "notes": list(lora.notes),
+            "trigger": provenance.trigger if provenance is not None else None,
+            "base_fingerprint": stated, "step": provenance.step if provenance is not None else None,
             "rank": summary["rank"], "targets": summary["targets"], "modules": len(summary["unet_modules"]),
             "leakage": leakage, "spread": spread, "faces": faces,
             "images": {"finextract": _save_images(images, folder, "finextract")}, "attacks": {}}
         if self.attack is not None:
             try:
-                step = self._step(lora.source)
-                answer = self.attack.reconstruct(LoraInput.from_file(project_file, step), fx.num_candidates, cfg.seed)
+                step = provenance.step if provenance is not None else self._step(lora.source)
+                lora_input, adapted = self._fitted(LoraInput.from_file(project_file, step), lora)
+                answer = self.attack.reconstruct(lora_input, fx.num_candidates, cfg.seed)
                 learned = answer.images if answer.images is not None else generate_images(
                     self.pipe, prompt_embeds=answer.prompt_embeds, n=fx.num_candidates, seed=cfg.seed,
                     num_inference_steps=fx.sample_steps, lora=project_file)
                 learned_spread, learned_faces = _spread(learned, cfg.scorer)
                 record["attacks"]["learned"] = {
-                    "kind": self.attack.kind, "spread": learned_spread, "faces": learned_faces,
+                    "kind": self.attack.kind, "spread": learned_spread, "faces": learned_faces, "adapted": adapted,
                     "leakage": None if learned_spread is None else 1.0 - learned_spread / self.base_spread}
                 record["images"]["learned"] = _save_images(learned, folder, "learned")
             except (LoraleakError, ValueError) as e:  # e.g. another rank or targets than it reads: refused, said why
@@ -146,6 +161,19 @@ class Auditor:
         record["wall_s"] = time.perf_counter() - started
         return FileAudit(str(path), leakage, spread, record)
 
+    def _fitted(self, lora: LoraInput, shared: Any) -> tuple[LoraInput, list[str]]:
+        """The LoRA as the learned attack reads it: adapted to its zoo's layout by SVD when the rank or
+        targets differ (`fit_to_layout`), with the warning lines; as it is for an attack of no layout.
+        The victim's model stays base + the file itself (`lora.path`)."""
+        layout = getattr(self.attack, "layout", None) or getattr(getattr(self.attack, "model", None), "layout", None)
+        if layout is None:
+            return lora, []
+        zoo_alpha = (getattr(self.attack, "record", None) or {}).get("lora_alpha")
+        state_dict, metadata, notes = fit_to_layout(lora.state_dict, shared.metadata, layout, zoo_alpha,
+                                                    what=f"LoRA {shared.source or lora.path}")
+        if not notes:
+            return lora, []
+        return LoraInput(state_dict, metadata, lora.step, lora.path), notes
 
     def _step(self, source: Path | None) -> int | None:
         """The fine-tuning step r a step-embedding attack asks for: from the file's snapshot folder or
@@ -166,13 +194,16 @@ def verdict_line(result: FileAudit, threshold: float | None) -> str:
     else:
         score = f"leakage {result.leakage:+.3f} (identity spread {result.spread:.3f})"
     status = "FAIL" if result.above(threshold) else ("ok" if threshold is not None else "-")
+    trigger = f", trigger {r['trigger']!r}" if r.get("trigger") else ""
     learned = r["attacks"].get("learned")
     extra = ""
     if learned is not None:
         extra = f"; learned attack: {learned['error']}" if "error" in learned else \
             f"; learned attack leakage {learned['leakage']:+.3f}" if learned["leakage"] is not None else ""
-    return (f"{status:<4} {r['file']}: {score}; {r['format']}, rank {r['rank']}, {r['modules']} modules{extra} "
-            f"[{r['wall_s']:.1f}s]")
+        if learned.get("adapted"):
+            extra += " (LoRA adapted to its zoo by SVD)"
+    return (f"{status:<4} {r['file']}: {score}; {r['format']}, rank {r['rank']}, {r['modules']} modules{trigger}"
+            f"{extra} [{r['wall_s']:.1f}s]")
 
 
 def _write_html(out: Path, base_images: list[str], base_spread: float, results: list[FileAudit],

@@ -17,18 +17,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import save_file
 
 from ..config import InfFloat, from_dict, to_dict
 from ..errors import ConfigError, InputError
-from ..lora.io import LORA_WEIGHT_NAME
+from ..lora.io import LORA_WEIGHT_NAME, save_lora_file
 
 DefenseKind = Literal["none", "dp_sgd", "dpgm", "output_noise", "rank_truncation"]
 AccountingUnit = Literal["image", "user"]
@@ -172,20 +169,14 @@ def lora_output_path(path: str | Path) -> Path:
     return path if path.suffix == ".safetensors" else path / LORA_WEIGHT_NAME
 
 
+def defended_metadata(metadata: dict[str, str], defense: DefenseConfig) -> dict[str, str]:
+    """`metadata` with `defense` appended to the defenses it records."""
+    recorded = [d.settings() for d in defenses_applied(metadata)] + [defense.settings()]
+    return {**metadata, "format": "pt", DEFENSES_METADATA_KEY: json.dumps(recorded, sort_keys=True)}
+
+
 def save_defended_lora(state_dict: dict[str, torch.Tensor], metadata: dict[str, str],
                        defense: DefenseConfig, out_path: str | Path) -> Path:
-    """Write a defended LoRA as safetensors, appending `defense` to the recorded defenses.
-
-    The file appears atomically (written beside, then renamed), so `out_path` may be the input.
-    """
-    out = lora_output_path(out_path)
-    recorded = [d.settings() for d in defenses_applied(metadata)] + [defense.settings()]
-    metadata = {**metadata, "format": "pt", DEFENSES_METADATA_KEY: json.dumps(recorded)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp, metadata=metadata)
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    """Write a defended LoRA (`lora.io.save_lora_file`: atomic, the same bytes for the same LoRA),
+    appending `defense` to the recorded defenses; `out_path` may be the input."""
+    return save_lora_file(state_dict, defended_metadata(metadata, defense), lora_output_path(out_path))

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from ..base.loading import base_fingerprint as fingerprint_of_base
 from ..defenses.training import training_defense
 from ..errors import ConfigError, LoraleakError
-from ..lora.io import loaded_adapters
+from ..lora.io import LoraProvenance, loaded_adapters
 from .class_images import pipeline_resolution
 from .config import FinetuneConfig
 from .data import class_image_sets, finetune_streams
@@ -146,6 +146,7 @@ def run_finetunes(pipe: Any, image_sets: Sequence[list[Image.Image]], cfgs: Sequ
     resolution = pipeline_resolution(pipe)
     if base_fingerprint is None and base_ref is not None:
         base_fingerprint = fingerprint_of_base(base_ref)
+    lora_base = base_fingerprint  # in each LoRA file: the base's fingerprint (not the pipeline hash below)
     class_sets, class_dirs, base_fingerprint = class_image_sets(pipe, cfgs, class_images, base_fingerprint,
                                                                 show_progress)
     class_images_s = time.perf_counter() - started
@@ -161,7 +162,10 @@ def run_finetunes(pipe: Any, image_sets: Sequence[list[Image.Image]], cfgs: Sequ
             if step in cfg.save_steps and losses.errors[k] is None:
                 record = defenses[k].account(step)
                 privacy = (defenses[k].config, record) if record is not None else None
-                snapshots[k].append((step, save_snapshot(pipe, out_dirs[k], step, trainer.lora(k), privacy)))
+                provenance = LoraProvenance(trigger=cfg.trigger_word, instance_prompt=cfg.instance_prompt_text,
+                                            base_fingerprint=lora_base, rank=cfg.rank, alpha=cfg.alpha,
+                                            targets=tuple(cfg.targets), step=step)
+                snapshots[k].append((step, save_snapshot(out_dirs[k], step, trainer.lora(k), provenance, privacy)))
 
     with FrozenBase(pipe), trainer_class(pipe, cfgs, defenses, options).installed() as trainer:
         save(0)

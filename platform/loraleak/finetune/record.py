@@ -1,7 +1,8 @@
 """What a fine-tune leaves behind: snapshot files (the LoRA at step r) and finetune.json, its record.
 
-One writer for both fine-tune paths: `save_snapshot` (diffusers' LoRA format, atomically, with a
-training-time defense's record in the file's metadata) and `finetune_settings` (finetune.json).
+One writer for both fine-tune paths: `save_snapshot` (diffusers' LoRA format, atomically, with the
+LoRA's provenance and a training-time defense's record in the file's metadata, the same bytes for
+the same LoRA in any process) and `finetune_settings` (finetune.json).
 """
 
 from __future__ import annotations
@@ -10,8 +11,6 @@ import hashlib
 import json
 import os
 import platform
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +23,9 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from PIL import Image
 
 from ..config import to_dict
-from ..defenses import DP_METADATA_KEY, DefenseConfig, save_defended_lora
+from ..defenses import DP_METADATA_KEY, DefenseConfig, defended_metadata
 from ..identities.base import image_sha256
-from ..lora.io import LORA_WEIGHT_NAME, read_lora
+from ..lora.io import ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME, LoraProvenance, save_lora_file
 from .config import FinetuneConfig
 
 RECORD_NAME = "finetune.json"
@@ -74,34 +73,44 @@ def diffusers_lora_layers(peft_state: dict[str, torch.Tensor], model: str) -> di
     return {key.replace(".lora_A.", down).replace(".lora_B.", up): value for key, value in converted.items()}
 
 
-def _record_defense(path: Path, defense: DefenseConfig, privacy: dict[str, Any]) -> None:
-    """Add a training-time defense to a LoRA file's metadata: its settings to the defenses applied
-    (`loraleak_defenses`, as post-hoc defenses record theirs) and what it cost so far (`loraleak_dp`)."""
-    state_dict, metadata = read_lora(path)
-    save_defended_lora(state_dict, {**metadata, DP_METADATA_KEY: json.dumps(privacy)}, defense, path)
+def _config_metadata(config: dict[str, Any]) -> dict[str, Any]:
+    """A LoraConfig dict with every set (peft keeps target_modules as one, in per-process order) and
+    the target list sorted: identical LoRAs give identical bytes."""
+    out = {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.items()}
+    if isinstance(out.get("target_modules"), list):
+        out["target_modules"] = sorted(out["target_modules"])
+    return out
 
 
-def save_snapshot(pipe: Any, out_dir: Path, step: int, lora: LoraLayers,
+def snapshot_contents(lora: LoraLayers, provenance: LoraProvenance | None = None,
+                      privacy: tuple[DefenseConfig, dict[str, Any]] | None = None
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a snapshot file: what diffusers' `save_lora_weights` writes
+    (`unet.` / `text_encoder.` keys, `format`, the LoraConfigs under `lora_adapter_metadata`), plus the
+    provenance and a training-time defense's settings (`loraleak_defenses`) and its record at this
+    step (`loraleak_dp`)."""
+    state_dict = {f"unet.{k}": v for k, v in diffusers_lora_layers(lora.unet, "unet").items()}
+    adapter = {f"unet.{k}": v for k, v in _config_metadata(lora.unet_metadata).items()}
+    if lora.text_encoder is not None:
+        state_dict.update({f"text_encoder.{k}": v
+                           for k, v in diffusers_lora_layers(lora.text_encoder, "text_encoder").items()})
+        adapter.update({f"text_encoder.{k}": v for k, v in _config_metadata(lora.text_encoder_metadata or {}).items()})
+    metadata = {"format": "pt", ADAPTER_METADATA_KEY: json.dumps(adapter, indent=2, sort_keys=True)}
+    if provenance is not None:
+        metadata.update(provenance.metadata())
+    if privacy is not None:
+        defense, record = privacy
+        metadata = defended_metadata({**metadata, DP_METADATA_KEY: json.dumps(record, sort_keys=True)}, defense)
+    return state_dict, metadata
+
+
+def save_snapshot(out_dir: Path, step: int, lora: LoraLayers, provenance: LoraProvenance | None = None,
                   privacy: tuple[DefenseConfig, dict[str, Any]] | None = None) -> Path:
-    """Write `lora` to out_dir/step-{step:06d}/ in diffusers format, atomically; with `privacy` (a
+    """Write `lora` to out_dir/step-{step:06d}/pytorch_lora_weights.safetensors in diffusers format,
+    atomically (`lora.io.save_lora_file`; a rerun replaces it), with its provenance and `privacy` (a
     training-time defense and its record at this step) in the file's metadata."""
-    final = snapshot_dir(out_dir, step)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    text = lora.text_encoder
-    try:
-        type(pipe).save_lora_weights(
-            tmp, unet_lora_layers=diffusers_lora_layers(lora.unet, "unet"),
-            text_encoder_lora_layers=diffusers_lora_layers(text, "text_encoder") if text is not None else None,
-            unet_lora_adapter_metadata=lora.unet_metadata,
-            text_encoder_lora_adapter_metadata=lora.text_encoder_metadata)
-        if privacy is not None:
-            _record_defense(tmp / LORA_WEIGHT_NAME, *privacy)
-        if final.exists():  # a rerun into the same directory replaces its snapshot
-            shutil.rmtree(final)
-        tmp.rename(final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final / LORA_WEIGHT_NAME
+    state_dict, metadata = snapshot_contents(lora, provenance, privacy)
+    return save_lora_file(state_dict, metadata, snapshot_dir(out_dir, step) / LORA_WEIGHT_NAME)
 
 
 def write_json_atomically(path: Path, data: dict[str, Any]) -> None:

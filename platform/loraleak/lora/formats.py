@@ -36,7 +36,7 @@ import torch
 
 from ..errors import InputError
 from .io import ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME, COMPONENTS, adapter_metadata, lora_factors, \
-    check_lora, read_lora, resolve_lora_file
+    check_lora, read_lora, resolve_lora_file, save_lora_file
 
 Format = Literal["diffusers", "peft", "kohya"]
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -63,14 +63,10 @@ class SharedLora:
 
     def save(self, path: str | Path) -> Path:
         """Write the project's form: a `.safetensors` file, or `pytorch_lora_weights.safetensors` in a folder."""
-        from safetensors.torch import save_file
-
         path = Path(path)
         if path.suffix != ".safetensors":
             path = path / LORA_WEIGHT_NAME
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.state_dict.items()}, str(path), metadata=self.metadata)
-        return path
+        return save_lora_file(self.state_dict, self.metadata, path)
 
 
 # --- reading ------------------------------------------------------------------------------------------------
@@ -293,7 +289,6 @@ def export_peft(lora: SharedLora, directory: str | Path) -> Path:
     """The UNet adapter as a PEFT folder (`adapter_config.json` + `adapter_model.safetensors`), as
     `PeftModel.save_pretrained` writes it for the UNet; `PeftModel.from_pretrained(unet, directory)` loads it."""
     from peft import LoraConfig
-    from safetensors.torch import save_file
 
     unet, config = _unet_peft_factors(lora)
     if any(k.startswith("text_encoder.") for k in lora.state_dict):
@@ -304,7 +299,7 @@ def export_peft(lora: SharedLora, directory: str | Path) -> Path:
                target_modules=sorted(config.get("unet.target_modules") or []),
                use_rslora=bool(config.get("unet.use_rslora"))).save_pretrained(str(directory))
     tensors = {PEFT_PREFIX + k.removeprefix("unet."): v.contiguous() for k, v in unet.items()}
-    save_file(tensors, str(directory / PEFT_WEIGHT_NAME), metadata={"format": "pt"})
+    save_lora_file(tensors, {"format": "pt"}, directory / PEFT_WEIGHT_NAME)
     return directory
 
 
@@ -315,7 +310,6 @@ def export_kohya(lora: SharedLora, path: str | Path) -> Path:
     instead (alpha / √r under rsLoRA is expressed as the kohya alpha that gives the same scale).
     """
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
-    from safetensors.torch import save_file
 
     config = lora.config
     peft = _to_peft_keys(lora.state_dict)
@@ -325,10 +319,7 @@ def export_kohya(lora: SharedLora, path: str | Path) -> Path:
         component = "unet" if key.startswith("lora_unet_") else "text_encoder"
         rank = kohya[key.removesuffix(".alpha") + ".lora_down.weight"].shape[0]
         kohya[key] = torch.tensor(float(scales[component] * rank))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in kohya.items()}, str(path), metadata={"ss_network_module": "networks.lora"})
-    return path
+    return save_lora_file(kohya, {"ss_network_module": "networks.lora"}, Path(path))
 
 
 def _scale(config: Mapping[str, Any], component: str) -> float:

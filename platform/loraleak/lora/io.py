@@ -13,14 +13,24 @@ float32/float16/bfloat16 (from the header, before loading), finite and below `MA
 Inf or 1e30 would give black images with exit 0); that the metadata JSON parses; that every factor has
 its partner with a matching rank, as the metadata states it; and that it is not DoRA (diffusers'
 loader would end in a traceback). `check_lora_fits` adds the shapes of a given base.
+
+`save_lora_file` is the one writer of the project's LoRA files: the same tensors and metadata give
+the same bytes in any process (metadata keys sorted, tensors in a fixed order; safetensors' own
+writer orders the metadata as a hash map does, differently per process), so a file's sha256 is
+reproducible. A project fine-tune's file also says where it came from (`LoraProvenance`: trigger,
+instance prompt, base fingerprint, rank / alpha / targets, step, format version) in `loraleak_*`
+metadata keys, which `lora_provenance` reads back (None for other tools' files).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import uuid
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +57,8 @@ MAX_LORA_BYTES = 2 * 1024**3
 MAX_ABS_VALUE = 1e4
 ALLOWED_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # safetensors name -> torch
 # Metadata values that are JSON, and of which kind (diffusers' LoraConfig; loraleak's defense and DP records).
-_JSON_METADATA = {ADAPTER_METADATA_KEY: dict, "loraleak_defenses": list, "loraleak_dp": dict}
+_JSON_METADATA = {ADAPTER_METADATA_KEY: dict, "loraleak_defenses": list, "loraleak_dp": dict,
+                  "loraleak_targets": list}
 
 
 def _refusal(path: Path) -> InputError:
@@ -155,6 +166,7 @@ def _stored_config(metadata: dict[str, str], path: Path) -> dict[str, Any]:
                 raise InputError(f"{path}: metadata {key!r} is not valid JSON") from None
             if not isinstance(value, kind):
                 raise InputError(f"{path}: metadata {key!r} is a JSON {type(value).__name__}, not a {kind.__name__}")
+    lora_provenance(metadata, path)
     return adapter_metadata(metadata)
 
 
@@ -327,3 +339,91 @@ def check_lora_fits(state_dict: dict[str, torch.Tensor], pipe: Any, path: str | 
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise InputError(f"{where}LoRA does not fit this base model, it was trained for another one: "
                          f"{problems[0]}{more}")
+
+
+# --- writing, and where a project LoRA came from --------------------------------------------------------------
+
+LORA_FORMAT_VERSION = 1  # of the `loraleak_*` provenance keys below
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def lora_file_bytes(state_dict: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """The safetensors bytes of a LoRA, a function of its tensors and metadata only: metadata keys
+    sorted, tensors by (element size, largest first, then name) — the order safetensors itself uses,
+    which keeps every tensor aligned — and the header as compact JSON padded to 8 bytes."""
+    if any(not isinstance(k, str) or not isinstance(v, str) for k, v in metadata.items()):
+        raise InputError("LoRA metadata keys and values must be strings")
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    chunks, offset = [], 0
+    for name in sorted(state_dict, key=lambda n: (-state_dict[n].element_size(), n)):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise InputError(f"LoRA tensor {name!r} is {tensor.dtype}; a LoRA's factors are float32, float16, bfloat16")
+        data = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return len(encoded).to_bytes(8, "little") + encoded + b"".join(chunks)
+
+
+def save_lora_file(state_dict: dict[str, torch.Tensor], metadata: dict[str, str], path: str | Path) -> Path:
+    """Write `lora_file_bytes` to `path` atomically (beside it, then renamed: `path` may be the input)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_bytes(lora_file_bytes(state_dict, metadata))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+@dataclass(frozen=True)
+class LoraProvenance:
+    """Where a project fine-tune's LoRA file came from, in its own metadata (it travels with the file)."""
+
+    trigger: str
+    instance_prompt: str
+    base_fingerprint: str | None  # `base.loading.base_fingerprint` of the base it was fine-tuned from
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+    step: int
+    format_version: int = LORA_FORMAT_VERSION
+
+    def metadata(self) -> dict[str, str]:
+        out = {"loraleak_format_version": str(self.format_version), "loraleak_trigger": self.trigger,
+               "loraleak_instance_prompt": self.instance_prompt, "loraleak_rank": str(int(self.rank)),
+               "loraleak_alpha": json.dumps(self.alpha), "loraleak_targets": json.dumps(sorted(self.targets)),
+               "loraleak_step": str(int(self.step))}
+        if self.base_fingerprint is not None:
+            out["loraleak_base_fingerprint"] = self.base_fingerprint
+        return out
+
+
+def lora_provenance(metadata: dict[str, str], path: str | Path = "LoRA") -> LoraProvenance | None:
+    """The provenance a project LoRA file states (None when it states none: another tool's file);
+    InputError naming `path` when it is malformed or of a newer format version."""
+    if "loraleak_format_version" not in metadata:
+        return None
+    try:
+        version = int(metadata["loraleak_format_version"])
+        if version > LORA_FORMAT_VERSION:
+            raise InputError(f"{path}: LoRA metadata format version {version} is newer than this loraleak "
+                             f"reads ({LORA_FORMAT_VERSION})")
+        targets = json.loads(metadata["loraleak_targets"])
+        alpha = json.loads(metadata["loraleak_alpha"])
+        if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets) \
+                or isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+            raise ValueError
+        return LoraProvenance(trigger=metadata["loraleak_trigger"], instance_prompt=metadata["loraleak_instance_prompt"],
+                              base_fingerprint=metadata.get("loraleak_base_fingerprint"),
+                              rank=int(metadata["loraleak_rank"]), alpha=alpha, targets=tuple(targets),
+                              step=int(metadata["loraleak_step"]), format_version=version)
+    except (KeyError, ValueError, json.JSONDecodeError) as e:
+        missing = f" (no {e.args[0]!r})" if isinstance(e, KeyError) else ""
+        raise InputError(f"{path}: malformed loraleak provenance metadata{missing}") from None

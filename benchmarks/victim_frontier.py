@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-images", type=int, default=None, help="images per condition (default: the profile's)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="a finetune setting over the profile's, e.g. lr=2e-3 (YAML value)")
+    p.add_argument("--guidance", default=None,
+                   help="classifier-free guidance scales to sample at, e.g. 3,5,7 (default: the profile's)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("runs/benchmarks/victim_frontier"))
     p.add_argument("--json", type=Path, help="write the table as JSON here")
@@ -79,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ft = finetune_settings(cfg, args.set, steps)
     ev = cfg.evaluation
     n_images = args.n_images or ev.n_images
+    guidances = [float(g) for g in args.guidance.split(",")] if args.guidance else [ev.guidance_scale]
     out = args.out / f"{args.profile}-{int(time.time())}"
     out.mkdir(parents=True, exist_ok=True)
 
@@ -116,37 +119,41 @@ def main(argv: list[str] | None = None) -> int:
     references = {i.identity_id: [e for e in scorer.embed(i.load(ev.reference_size)) if e is not None]
                   for i in candidates}
     references = {k: v for k, v in references.items() if v}
-    scores: dict[int, dict[str, list]] = {r: {} for r in steps}
+    # One fine-tune, measured at every (step, guidance): guidance is a sampling setting, not a training one.
+    points = [(step, g) for step in steps for g in guidances]
+    scores: dict[tuple[int, float], dict[str, list]] = {p: {} for p in points}
     for victim, vcfg, result in runs:
         if victim.identity_id not in references:
             continue
         seed = victim_seed(ev.seed, victim.identity_id)
-        sample = dict(n=n_images, seed=seed, num_inference_steps=ev.sample_steps, guidance_scale=ev.guidance_scale)
         prompts = {"org": result.instance_prompt, "victim_class_prompt": vcfg.class_prompt, "victim_empty_prompt": "",
                    "victim_wrong_trigger": vcfg.instance_prompt.format(trigger=wrong_trigger(seed, result.trigger))}
-        base_images = generate_images(pipe, prompt=vcfg.class_prompt, **sample)
-        for step, path in result.snapshots:
-            if step not in scores:
-                continue
-            with lora_loaded(pipe, path):
-                images = {name: generate_images(pipe, prompt=p, **sample) for name, p in prompts.items()}
-            images["base"] = base_images
-            for name, ims in images.items():
-                scores[step].setdefault(name, []).append(score_images(scorer, ims, references, victim.identity_id))
-            save_grid([im for ims in images.values() for im in ims] + victim.load(resolution)[:n_images],
-                      out / f"{victim.identity_id}-step{step}.png", ncols=n_images, scale=2)
+        for g in guidances:
+            sample = dict(n=n_images, seed=seed, num_inference_steps=ev.sample_steps, guidance_scale=g)
+            base_images = generate_images(pipe, prompt=vcfg.class_prompt, **sample)
+            for step, path in result.snapshots:
+                if (step, g) not in scores:
+                    continue
+                with lora_loaded(pipe, path):
+                    images = {name: generate_images(pipe, prompt=p, **sample) for name, p in prompts.items()}
+                images["base"] = base_images
+                for name, ims in images.items():
+                    scores[step, g].setdefault(name, []).append(
+                        score_images(scorer, ims, references, victim.identity_id))
+                save_grid([im for ims in images.values() for im in ims] + victim.load(resolution)[:n_images],
+                          out / f"{victim.identity_id}-step{step}-g{g:g}.png", ncols=n_images, scale=2)
 
     rows = []
     print(f"\nfine-tune: {per_step_s * 1000:.1f} ms per step per victim ({args.k} per pass, {args.threads} threads); "
           f"{len(references)} candidates, chance top-1 {1 / len(references):.3f}; images in {out}")
-    print(f"{'steps':>6}{'s/victim':>9}{'verified':>9}{'top1 img':>9}{'top1 vic':>9}{'org sim':>8}"
+    print(f"{'steps':>6}{'cfg':>5}{'s/victim':>9}{'verified':>9}{'top1 img':>9}{'top1 vic':>9}{'org sim':>8}"
           f"{'strength [95% CI]':>26}{'binding [95% CI]':>26}  control - base")
-    for step in steps:
-        metrics = {name: summarise(s) for name, s in scores[step].items()}
+    for step, g in points:
+        metrics = {name: summarise(s) for name, s in scores[step, g].items()}
         regime = study_regime(metrics)
         org = metrics["org"]
         strengths = [v.strength for v in regime.victims if v.strength is not None]
-        row = {"steps": step, "finetune_s_per_victim": per_step_s * step, "org_verified": org.verified.value,
+        row = {"steps": step, "guidance_scale": g, "finetune_s_per_victim": per_step_s * step, "org_verified": org.verified.value,
                "org_top1_image": org.top1_image.value, "org_top1_victim": org.top1_victim.value,
                "org_similarity": org.similarity.value, "regime": regime.regime,
                "strength": dataclasses.asdict(regime.strength), "binding": dataclasses.asdict(regime.binding),
@@ -158,10 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         ci = lambda e: f"{e.value:+.3f} [{e.low:+.3f},{e.high:+.3f}]"  # noqa: E731
         controls = " ".join(f"{c.removeprefix('victim_')} {e.value:+.3f}"
                             for c, e in regime.control_over_base.items() if e.value is not None)
-        print(f"{step:>6}{per_step_s * step:>9.1f}{org.verified.value:>9.2f}{org.top1_image.value:>9.2f}"
+        print(f"{step:>6}{g:>5g}{per_step_s * step:>9.1f}{org.verified.value:>9.2f}{org.top1_image.value:>9.2f}"
               f"{org.top1_victim.value:>9.2f}{org.similarity.value:>8.3f}{ci(regime.strength):>26}"
               f"{ci(regime.binding):>26}  {controls}  -> {regime.regime}")
-        print(f"{'':>6} per victim verified {[round(v.verified, 2) for v in org.victims]}, "
+        print(f"{'':>11} per victim verified {[round(v.verified, 2) for v in org.victims]}, "
               f"strength {[round(s, 3) for s in strengths]}")
     print(f"targets: org verified >= {STRONG_VERIFIED}, top-1 victim >= {STRONG_TOP1_VICTIM}, "
           f"every control within {BOUND_MARGIN} of base")

@@ -21,7 +21,7 @@ from loraleak.base.loading import base_fingerprint, load_base_pipeline
 from loraleak.base.tiny import TinyBaseConfig, build_tiny_pipeline
 from loraleak.cli import main
 from loraleak.config import from_dict, to_dict
-from loraleak.errors import ConfigError
+from loraleak.errors import ConfigError, LoraleakError
 from loraleak.evaluation.config import CONTROLS, EvaluationConfig
 from loraleak.evaluation.evaluate import RESULTS_DIR, evaluate, headline_metrics, paired_difference
 from loraleak.evaluation.metrics import ImageScores, summarise
@@ -108,6 +108,11 @@ def test_report_and_mlflow_run(evaluated):
     client = MlflowClient(f"sqlite:///{cfg.out_dir / 'mlflow.db'}")
     run = client.get_run(result.mlflow_run_id)
     assert run.info.status == "FINISHED" and run.data.params["n_images"] == "2"
+    assert run.data.params["data.victims"] == "3" and run.data.params["data.candidates"] == "3"
+    # The run opens before the work and closes after it: its duration is the evaluation's (less opening the store).
+    written = [p.stat().st_mtime * 1000 for p in (cfg.out_dir / RESULTS_DIR).glob("*.json")]
+    assert len(written) == 3 and run.info.start_time <= min(written)
+    assert run.info.end_time >= (cfg.out_dir / "evaluation.json").stat().st_mtime_ns // 1_000_000
     assert run.data.metrics["rec.chance_top1"] == pytest.approx(1 / 3)
     assert {"org.face_found", "org.face_found_lo", "org.face_found_hi", "rec.top1_image"} <= set(run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
@@ -164,6 +169,24 @@ def test_a_victim_that_fails_is_reported_and_the_others_go_on(study, tmp_path):
     assert [f["lora_id"] for f in result.failures] == [rows[0]["lora_id"]]
     assert result.victims == 2 and result.metrics["org"].n_candidates == 3
     assert not (tmp_path / "out" / RESULTS_DIR / f"{rows[0]['lora_id']}.json").exists()
+
+
+def test_an_evaluation_that_fails_is_a_failed_run_with_its_settings(study, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    _, zoo, _ = study
+    root = tmp_path / "zoo"
+    shutil.copytree(zoo.root, root)
+    for row in read_manifest(str(root)).to_pylist():
+        if row["split"] == "heldout" and row["snapshot_step"] == row["steps"]:
+            (root / row["lora_path"]).write_bytes(b"not a safetensors file")
+    cfg = eval_config(study, tmp_path / "out", zoo=str(root), controls=[], tracking=True)
+    with pytest.raises(LoraleakError, match="every victim failed"):
+        evaluate(cfg, show_progress=False)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FAILED" and run.data.params["n_images"] == "2"
+    assert run.data.params["data.candidates"] == "3" and run.data.tags["loraleak.folder"] == str(cfg.out_dir)
 
 
 def test_evaluate_command_prints_the_table(study, tmp_path, capsys):

@@ -26,6 +26,7 @@ import os
 import shutil
 import time
 import uuid
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -391,38 +392,79 @@ def evaluate(cfg: EvaluationConfig, show_progress: bool = True) -> EvaluationRes
 def _evaluate(cfg: EvaluationConfig, show_progress: bool) -> EvaluationResult:
     started = time.perf_counter()
     cfg = resolve_config(cfg)
-    victims, candidates = select_victims(cfg)
-    scorer = make_scorer(cfg.scorer, cfg.scorer_path)
-    references = reference_embeddings(cfg, scorer, candidates)
-    unscorable = [v for v in victims if v["identity_id"] not in references]
-    victims = [v for v in victims if v["identity_id"] in references]
-    if not victims:
-        raise InputError(f"the {cfg.scorer} scorer finds no face in the photos of any victim")
-    key = settings_key(cfg, sorted(references))
-    store = ResultStore(cfg.out_dir, key)
-    pending = [v for v in victims if not store.done(v["lora_id"])]
-    logger.info("evaluation %s: %d victims, %d candidates; %d already evaluated, %d to run %s", cfg.out_dir,
-                len(victims), len(references), len(victims) - len(pending), len(pending),
-                f"on {cfg.workers} Ray worker(s)" if cfg.workers else "in this process")
-    failures = run_victims(cfg, references, pending, store, show_progress) if pending else []
-    failed = {f["lora_id"] for f in failures}
-    finished = [v for v in victims if v["lora_id"] not in failed]
-    if not finished:
-        raise LoraleakError(f"every victim failed to evaluate; the first: {failures[0]['error']}")
+    # The run opens before the work and closes after it, as the zoo's and the attack's do: its duration is the
+    # evaluation's, and it ends FAILED (an error) or KILLED (Ctrl-C, SIGTERM) when the evaluation does not finish.
+    tracked = mlflow_run(cfg.experiment, cfg.run_name or f"evaluate {cfg.out_dir.name}", cfg.tracking_uri,
+                         cfg.workdir, cfg.parent_run_id, {FOLDER_TAG: str(cfg.out_dir)}) if cfg.tracking else nullcontext()
+    with tracked as run:
+        if run is not None:  # the settings first: a run that fails still says what it was asked to do
+            run.log_params(to_dict(cfg))
+        victims, candidates = select_victims(cfg)
+        scorer = make_scorer(cfg.scorer, cfg.scorer_path)
+        references = reference_embeddings(cfg, scorer, candidates)
+        unscorable = [v for v in victims if v["identity_id"] not in references]
+        victims = [v for v in victims if v["identity_id"] in references]
+        if not victims:
+            raise InputError(f"the {cfg.scorer} scorer finds no face in the photos of any victim")
+        key = settings_key(cfg, sorted(references))
+        store = ResultStore(cfg.out_dir, key)
+        pending = [v for v in victims if not store.done(v["lora_id"])]
+        logger.info("evaluation %s: %d victims, %d candidates; %d already evaluated, %d to run %s", cfg.out_dir,
+                    len(victims), len(references), len(victims) - len(pending), len(pending),
+                    f"on {cfg.workers} Ray worker(s)" if cfg.workers else "in this process")
+        if run is not None:
+            run.log_params({"data": {"candidates": len(references), "settings_key": key}})
+        failures = run_victims(cfg, references, pending, store, show_progress) if pending else []
+        failed = {f["lora_id"] for f in failures}
+        finished = [v for v in victims if v["lora_id"] not in failed]
+        if not finished:
+            raise LoraleakError(f"every victim failed to evaluate; the first: {failures[0]['error']}")
 
-    records = [store.load(v["lora_id"]) for v in finished]
-    metrics = {name: summarise([ImageScores.from_dict(r["scores"][name]) for r in records],
-                               n_boot=cfg.n_boot, seed=cfg.seed) for name in cfg.conditions}
-    headline, control = headline_metrics(metrics, cfg.n_boot, cfg.seed)
-    regime = study_regime(metrics, cfg.n_boot, cfg.seed)
-    if regime is not None:
-        headline.update(regime.headline())
+        records = [store.load(v["lora_id"]) for v in finished]
+        metrics = {name: summarise([ImageScores.from_dict(r["scores"][name]) for r in records],
+                                   n_boot=cfg.n_boot, seed=cfg.seed) for name in cfg.conditions}
+        headline, control = headline_metrics(metrics, cfg.n_boot, cfg.seed)
+        regime = study_regime(metrics, cfg.n_boot, cfg.seed)
+        if regime is not None:
+            headline.update(regime.headline())
+        report = _write_report(cfg, store, records, metrics, headline, control, regime, scorer.threshold,
+                               len(unscorable), failures)
+        summary = {"victims": len(records), "candidates": len(references),
+                   "evaluated": len(pending) - len(failures), "reused": len(victims) - len(pending),
+                   "failures": failures, "unscorable": [v["lora_id"] for v in unscorable], "settings_key": key,
+                   "best_control": control, "headline": headline,
+                   "table": "\n".join(filter(None, [format_headline(metrics, headline, control),
+                                                    format_regime(regime)])),
+                   "regime": regime.to_dict() if regime is not None else None,
+                   "metrics": {k: m.to_dict() for k, m in metrics.items()},
+                   "report": str(report), "config": to_dict(cfg)}
+        if run is not None:
+            run.log_params({"data": {"victims": len(records), "best_control": control or "-"}})
+            flat = {k: v for name, m in metrics.items() for k, v in m.flat(f"{name}.").items()}
+            run.log_metrics({**flat, **headline, "failed_victims": len(failures)})
+            for path in sorted(report.parent.iterdir()):
+                run.log_artifact(path, REPORT_DIR)
+            run.log_dict(summary, SUMMARY_FILE)
+        summary["mlflow_run_id"] = run.run_id if run is not None else None
+        wall = time.perf_counter() - started
+        summary["wall_time_s"] = wall
+        (cfg.out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1, default=str))
+    return EvaluationResult(cfg.out_dir, report, metrics, headline, control, len(records), len(references),
+                            len(pending) - len(failures), len(victims) - len(pending), failures,
+                            summary["mlflow_run_id"], wall, regime)
+
+
+def _write_report(cfg: EvaluationConfig, store: ResultStore, records: list[dict[str, Any]],
+                  metrics: Mapping[str, ConditionMetrics], headline: Mapping[str, float], control: str | None,
+                  regime: StudyRegime | None, threshold: float, unscorable: int,
+                  failures: list[dict[str, str]]) -> Path:
+    """The HTML report and its figures (out_dir/report); returns the report's path."""
     shown = [{"identity_id": r["identity_id"],
               **{name: store.images(r["lora_id"], name, cfg.report_images) for name in ("private", *cfg.conditions)}}
              for r in records[: cfg.report_victims]]
     notes = {"zoo": cfg.zoo, "split": cfg.split, "base": cfg.base, "attack (rec)": cfg.attack or "-",
              **{f"baseline {k}": v for k, v in cfg.baselines.items()},
-             "scorer": f"{cfg.scorer} (threshold {scorer.threshold:.3f})",
+             "scorer": f"{cfg.scorer} (threshold {threshold:.3f})",
              "similarity": similarity_mapping(cfg.scorer),
              "images": f"{cfg.n_images} per condition and victim, {cfg.sample_steps} DPM-Solver++ steps, "
                        f"guidance {cfg.guidance_scale}; seed {cfg.seed} (per victim: see victims/<lora_id>.json)",
@@ -439,41 +481,13 @@ def _evaluate(cfg: EvaluationConfig, show_progress: bool) -> EvaluationResult:
                        + (f"; rec / org {headline['rec.similarity'] / headline['org.similarity']:.2f}"
                           if headline.get("org.similarity") and "rec.similarity" in headline else ""))
     if unscorable:
-        notes["victims left out"] = f"{len(unscorable)} (no face in their photos)"
+        notes["victims left out"] = f"{unscorable} (no face in their photos)"
     if failures:
         notes["victims failed"] = f"{len(failures)} (rerun to retry): {failures[0]['error']}"
     # The histogram compares what the attack recovers with what needs no attack: rec against base and
     # the best control, org (the owner's images) as the ceiling; the other conditions are in the table.
     histogram = {name: [v.similarity for v in metrics[name].victims if v.similarity is not None]
                  for name in dict.fromkeys(["org", "rec", "base", control]) if name in metrics}
-    report = write_report(cfg.out_dir / REPORT_DIR, f"LoRA identity leakage: {len(records)} {cfg.split} victims",
-                          metrics, shown, per_victim_similarity=histogram, notes=notes, regime=regime,
-                          verdict=verdict)
-
-    summary = {"victims": len(records), "candidates": len(references), "evaluated": len(pending) - len(failures),
-               "reused": len(victims) - len(pending), "failures": failures,
-               "unscorable": [v["lora_id"] for v in unscorable], "settings_key": key, "best_control": control,
-               "headline": headline,
-               "table": "\n".join(filter(None, [format_headline(metrics, headline, control), format_regime(regime)])),
-               "regime": regime.to_dict() if regime is not None else None,
-               "metrics": {k: m.to_dict() for k, m in metrics.items()},
-               "report": str(report), "config": to_dict(cfg)}
-    run_id = None
-    if cfg.tracking:
-        with mlflow_run(cfg.experiment, cfg.run_name or f"evaluate {cfg.out_dir.name}", cfg.tracking_uri,
-                        cfg.workdir, cfg.parent_run_id, {FOLDER_TAG: str(cfg.out_dir)}) as run:
-            run.log_params({**to_dict(cfg), "data": {"victims": len(records), "candidates": len(references),
-                                                     "settings_key": key, "best_control": control or "-"}})
-            flat = {k: v for name, m in metrics.items() for k, v in m.flat(f"{name}.").items()}
-            run.log_metrics({**flat, **headline, "failed_victims": len(failures)})
-            for path in sorted(report.parent.iterdir()):
-                run.log_artifact(path, REPORT_DIR)
-            run.log_dict(summary, SUMMARY_FILE)
-            run_id = run.run_id
-    summary["mlflow_run_id"] = run_id
-    wall = time.perf_counter() - started
-    summary["wall_time_s"] = wall
-    (cfg.out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1, default=str))
-    return EvaluationResult(cfg.out_dir, report, metrics, headline, control, len(records), len(references),
-                            len(pending) - len(failures), len(victims) - len(pending), failures, run_id, wall,
-                            regime)
+    return write_report(cfg.out_dir / REPORT_DIR, f"LoRA identity leakage: {len(records)} {cfg.split} victims",
+                        metrics, shown, per_victim_similarity=histogram, notes=notes, regime=regime,
+                        verdict=verdict)

@@ -53,6 +53,7 @@ def one_line_error(capsys) -> str:
     ({"atack.max_steps": [1]}, "the pipeline config has no 'atack'"),
     ({"zoo.finetune.rank.x": [1]}, "goes inside zoo.finetune.rank, which is a single setting"),
     ({"out_dir": ["a", "b"]}, "is set by the sweep"),
+    ({"experiment": ["a", "b"]}, "is set by the sweep"),
     ({"zoo.finetune.rank, zoo.finetune.alpha": [[1, 1], [4]]}, "each value is a list of 2"),
     ({"zoo.finetune.rank": []}, "needs at least one value"),
 ])
@@ -109,6 +110,34 @@ def test_the_shipped_tune_configs_load_and_expand():
     assert builds_per_stage(step)["zoo"] == 1 and builds_per_stage(step)["attack"] == 5
 
 
+# --- where a sweep logs -------------------------------------------------------------------------------------
+
+def test_a_sweep_logs_to_the_store_loraleak_run_would_use(tmp_path, capsys, monkeypatch):
+    """--tracking-uri, else the config's, else $MLFLOW_TRACKING_URI, else the sqlite store beside the sweep's
+    folder: the one `loraleak run --out <that folder>` logs to; the experiment is the folder's name."""
+    from loraleak.pipeline.config import PipelineConfig
+    from loraleak.pipeline.tracking import study_experiment, study_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    path = write_sweep(tmp_path, {"search_space": {"attack.seed": [0, 1]}})  # out_dir: tmp_path/out
+    study = from_dict(PipelineConfig, {"out_dir": str(tmp_path / "out")})
+    store = study_tracking_uri(study, study.out_dir.resolve())
+    assert store == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}" and study_experiment(study) == "out"
+
+    def dry_run(*args: str) -> str:
+        assert main(["sweep", str(path), "--dry-run", *args]) == 0
+        return next(line for line in capsys.readouterr().out.splitlines() if "MLflow:" in line).strip()
+
+    assert dry_run() == f"MLflow: {store}, experiment 'out'"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///from-env.db")
+    assert dry_run() == "MLflow: sqlite:///from-env.db, experiment 'out'"
+    assert dry_run("--tracking-uri", "sqlite:///flag.db") == "MLflow: sqlite:///flag.db, experiment 'out'"
+    path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "tracking_uri": "sqlite:///config.db",
+                                    "experiment": "seeds"}))
+    assert dry_run() == "MLflow: sqlite:///config.db, experiment 'seeds'"
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "out").exists()  # a dry run writes nothing
+
+
 # --- overrides ----------------------------------------------------------------------------------------------
 
 def test_overrides_reach_each_trials_pipeline_config(tmp_path):
@@ -127,9 +156,12 @@ def test_overrides_reach_each_trials_pipeline_config(tmp_path):
     assert all(t.config.zoo.finetune.steps == 3 for t in trials)  # fixed overrides: every trial
     assert all(t.config.attack.resources_per_worker == {"CPU": 2} for t in trials)
     assert all(t.config.zoo.finetune.lr == 1e-3 for t in trials)  # the pipeline file's own settings stay
-    # Trials share the sweep's stage folder and MLflow store.
+    # Trials share the sweep's stage folder, MLflow store and experiment (the sweep folder's name).
     assert {t.config.out_dir for t in trials} == {cfg.directory / "stages"}
     assert {t.config.tracking_uri for t in trials} == {"sqlite:///sweep.db"}
+    assert {t.config.experiment for t in trials} == {"sweep"}
+    assert {t.config.experiment for t in expand_trials(sweep(tmp_path, experiment="ranks"), "sqlite:///x.db")} \
+        == {"ranks"}
     # Ids: one per distinct setting, stable across expansions, new when a fixed setting changes.
     assert len({t.trial_id for t in trials}) == 4
     assert [t.trial_id for t in expand_trials(cfg, "sqlite:///other.db")] == [t.trial_id for t in trials]
@@ -244,8 +276,10 @@ def test_results_table_and_privacy_utility_plot(tmp_path):
 @pytest.mark.slow
 def test_a_two_trial_sweep_through_ray_tune_tracked_and_resumed(ray_local, tmp_path, capsys):
     """Two trials that differ in the attack only: the first builds the zoo, the second reuses it; each trains
-    its attack with TorchTrainer inside its Tune trial; a child MLflow run each under the sweep's parent run,
-    which holds the table and the plot; a rerun runs nothing."""
+    its attack with TorchTrainer inside its Tune trial. In MLflow, in the store `loraleak run` would use beside the
+    sweep's folder and one experiment for the sweep: the sweep's parent run (the table and the plot), each
+    trial's pipeline run nested under it, the trial's stage runs under that; a rerun runs nothing and closes
+    what a killed sweep left RUNNING."""
     from mlflow.tracking import MlflowClient
 
     from loraleak.sweeps.results import read_record, record_path
@@ -268,20 +302,43 @@ def test_a_two_trial_sweep_through_ray_tune_tracked_and_resumed(ray_local, tmp_p
         assert Path(record["stage_dirs"]["attack"]).parent.name == predicted["attack"]  # <folder>/attack
         assert Path(record["stage_dirs"]["evaluation"]).name == predicted["evaluation"]
 
+    assert result.tracking_uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"  # beside the sweep's folder
     client = MlflowClient(result.tracking_uri)
     parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.metrics["trials_finished"] == 2
+    [experiment] = client.search_experiments()  # one experiment for the sweep, named after its folder
+    assert experiment.name == "sweep" and parent.info.experiment_id == experiment.experiment_id
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
     assert {"results.csv", "privacy_utility.png"} <= artifacts
     children = child_runs(result.tracking_uri, result.parent_run_id)  # nested by the mlflow.parentRunId tag
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {result.parent_run_id}
     assert sorted(c.data.params["attack.model.step_embedding"] for c in children) == ["false", "true"]
-    for child in children:
+    stage_runs = {}
+    for child in children:  # a trial's run is its pipeline run: its stage runs nest under it
         record = next(r for r in records if r["mlflow_run_id"] == child.info.run_id)
         assert child.data.metrics["rec.similarity"] == pytest.approx(record["metrics"]["rec.similarity"])
+        assert child.data.tags["loraleak.trial_id"] == record["trial_id"]
+        assert child.info.run_name == f"t {record['label']}" and "config.yaml" in {
+            a.path for a in client.list_artifacts(child.info.run_id)}
+        stage_runs[record["trial_id"]] = client.search_runs(
+            [experiment.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{child.info.run_id}'")
+        assert all(r.info.status == "FINISHED" for r in stage_runs[record["trial_id"]])
+    # The first trial built the zoo; the second reused it (linked, not run again).
+    first, second = (next(c for c in children if c.info.run_id == r["mlflow_run_id"]) for r in records)
+    names = lambda runs: sorted(r.info.run_name.split(" ")[0].split("-")[0] for r in runs)  # noqa: E731
+    assert names(stage_runs[records[0]["trial_id"]]) == ["attack", "evaluation", "zoo"]
+    assert names(stage_runs[records[1]["trial_id"]]) == ["attack", "evaluation"]
+    assert second.data.tags["loraleak.reused.zoo"] == next(
+        r.info.run_id for r in stage_runs[records[0]["trial_id"]] if r.info.run_name.startswith("zoo"))
+    assert first.info.start_time <= min(r.info.start_time for r in stage_runs[records[0]["trial_id"]])
     assert len(result.frame) == 2 and set(result.frame["status"]) == {FINISHED}
 
+    # A trial run a killed sweep left RUNNING (with a stage run in it): the rerun closes both as KILLED.
+    orphan = client.create_run(experiment.experiment_id, run_name="killed trial",
+                               tags={"loraleak.study": str(cfg.directory / "stages")})
+    orphan_stage = client.create_run(experiment.experiment_id, run_name="its stage",
+                                     tags={"mlflow.parentRunId": orphan.info.run_id})
     # A rerun (through the CLI) finds both trials finished: no Tune run, no new MLflow runs, same parent.
     tune_runs = sorted((cfg.directory / "ray").iterdir())
     config = tmp_path / "sweep.yaml"
@@ -295,3 +352,4 @@ def test_a_two_trial_sweep_through_ray_tune_tracked_and_resumed(ray_local, tmp_p
         [c.info.run_id for c in children]
     assert json.loads((cfg.directory / "sweep.json").read_text())["parent_run_id"] == result.parent_run_id
     assert client.get_run(result.parent_run_id).info.status == "FINISHED"
+    assert {client.get_run(r.info.run_id).info.status for r in (orphan, orphan_stage)} == {"KILLED"}

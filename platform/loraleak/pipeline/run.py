@@ -38,7 +38,8 @@ from ..leftovers import remove_study_leftovers
 from ..locking import folder_lock
 from .config import PipelineConfig
 from .stages import STAGES, BaselinesStage, RunContext, Stage, StudyStages, plan_stages
-from .tracking import close_study_orphans, earlier_study_run, open_study_run, study_experiment, study_tracking_uri
+from .tracking import NestUnder, close_study_orphans, earlier_study_run, open_study_run, study_experiment, \
+    study_tracking_uri
 
 logger = logging.getLogger(__name__)
 
@@ -107,19 +108,20 @@ def duration_text(seconds: float) -> str:
 
 # --- the pipeline -------------------------------------------------------------------------------------------
 
-def run_pipeline(cfg: PipelineConfig, show_progress: bool = True, lock: bool = True) -> PipelineResult:
+def run_pipeline(cfg: PipelineConfig, show_progress: bool = True, lock: bool = True,
+                 parent: NestUnder | None = None) -> PipelineResult:
     """Run (or resume) every stage of the study `cfg` describes; returns its headline numbers.
 
     With `lock`, the whole out_dir is this run's until it returns (a second run on it fails at once, in one
     line); a sweep's trials share their stage folder by design and pass lock=False (each stage they build
-    is still locked)."""
+    is still locked), and `parent`: their pipeline run nests under the sweep's run."""
     if not lock:
-        return _run_pipeline(cfg, show_progress)
+        return _run_pipeline(cfg, show_progress, parent)
     with folder_lock(cfg.out_dir) as out:
         _close_orphan_runs(cfg, out)
         if removed := remove_study_leftovers(out):
             logger.info("removed %d temporary or unregistered folder(s) left by a killed run", len(removed))
-        return _run_pipeline(cfg, show_progress)
+        return _run_pipeline(cfg, show_progress, parent)
 
 
 def _close_orphan_runs(cfg: PipelineConfig, out: Path) -> None:
@@ -144,7 +146,7 @@ def _all_complete(stages: StudyStages) -> bool:
     return all(stage.is_complete() for stage in stages if stage.name != "identities")
 
 
-def _run_pipeline(cfg: PipelineConfig, show_progress: bool) -> PipelineResult:
+def _run_pipeline(cfg: PipelineConfig, show_progress: bool, parent: NestUnder | None) -> PipelineResult:
     started = time.perf_counter()
     out = cfg.out_dir.expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -161,7 +163,7 @@ def _run_pipeline(cfg: PipelineConfig, show_progress: bool) -> PipelineResult:
                                      **{f"upstream.{k}": v for k, v in keys["upstream"].items()},
                                      "evaluation": keys["evaluation"]}}}
     opened = open_study_run(cfg, out, uri, experiment, f"{out.name}-{keys['evaluation']}", stages.evaluation.folder,
-                            stage_keys) if earlier is None else nullcontext()
+                            stage_keys, parent) if earlier is None else nullcontext()
     with opened as study:
         ctx = RunContext(out, cfg.tracking, uri, show_progress, study)
         results = {}

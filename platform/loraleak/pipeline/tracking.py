@@ -10,6 +10,9 @@ killed process left RUNNING is closed as KILLED by the next run of the study, un
 It carries the system tags with `mlflow.source.git.commit`, the config as `config.yaml` (what
 `loraleak run --config` reads back), the stage keys as params, the headline as metrics and the report.
 
+A study that runs inside a larger one (a sweep's trial) passes `NestUnder`: its pipeline run is then nested
+under the sweep's run, named after the trial and tagged with it, in the sweep's experiment (`experiment`).
+
 A stage that was complete already is not run again, so it logs no run: the pipeline run links to the run
 that built it instead (tag `loraleak.reused.<stage>` = that run's id). A rerun of a complete study opens
 no run at all: `run_pipeline` reports the study's earlier pipeline run.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ContextManager, Iterator
 
@@ -31,6 +35,14 @@ STUDY_TAG = "loraleak.study"  # the study's out folder (resolved): scopes orphan
 EVALUATION_TAG = "loraleak.evaluation"  # the pipeline run's evaluation folder: which result it reports
 REUSED_TAG = "loraleak.reused."  # + a stage's label: the earlier run that built the output this run reused
 CONFIG_ARTIFACT = "config.yaml"
+
+
+@dataclass(frozen=True)
+class NestUnder:
+    """Where a study's pipeline run goes inside a larger run: a sweep's trial under the sweep's run."""
+    run_id: str  # the parent run (same store, same experiment: the UI nests only within one)
+    run_name: str | None = None  # None: the study's own name (<out folder>-<evaluation key>)
+    tags: dict[str, str] = field(default_factory=dict)  # e.g. the trial's id and label
 
 
 def study_workdir(out: Path) -> Path:
@@ -104,11 +116,12 @@ class StudyRun:
 
 @contextmanager
 def _open_study_run(cfg: PipelineConfig, out: Path, uri: str, experiment: str, run_name: str,
-                    evaluation_folder: Path, params: dict[str, Any]) -> Iterator[StudyRun]:
+                    evaluation_folder: Path, params: dict[str, Any], parent: NestUnder | None) -> Iterator[StudyRun]:
     import yaml
 
-    with mlflow_run(experiment, run_name, uri, study_workdir(out),
-                    tags={STUDY_TAG: str(out), EVALUATION_TAG: str(evaluation_folder)}) as run:
+    tags = {**(parent.tags if parent else {}), STUDY_TAG: str(out), EVALUATION_TAG: str(evaluation_folder)}
+    with mlflow_run(experiment, (parent and parent.run_name) or run_name, uri, study_workdir(out),
+                    parent_run_id=parent.run_id if parent else None, tags=tags) as run:
         # The config and params first: a run that fails still says what it was asked to do.
         run.client.log_text(run.run_id, yaml.safe_dump(to_dict(cfg), sort_keys=False), CONFIG_ARTIFACT)
         run.log_params({**to_dict(cfg), **params})
@@ -116,12 +129,13 @@ def _open_study_run(cfg: PipelineConfig, out: Path, uri: str, experiment: str, r
 
 
 def open_study_run(cfg: PipelineConfig, out: Path, uri: str, experiment: str, run_name: str,
-                   evaluation_folder: Path, params: dict[str, Any]) -> ContextManager[StudyRun | None]:
+                   evaluation_folder: Path, params: dict[str, Any],
+                   parent: NestUnder | None = None) -> ContextManager[StudyRun | None]:
     """The pipeline run (None without tracking), as a context: FINISHED, FAILED or KILLED when it exits. Its params
-    are the config's and `params` (the stage keys)."""
+    are the config's and `params` (the stage keys); nested under `parent` when given."""
     if not cfg.tracking:
         return nullcontext()
-    return _open_study_run(cfg, out, uri, experiment, run_name, evaluation_folder, params)
+    return _open_study_run(cfg, out, uri, experiment, run_name, evaluation_folder, params, parent)
 
 
 def nested(config: Any, study: StudyRun | None) -> Any:

@@ -1,4 +1,5 @@
-"""`loraleak sweep CONFIG.yaml [--out DIR] [--max-concurrent N] [--dry-run]`: a sweep of the whole study.
+"""`loraleak sweep CONFIG.yaml [--out DIR] [--tracking-uri URI] [--max-concurrent N] [--dry-run]`: a sweep of the
+whole study.
 
 `add_sweep_commands(subparsers)` adds `sweep` to the `loraleak` parser; `sweep_main(argv)` runs it on
 its own (what `jobs/sweep.py` calls).
@@ -20,12 +21,15 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     overrides = {}
     if args.out is not None:
         overrides["out_dir"] = str(args.out)
+    if args.tracking_uri is not None:
+        overrides["tracking_uri"] = args.tracking_uri
     if args.max_concurrent is not None:
         overrides["max_concurrent_trials"] = args.max_concurrent
     cfg = load_sweep_config(args.config, overrides)
     if args.dry_run:
         plan = plan_sweep(cfg)
         print(plan.describe())
+        print(f"  MLflow: {plan.tracking_uri}, experiment {plan.experiment!r}")
         for trial in plan.trials:
             state = "finished" if trial.trial_id in plan.finished else "to run"
             print(f"  {trial.trial_id}  {trial.label}  ({state})")
@@ -36,7 +40,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     print()
     print(f"results: {result.table_path}")
     print(f"privacy-utility plot: {result.plot_path}")
-    print(f"MLflow store: {result.tracking_uri} (sweep run {result.parent_run_id}, one child run per trial)")
+    print(f"MLflow store: {result.tracking_uri}, experiment {result.experiment!r} (sweep run {result.parent_run_id}, "
+          "each trial's pipeline run nested under it)")
     if result.tracking_uri.startswith("sqlite:"):
         print(f"  browse it: mlflow ui --backend-store-uri {result.tracking_uri}")
     print(f"trials run now: {len(result.ran)}, finished before (not rerun): {len(result.reused)}")
@@ -47,10 +52,13 @@ def add_sweep_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "sweep", help="run the whole study over a search space with Ray Tune (tune_configs/*.yaml), resumable",
         description="Run a sweep: one trial (the whole study, `loraleak run`) per point of the search space, "
-                    "through Ray Tune, one MLflow run per trial nested under the sweep's run; ends with the "
+                    "through Ray Tune, each trial's pipeline run nested under the sweep's MLflow run; ends with the "
                     "results table and the privacy-utility plot. A rerun skips the finished trials.")
     p.add_argument("config", type=Path, help="a sweep YAML (see tune_configs/)")
     p.add_argument("--out", type=Path, help="the sweep's folder (overrides out_dir; default runs/sweeps/<name>)")
+    p.add_argument("--tracking-uri", metavar="URI",
+                   help="the MLflow store, as for `loraleak run` (default: the config's tracking_uri, else "
+                        "$MLFLOW_TRACKING_URI, else sqlite:///<the folder holding the sweep's folder>/mlflow.db)")
     p.add_argument("--max-concurrent", type=int, metavar="N",
                    help="trials at once (default: as many as the cluster's resources hold)")
     p.add_argument("--dry-run", action="store_true",

@@ -12,8 +12,9 @@
     metric: rec.similarity          # what Tune reports as the trial's score; the table is sorted by it
 
 A path is checked against PipelineConfig when the sweep is loaded (an unknown one is one line of
-error), and every value when the trials are expanded, both before anything runs. `out_dir` and
-`tracking_uri` are the sweep's to set: trials share its stage folder and MLflow store.
+error), and every value when the trials are expanded, both before anything runs. `out_dir`,
+`tracking_uri` and `experiment` are the sweep's to set: trials share its stage folder, its MLflow store and
+its experiment (loraleak.sweeps.tracking).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from ..pipeline.profiles import PROFILES, profile_path
 from ..pipeline.stages import BuiltStage
 
 PROFILE_NAMES = tuple(PROFILES)
-# Set by the sweep for every trial: trials share its stage folder and its MLflow store.
-SWEEP_OWNED = ("out_dir", "tracking_uri")
+# Set by the sweep for every trial: trials share its stage folder, its MLflow store and experiment.
+SWEEP_OWNED = ("out_dir", "tracking_uri", "experiment")
 # "rec.similarity" etc. come from the evaluation's headline (loraleak.evaluation.evaluate.headline_metrics).
 METRIC_EXAMPLES = "rec.similarity, rec.top1_image, org.similarity, chance_top1"
 
@@ -70,9 +71,10 @@ class SweepConfig:
     mode: Literal["min", "max"] = "min"  # min: the best trial leaks least
     utility: str = "org.similarity"  # the plot's x axis: what the owner still gets
     privacy: tuple[str, ...] = ("rec.similarity", "rec.top1_image")  # the plot's y axes: what leaks
-    # MLflow: tracking_uri None -> $MLFLOW_TRACKING_URI, else sqlite:///<out_dir>/mlflow.db
+    # MLflow, chosen as `loraleak run` chooses it: tracking_uri None -> $MLFLOW_TRACKING_URI, else the store
+    # beside the sweep's folder, sqlite:///<its parent>/mlflow.db (runs/sweeps/mlflow.db by default).
     tracking_uri: str | None = None
-    experiment: str = "loraleak-sweep"
+    experiment: str | None = None  # None: the sweep folder's name (its name, by default)
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name.startswith("."):
@@ -123,8 +125,8 @@ class SweepConfig:
                 raise ValueError(f"{name}: {metric!r} is not a metric name (e.g. {METRIC_EXAMPLES})")
         if not self.privacy:
             raise ValueError("privacy: name at least one metric for the plot's y axis (e.g. rec.similarity)")
-        if not self.experiment:
-            raise ValueError("experiment must not be empty")
+        if self.experiment is not None and not self.experiment.strip():
+            raise ValueError("experiment must not be empty (leave it out for the sweep folder's name)")
 
     @property
     def directory(self) -> Path:
@@ -155,8 +157,8 @@ def check_override_path(dotted: str, where: str) -> None:
     if not dotted or any(not p for p in parts):
         raise ValueError(f"{where}: {dotted!r} is not a dotted path like zoo.finetune.rank")
     if parts[0] in SWEEP_OWNED:
-        raise ValueError(f"{where}: {dotted!r} is set by the sweep (trials share its folder and MLflow store); "
-                         "set the sweep's out_dir / tracking_uri instead")
+        raise ValueError(f"{where}: {dotted!r} is set by the sweep (trials share its folder, MLflow store and "
+                         "experiment); set the sweep's out_dir / tracking_uri / experiment instead")
     tp: Any = PipelineConfig
     for i, part in enumerate(parts):
         tp = _unwrap_optional(tp)

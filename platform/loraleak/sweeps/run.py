@@ -6,9 +6,11 @@
     <sweep>/results.csv            one row per trial: the varied settings and every headline metric
     <sweep>/privacy_utility.png    utility (org similarity) against privacy loss (rec similarity, top-1)
     <sweep>/ray/                   Ray Tune's experiment folders
-    <sweep>/mlflow.db              MLflow (unless MLFLOW_TRACKING_URI or tracking_uri says otherwise):
-                                   the parent run (the table and the plot as artifacts), one child run
-                                   per trial, and the pipeline's stage runs
+    <sweep>/../mlflow.db           MLflow, as for `loraleak run --out <sweep>` (unless --tracking-uri,
+                                   tracking_uri or MLFLOW_TRACKING_URI says otherwise): in the sweep's
+                                   experiment, its parent run (the table and the plot as artifacts), each
+                                   trial's pipeline run nested under it, its stage runs under that
+                                   (loraleak.sweeps.tracking)
 
 Before anything runs, every trial's settings are checked, the stages they may share are worked out
 (`stages.stage_folders`) and checked against `rerun`. Trials run in waves so that two trials never
@@ -28,12 +30,12 @@ from ..cluster import cluster_resources, connect_ray
 from ..config import to_dict
 from ..errors import LoraleakError
 from ..locking import folder_lock
-from ..pipeline.tracking import study_experiment
+from ..tracking import end_status
 from .config import SweepConfig
 from .results import (FAILED, FINISHED, PLOT_FILE, TABLE_FILE, format_table, is_finished, privacy_utility_plot,
                       read_record, record_path, results_frame, write_table)
 from .stages import (Concurrency, builds_per_stage, check_rerun, concurrency, driver_resources, peak_need, waves)
-from .tracking import ensure_experiments, open_parent_run, sweep_tracking_uri
+from .tracking import close_trial_orphans, ensure_experiments, open_parent_run, sweep_experiment, sweep_tracking_uri
 from .trainable import describe_record, trial_payload, trial_trainable
 from .trials import Trial, expand_trials
 
@@ -44,6 +46,7 @@ SWEEP_FILE = "sweep.json"
 class SweepPlan:
     cfg: SweepConfig
     tracking_uri: str
+    experiment: str  # the sweep's MLflow experiment: its parent run, its trials' runs and their stage runs
     trials: list[Trial]
     finished: list[str]  # trial ids with a finished record (not run again)
     builds: dict[str, int]  # stage -> distinct outputs the trials need
@@ -75,6 +78,7 @@ class SweepResult:
     table_path: Path
     plot_path: Path
     tracking_uri: str
+    experiment: str
     parent_run_id: str | None
     ran: list[str] = field(default_factory=list)  # trial ids run by this call
     reused: list[str] = field(default_factory=list)  # trial ids finished before
@@ -88,12 +92,8 @@ def plan_sweep(cfg: SweepConfig) -> SweepPlan:
     trials = expand_trials(cfg, uri)
     check_rerun(cfg.rerun, trials, f"sweep {cfg.name}")
     finished = [t.trial_id for t in trials if is_finished(read_record(record_path(cfg.directory, t.trial_id)))]
-    return SweepPlan(cfg, uri, trials, finished, builds_per_stage(trials))
-
-
-def _stage_experiments(trials: Sequence[Trial]) -> list[str]:
-    """The MLflow experiments the trials' pipelines log to (each study's, its stage runs nested in it)."""
-    return [study_experiment(t.config) for t in trials]
+    return SweepPlan(cfg, uri, sweep_experiment(cfg.experiment, cfg.directory), trials, finished,
+                     builds_per_stage(trials))
 
 
 class _Say:
@@ -202,13 +202,17 @@ def _run_sweep(cfg: SweepConfig, show_progress: bool) -> SweepResult:
     directory.mkdir(parents=True, exist_ok=True)
     sweep_file = directory / SWEEP_FILE
     previous = json.loads(sweep_file.read_text()) if sweep_file.is_file() else {}
-    experiments = ensure_experiments(plan.tracking_uri, directory, [cfg.experiment, *_stage_experiments(plan.trials)])
-    parent = open_parent_run(plan.tracking_uri, experiments[cfg.experiment], cfg.name, previous.get("parent_run_id"))
+    experiment_id = ensure_experiments(plan.tracking_uri, [plan.experiment])[plan.experiment]
+    # Under the sweep's lock no trial of it runs: what a killed sweep left RUNNING is closed as KILLED.
+    if closed := close_trial_orphans(plan.tracking_uri, [t.config.out_dir for t in plan.trials]):
+        logger.info("sweep %s: closed %d MLflow run(s) left RUNNING by a killed sweep as KILLED", cfg.name, len(closed))
+    parent = open_parent_run(plan.tracking_uri, experiment_id, cfg.name, previous.get("parent_run_id"))
     if parent.run_id != previous.get("parent_run_id"):
         parent.log_params(_parent_params(cfg, plan))
     parent.log_dict(to_dict(cfg), "sweep_config.json")
     sweep_file.write_text(json.dumps({
-        "name": cfg.name, "parent_run_id": parent.run_id, "tracking_uri": plan.tracking_uri, "config": to_dict(cfg),
+        "name": cfg.name, "parent_run_id": parent.run_id, "tracking_uri": plan.tracking_uri,
+        "experiment": plan.experiment, "config": to_dict(cfg),
         "trials": [{"trial_id": t.trial_id, "label": t.label, "overrides": t.overrides} for t in plan.trials]},
         indent=1, default=str))
 
@@ -230,14 +234,13 @@ def _run_sweep(cfg: SweepConfig, show_progress: bool) -> SweepResult:
             if len(groups) > 1:
                 say(f"  {len(groups)} waves (trials that share an output wait for the first to build it): "
                     + ", ".join(str(len(g)) for g in groups))
-            common = {"directory": str(directory), "sweep": cfg.name, "tracking_uri": plan.tracking_uri,
-                      "experiment_id": experiments[cfg.experiment], "parent_run_id": parent.run_id}
+            common = {"directory": str(directory), "sweep": cfg.name, "parent_run_id": parent.run_id}
             callback = _progress_callback(directory, len(plan.trials), len(plan.finished), cfg, say)
             for index, wave in enumerate(groups):
                 _run_wave(cfg, wave, index, common, at_once.trials, callback)
         status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
+    except BaseException as e:
+        status = end_status(e)  # KILLED on Ctrl-C / SIGTERM, FAILED otherwise
         raise
     finally:
         frame, table, table_path, plot_path = summarize(cfg, plan.trials)
@@ -256,8 +259,8 @@ def _run_sweep(cfg: SweepConfig, show_progress: bool) -> SweepResult:
             status = "FAILED"
         parent.client.set_terminated(parent.run_id, status=status)
     ran = [t.trial_id for t in pending]
-    return SweepResult(directory, frame, table, table_path, plot_path, plan.tracking_uri, parent.run_id,
-                       ran=ran, reused=list(plan.finished), failed=failed, wall_time_s=time.perf_counter() - started)
+    return SweepResult(directory, frame, table, table_path, plot_path, plan.tracking_uri, plan.experiment,
+                       parent.run_id, ran=ran, reused=list(plan.finished), failed=failed, wall_time_s=time.perf_counter() - started)
 
 
 def require_finished(result: SweepResult) -> None:

@@ -1,27 +1,38 @@
-"""The sweep's MLflow runs: one parent run per sweep, one child run per trial nested under it.
+"""The sweep's MLflow runs: one experiment per sweep, a parent run for the sweep, one run per trial nested under it.
 
-A rerun of the sweep reopens its parent run (its id is kept in the sweep folder) rather than
-starting another, so the sweep stays one parent with one child per finished trial. With the local
-store (`sqlite:///<sweep>/mlflow.db`) every experiment the trials log to, the pipeline's stage
-experiments included, is created up front with its artifacts under `<sweep>/mlartifacts`: the
-stages run in Ray worker processes, whose working directory MLflow would otherwise use.
+Which store: the one `loraleak run` would use for a study in the sweep's folder (loraleak.pipeline.tracking):
+`tracking_uri` (the sweep's config, or `loraleak sweep --tracking-uri`), else $MLFLOW_TRACKING_URI, else the
+sqlite store beside the sweep's folder (`runs/sweeps/rank` -> `runs/sweeps/mlflow.db`, shared by the sweeps side
+by side). Which experiment: `experiment`, else the sweep folder's name (as a study's is its out folder's name).
+
+In it: the sweep's parent run (the table and the plot), and under it each trial's pipeline run (its settings,
+headline metrics and report; tags `loraleak.trial_id`, `loraleak.label`) with that trial's stage runs nested
+under it in turn. A trial is its study: there is no second run per trial beside its pipeline run. A rerun of
+the sweep reopens its parent run (its id is kept in the sweep folder) rather than starting another, and closes
+as KILLED the trial runs a killed sweep left RUNNING.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
-from ..tracking import TrackedRun, check_reachable, ensure_experiment, resolve_tracking_uri, sqlite_path
+from ..pipeline.tracking import close_study_orphans, study_workdir
+from ..tracking import PARENT_TAG, TrackedRun, check_reachable, ensure_experiment, resolve_tracking_uri, sqlite_path, \
+    system_tags
 
-PARENT_TAG = "mlflow.parentRunId"  # what the MLflow UI nests runs by
 SWEEP_TAG = "loraleak.sweep"
 TRIAL_TAG = "loraleak.trial_id"
+LABEL_TAG = "loraleak.label"
 
 
 def sweep_tracking_uri(tracking_uri: str | None, directory: Path) -> str:
-    return resolve_tracking_uri(tracking_uri, directory)
+    """The store, chosen as for `loraleak run --out DIRECTORY`."""
+    return resolve_tracking_uri(tracking_uri, study_workdir(directory))
+
+
+def sweep_experiment(experiment: str | None, directory: Path) -> str:
+    return experiment or directory.name
 
 
 def _client(uri: str):
@@ -30,7 +41,7 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def ensure_experiments(uri: str, directory: Path, names: Iterable[str]) -> dict[str, str]:
+def ensure_experiments(uri: str, names: Iterable[str]) -> dict[str, str]:
     """name -> experiment id, creating those missing (a sqlite store's artifacts beside it: loraleak.tracking)."""
     check_reachable(uri)
     client = _client(uri)
@@ -51,23 +62,14 @@ def open_parent_run(uri: str, experiment_id: str, name: str, previous_run_id: st
         if run is not None and run.info.experiment_id == experiment_id and run.info.lifecycle_stage == "active":
             client.update_run(previous_run_id, status="RUNNING")
             return TrackedRun(client, previous_run_id)
-    run = client.create_run(experiment_id, run_name=name, tags={SWEEP_TAG: name})
+    run = client.create_run(experiment_id, run_name=name, tags={**system_tags(), SWEEP_TAG: name})
     return TrackedRun(client, run.info.run_id)
 
 
-@contextmanager
-def child_run(uri: str, experiment_id: str, parent_run_id: str, name: str,
-              tags: dict[str, str]) -> Iterator[TrackedRun]:
-    """A trial's run, nested under the sweep's; FINISHED, or FAILED when the block raises."""
-    client = _client(uri)
-    run = client.create_run(experiment_id, run_name=name, tags={PARENT_TAG: parent_run_id, **tags})
-    tracked = TrackedRun(client, run.info.run_id)
-    try:
-        yield tracked
-    except BaseException:
-        client.set_terminated(run.info.run_id, status="FAILED")
-        raise
-    client.set_terminated(run.info.run_id, status="FINISHED")
+def close_trial_orphans(uri: str, pipeline_dirs: Iterable[Path]) -> list[str]:
+    """The trials' pipeline runs (and their stage runs) a killed sweep left RUNNING, as KILLED. Call only while
+    holding the sweep's folder lock: no live process writes them then."""
+    return [run_id for out in dict.fromkeys(pipeline_dirs) for run_id in close_study_orphans(uri, out)]
 
 
 def child_runs(uri: str, parent_run_id: str) -> list[Any]:

@@ -9,9 +9,10 @@ stages' workers ask the cluster for their own resources, as in `loraleak run`. T
 `TorchTrainer.fit()` (Ray Train V2) runs inside that task, so inside the trial: Ray Train places its
 workers in a placement group of its own, which is how Train V2 runs under Tune.
 
-The trial's MLflow run (its settings as params, the headline numbers as metrics, its report as an
-artifact) is nested under the sweep's parent run; its record (`results.write_record`) is what a
-rerun of the sweep finds.
+The trial's MLflow run is its study's pipeline run (its config as params and config.yaml, the headline
+numbers as metrics, its report), nested under the sweep's parent run and tagged with the trial's id and
+label, its stage runs nested under it (loraleak.sweeps.tracking); its record (`results.write_record`) is
+what a rerun of the sweep finds.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from typing import Any, Mapping
 from ..config import from_dict, to_dict
 from ..pipeline.config import PipelineConfig
 from ..pipeline.run import run_pipeline
+from ..pipeline.tracking import NestUnder
 from .results import FAILED, FINISHED, record_path, write_record
 from .stages import driver_resources
-from .tracking import TRIAL_TAG, child_run
+from .tracking import LABEL_TAG, SWEEP_TAG, TRIAL_TAG
 
 # The memory of an empty reservation: Tune needs a non-empty bundle to place the driver task in, and
 # one byte of memory takes nothing from the CPUs and GPUs the stages' workers need.
@@ -54,38 +56,24 @@ def trial_payload(trial: Any, resources_per_trial: Mapping[str, float] | None) -
             "driver_bundle": driver_bundle(driver_resources(trial.config, resources_per_trial))}
 
 
-def _evaluation_report(stage_dirs: Mapping[str, str]) -> Path | None:
-    evaluation = stage_dirs.get("evaluation")
-    report = Path(evaluation) / "report" / "report.html" if evaluation else None
-    return report if report is not None and report.is_file() else None
-
-
 def run_trial(trial: Mapping[str, Any], common: Mapping[str, Any]) -> dict[str, Any]:
-    """Run one trial's pipeline under its MLflow run; write and return its record."""
+    """Run one trial's pipeline, its run nested under the sweep's; write and return its record."""
     path = record_path(Path(common["directory"]), trial["trial_id"])
     cfg = from_dict(PipelineConfig, trial["config"], where=f"trial {trial['trial_id']}")
     record: dict[str, Any] = {"trial_id": trial["trial_id"], "label": trial["label"], "overrides": trial["overrides"],
                               "sweep": common["sweep"], "pipeline_dir": str(cfg.out_dir)}
     started = time.perf_counter()
-    tags = {TRIAL_TAG: trial["trial_id"], "loraleak.label": trial["label"]}
+    parent = NestUnder(common["parent_run_id"], f"{common['sweep']} {trial['label']}",
+                       {SWEEP_TAG: common["sweep"], TRIAL_TAG: trial["trial_id"], LABEL_TAG: trial["label"]})
     try:
-        with child_run(common["tracking_uri"], common["experiment_id"], common["parent_run_id"],
-                       f"{common['sweep']} {trial['label']}", tags) as run:
-            record["mlflow_run_id"] = run.run_id
-            run.log_params({"trial_id": trial["trial_id"], **trial["overrides"]})
-            run.log_dict(trial["config"], "pipeline_config.json")
-            result = run_pipeline(cfg, show_progress=False, lock=False)  # the sweep holds its folder
-            record.update(status=FINISHED, metrics=result.metrics, best_control=result.best_control,
-                          stage_dirs=result.stage_dirs, skipped=result.skipped,
-                          pipeline_run_id=result.mlflow_run_ids.get("pipeline"),
-                          wall_time_s=time.perf_counter() - started)
-            run.log_metrics({**result.metrics, "wall_time_s": record["wall_time_s"]})
-            run.client.set_tag(run.run_id, "loraleak.pipeline_run_id", record["pipeline_run_id"] or "-")
-            run.client.set_tag(run.run_id, "loraleak.skipped_stages", ",".join(result.skipped) or "-")
-            report = _evaluation_report(result.stage_dirs)
-            if report is not None:
-                record["report"] = str(report)
-                run.log_artifact(report)
+        result = run_pipeline(cfg, show_progress=False, lock=False, parent=parent)  # the sweep holds its folder
+        # The trial's run: its pipeline run (of an earlier attempt when this one found the study complete).
+        record.update(status=FINISHED, metrics=result.metrics, best_control=result.best_control,
+                      stage_dirs=result.stage_dirs, skipped=result.skipped,
+                      mlflow_run_id=result.mlflow_run_ids.get("pipeline"),
+                      # The trial's own report (the stage folder's report.html is the latest trial's).
+                      report=str(Path(result.stage_dirs["evaluation"]) / "report" / "report.html"),
+                      wall_time_s=time.perf_counter() - started)
     except BaseException as e:
         lines = str(e).strip().splitlines()
         record.update(status=FAILED, error=f"{type(e).__name__}: {lines[0] if lines else ''}",

@@ -21,6 +21,7 @@ from ..errors import ConfigError
 from ..keys import content_key
 from ..pipeline.config import PipelineConfig, with_overrides
 from .config import SweepConfig, resolve_pipeline_file, split_paths
+from .tracking import sweep_experiment
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class Trial:
     trial_id: str  # a key over the trial's pipeline settings (see the module docstring)
     label: str  # the varied settings, short: "rank=4 alpha=4", "defense=dp_sgd epsilon=1"
     overrides: dict[str, Any]  # this trial's search-space values, dotted path -> value
-    config: Any  # its PipelineConfig (out_dir and tracking_uri set by the sweep)
+    config: Any  # its PipelineConfig (out_dir, tracking_uri and experiment set by the sweep)
 
 
 def _key(data: Any) -> str:
@@ -123,21 +124,25 @@ def _absolute_paths(config):
 
 
 def expand_trials(cfg: SweepConfig, tracking_uri: str) -> list:
-    """Every trial of the sweep, validated; ConfigError (one line, naming the value) on the first bad one."""
+    """Every trial of the sweep, validated; ConfigError (one line, naming the value) on the first bad one.
+    Each trial's study logs to the sweep's store (`tracking_uri`) and experiment."""
     base = base_pipeline_config(cfg)
     for key, values in cfg.search_space.items():  # each value alone: the error names it
         for value in values:
             single = {p: v for p, v in zip(split_paths(key), value)} if len(split_paths(key)) > 1 else {key: value}
             _apply(base, single, f"sweep {cfg.name}: search_space: {key} = {format_value(value)}")
     trials, seen = [], set()
+    experiment = sweep_experiment(cfg.experiment, cfg.directory)
     for point in points(cfg):
         config = _apply(base, point, f"sweep {cfg.name}: trial {trial_label(point)}")
+        # The id is over the settings as the pipeline file gave them (its experiment too, usually unset), so
+        # the ids of trials run before the sweep set the experiment are unchanged.
         settings = {k: v for k, v in to_dict(config).items() if k not in ("out_dir", "tracking_uri")}
         trial_id = _key(settings)
         if trial_id in seen:  # two points that name the same settings (a value equal to the default...)
             continue
         seen.add(trial_id)
         config = dataclasses.replace(_absolute_paths(config), out_dir=pipeline_dir(cfg, trial_id),
-                                     tracking_uri=tracking_uri)
+                                     tracking_uri=tracking_uri, experiment=experiment)
         trials.append(Trial(trial_id, trial_label(point), point, config))
     return trials

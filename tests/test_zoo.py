@@ -10,6 +10,7 @@ the same worker code), since each Ray actor pool costs ~10 s of imports here.
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -204,6 +205,23 @@ def test_unreachable_tracking_server_is_one_line_error(tmp_path):
         with mlflow_run("x", "y", tracking_uri="http://127.0.0.1:9", workdir=tmp_path):
             pass
     assert time.perf_counter() - started < 10
+
+
+def test_class_images_are_sampled_once_with_their_own_bar_before_the_fine_tunes(tiny_base, tmp_path, capsys):
+    """Prior preservation: the class images are sampled once per zoo, in the driver, under a "class images" bar
+    with its ETA; the zoo's bar (and its rate and ETA) starts after them. A second build reads them back."""
+    finetune = {"rank": 2, "alpha": 2, "steps": 2, "prior_preservation": True, "num_class_images": 3,
+                "class_inference_steps": 2}
+    cfg = zoo_config(tmp_path / "zoo", tiny_base, finetune=finetune, workers=0, num_snapshots=1)
+    assert build_zoo(cfg, show_progress=True)["done"] == 3
+    err = capsys.readouterr().err
+    assert re.search(r"class images: 100%.*3/3 \[[\d:]+<[\d:]+", err), err  # images done / total, elapsed<ETA
+    assert err.rindex("class images:") < err.index("zoo:")  # sampled, then the fine-tunes' bar starts
+    assert len(list((tmp_path / "zoo" / "class_images").iterdir())) == 1
+    cached = {**finetune, "class_images_dir": str(tmp_path / "zoo" / "class_images")}
+    assert build_zoo(zoo_config(tmp_path / "other", tiny_base, finetune=cached, workers=0, num_snapshots=1),
+                     show_progress=True)["done"] == 3
+    assert "class images:" not in capsys.readouterr().err  # the cache, read back
 
 
 def test_info_summarises(reference, capsys):

@@ -58,8 +58,9 @@ def lora_loaded(pipe: Any, lora: str | Path, scale: float = 1.0) -> Iterator[Non
 def generate_images(pipe: Any, prompt: str | None = None, prompt_embeds: torch.Tensor | None = None,
                     n: int = 8, seed: int = 0, num_inference_steps: int = 25, guidance_scale: float = 1.0,
                     lora: str | Path | None = None, lora_scale: float = 1.0, batch_size: int = 8,
-                    show_progress: bool = False) -> list[Image.Image]:
+                    show_progress: bool = False, progress_desc: str = "generating") -> list[Image.Image]:
     """`n` images for a text prompt or for ready prompt embeddings (1 or n rows), optionally via a LoRA.
+    With `show_progress`, one bar over the images (`progress_desc`: what it is labelled), with its ETA.
 
     guidance_scale 1 means no classifier-free guidance (what the attack's decoder uses by default).
     """
@@ -79,7 +80,8 @@ def generate_images(pipe: Any, prompt: str | None = None, prompt_embeds: torch.T
 
     def sample() -> list[Image.Image]:
         images: list[Image.Image] = []
-        for start in tqdm(range(0, n, batch_size), desc="generating", disable=not show_progress):
+        progress = tqdm(total=n, desc=progress_desc, unit="image", disable=not show_progress)
+        for start in range(0, n, batch_size):
             rows = slice(start, min(start + batch_size, n))
             generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[rows]]
             text = {"prompt": [prompt] * len(generators)} if prompt is not None \
@@ -87,6 +89,8 @@ def generate_images(pipe: Any, prompt: str | None = None, prompt_embeds: torch.T
             out = pipe(**text, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                        generator=generators, output_type="pil")
             images.extend(out.images)
+            progress.update(len(out.images))
+        progress.close()
         return images
 
     if lora is None:

@@ -29,6 +29,7 @@ from ..imaging import open_rgb
 from ..keys import content_key
 
 MANIFEST = "manifest.json"
+PROGRESS_DESC = "class images"  # the bar of their sampling (once per zoo: loraleak.zoo.build)
 
 
 def pipeline_resolution(pipe: Any) -> int:
@@ -105,13 +106,15 @@ def load_or_sample_class_images(pipe: Any, cache_root: Path | None, *, prompt: s
                                 num_inference_steps: int, guidance_scale: float,
                                 base_fingerprint: str | None = None,
                                 show_progress: bool = True) -> tuple[list[Image.Image], Path | None]:
-    """The class images for this base and settings, from the cache when present (else sampled).
+    """The class images for this base and settings, from the cache when present (else sampled, with a
+    "class images" bar when `show_progress`).
 
     With `cache_root` None nothing is cached. Returns the images and the cache directory used.
     """
     if cache_root is None:
         images = generate_images(pipe, prompt, n=count, seed=seed, num_inference_steps=num_inference_steps,
-                                 guidance_scale=guidance_scale, show_progress=show_progress)
+                                 guidance_scale=guidance_scale, show_progress=show_progress,
+                                 progress_desc=PROGRESS_DESC)
         return images, None
     fingerprint = base_fingerprint or pipeline_fingerprint(pipe)
     settings = class_images_settings(fingerprint, prompt, count, seed, num_inference_steps, guidance_scale,
@@ -119,6 +122,7 @@ def load_or_sample_class_images(pipe: Any, cache_root: Path | None, *, prompt: s
     directory = class_images_dir(Path(cache_root), settings)
     if not directory.is_dir():
         images = generate_images(pipe, prompt, n=count, seed=seed, num_inference_steps=num_inference_steps,
-                                 guidance_scale=guidance_scale, show_progress=show_progress)
+                                 guidance_scale=guidance_scale, show_progress=show_progress,
+                                 progress_desc=PROGRESS_DESC)
         _write_cache(directory, images, settings)
     return _read_cache(directory, settings), directory

@@ -367,7 +367,8 @@ def run_fine_tunes(cfg: ZooConfig, plan: ZooPlan, pending: list[PlannedFineTune]
     started = time.perf_counter()
     # Started after the class images (sample_class_images_once has its own bar), so the rate and ETA count
     # fine-tunes only; smoothing 0: the average since the start, since fine-tunes end in bursts of a whole
-    # pass, which tqdm's default moving average reads as a burst of speed (an ETA near zero).
+    # pass, and tqdm's default moving average follows the last burst. With one pass per worker there is no
+    # ETA before the first pass ends (no fine-tune ends earlier).
     progress = tqdm(total=len(pending), desc="zoo", unit="fine-tune", smoothing=0, disable=not show_progress)
     try:
         results = _ray_results(cfg, plan, pending) if cfg.workers else _local_results(cfg, plan, pending)

@@ -7,7 +7,7 @@
     stages    which stage outputs trials share (the pipeline's own folder keys), waves, concurrency
     trainable the Ray Tune function: one trial = one `run_pipeline` and one nested MLflow run
     results   the per-trial records, the results table (CSV + printed) and the privacy-utility plot
-    tracking  the sweep's parent MLflow run and its trials' child runs
+    tracking  the sweep's MLflow experiment: its parent run, each trial's pipeline run nested under it
     run       run_sweep(cfg) -> SweepResult
     cli       `loraleak sweep tune_configs/X.yaml` (also `jobs/sweep.py` for `ray job submit`)
 

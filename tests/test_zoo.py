@@ -209,7 +209,8 @@ def test_unreachable_tracking_server_is_one_line_error(tmp_path):
 
 def test_class_images_are_sampled_once_with_their_own_bar_before_the_fine_tunes(tiny_base, tmp_path, capsys):
     """Prior preservation: the class images are sampled once per zoo, in the driver, under a "class images" bar
-    with its ETA; the zoo's bar (and its rate and ETA) starts after them. A second build reads them back."""
+    with its ETA; the zoo's bar (and its rate and ETA) starts after them and counts fine-tune steps as they are
+    done, not only fine-tunes as they end. A second build reads the class images back."""
     finetune = {"rank": 2, "alpha": 2, "steps": 2, "prior_preservation": True, "num_class_images": 3,
                 "class_inference_steps": 2}
     cfg = zoo_config(tmp_path / "zoo", tiny_base, finetune=finetune, workers=0, num_snapshots=1)
@@ -217,6 +218,9 @@ def test_class_images_are_sampled_once_with_their_own_bar_before_the_fine_tunes(
     err = capsys.readouterr().err
     assert re.search(r"class images: 100%.*3/3 \[[\d:]+<[\d:]+", err), err  # images done / total, elapsed<ETA
     assert err.rindex("class images:") < err.index("zoo:")  # sampled, then the fine-tunes' bar starts
+    # 3 fine-tunes x 2 steps: the first one's first step shows before any fine-tune has ended.
+    assert re.search(r"zoo: +\d+%.* 1/6 \[.*fine_tunes_done=0, failed=0, left=3", err), err
+    assert re.search(r"zoo: 100%.* 6/6 \[.*fine_tunes_done=3, failed=0, left=0", err), err
     assert len(list((tmp_path / "zoo" / "class_images").iterdir())) == 1
     cached = {**finetune, "class_images_dir": str(tmp_path / "zoo" / "class_images")}
     assert build_zoo(zoo_config(tmp_path / "other", tiny_base, finetune=cached, workers=0, num_snapshots=1),

@@ -389,9 +389,10 @@ def finetune_lora_batched(pipe: Any, image_sets: Sequence[list[Image.Image]], cf
                           out_dirs: Sequence[str | Path], *, options: BatchedOptions = BatchedOptions(),
                           base_ref: str | None = None, base_fingerprint: str | None = None,
                           class_images: Sequence[list[Image.Image] | None] | None = None,
-                          return_exceptions: bool = False,
-                          show_progress: bool = True) -> list[FinetuneResult | LoraleakError]:
-    """Fine-tune K = len(cfgs) LoRAs at once: image_sets[k] with cfgs[k] into out_dirs[k].
+                          return_exceptions: bool = False, show_progress: bool = True,
+                          on_step: Callable[[int], None] | None = None) -> list[FinetuneResult | LoraleakError]:
+    """Fine-tune K = len(cfgs) LoRAs at once: image_sets[k] with cfgs[k] into out_dirs[k] (`on_step(step)`
+    after each step of the pass: loop.run_finetunes).
 
     Each out_dir gets what `finetune_lora` would write there (snapshots, finetune.json) and each
     result equals its result up to float rounding. `class_images[k]` are fine-tune k's prior-
@@ -416,7 +417,7 @@ def finetune_lora_batched(pipe: Any, image_sets: Sequence[list[Image.Image]], cf
                          sync_every=options.loss_sync_every, base_ref=base_ref, base_fingerprint=base_fingerprint,
                          class_images=class_images, return_exceptions=return_exceptions,
                          show_progress=show_progress, description=f"fine-tune x{k_count}",
-                         batched_options=to_dict(options))
+                         batched_options=to_dict(options), on_step=on_step)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -149,17 +149,19 @@ class _PeftTrainer:
 def finetune_lora(pipe: Any, images: list[Image.Image], cfg: FinetuneConfig, out_dir: str | Path, *,
                   base_ref: str | None = None, base_fingerprint: str | None = None,
                   class_images: list[Image.Image] | None = None,
-                  show_progress: bool = True) -> FinetuneResult:
+                  show_progress: bool = True, on_step: Callable[[int], None] | None = None) -> FinetuneResult:
     """DreamBooth-LoRA fine-tune `pipe` on `images` of one person; snapshots and finetune.json in out_dir.
 
     `base_ref` / `base_fingerprint` name the base for the record and the class-image cache key (else
     the pipeline's weights are hashed). `class_images` skips sampling/loading them (e.g. a zoo that
-    holds them in memory). The pipeline is moved to cfg.device and left without any LoRA.
+    holds them in memory). `on_step(step)` is called after each step (loop.run_finetunes). The pipeline is
+    moved to cfg.device and left without any LoRA.
     """
     if not images:
         raise InputError("finetune_lora needs at least one instance image")
     (result,) = run_finetunes(pipe, [images], [cfg], [Path(out_dir)], _PeftTrainer, base_ref=base_ref,
                               base_fingerprint=base_fingerprint,
                               class_images=[class_images] if class_images is not None else None,
-                              show_progress=show_progress, description=f"fine-tune {cfg.trigger_word}")
+                              show_progress=show_progress, description=f"fine-tune {cfg.trigger_word}",
+                              on_step=on_step)
     return result

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from diffusers import DDPMScheduler
@@ -129,11 +129,13 @@ def run_finetunes(pipe: Any, image_sets: Sequence[list[Image.Image]], cfgs: Sequ
                   base_ref: str | None = None, base_fingerprint: str | None = None,
                   class_images: Sequence[list[Image.Image] | None] | None = None, return_exceptions: bool = False,
                   show_progress: bool = True, description: str = "fine-tune",
-                  batched_options: dict[str, Any] | None = None) -> list[FinetuneResult | LoraleakError]:
+                  batched_options: dict[str, Any] | None = None,
+                  on_step: Callable[[int], None] | None = None) -> list[FinetuneResult | LoraleakError]:
     """Fine-tune image_sets[k] with cfgs[k] into out_dirs[k], for every k, with `trainer_class`'s steps.
 
     Losses are read back from the device every `sync_every` steps and at every snapshot step;
-    `batched_options` (the device options as a dict) adds finetune.json's `batched` entry."""
+    `batched_options` (the device options as a dict) adds finetune.json's `batched` entry; `on_step(step)`
+    is called after each step (a zoo's progress across its workers)."""
     if loaded_adapters(pipe):
         raise LoraleakError(f"the pipeline already carries LoRA adapters {loaded_adapters(pipe)}; "
                             "fine-tune from a clean base")
@@ -177,6 +179,8 @@ def run_finetunes(pipe: Any, image_sets: Sequence[list[Image.Image]], cfgs: Sequ
                 losses.read()
                 progress.set_postfix(loss=losses.last_mean())
                 save(step)
+            if on_step is not None:
+                on_step(step)
         train_s = time.perf_counter() - train_started
         trainable = trainer.trainable_parameters
 

@@ -40,7 +40,6 @@ from typing import Any, Iterator
 import diffusers
 import pyarrow as pa
 import torch
-from tqdm.auto import tqdm
 
 from ..base.loading import base_fingerprint, load_base_pipeline
 from ..cluster import connect_ray, warn_if_short
@@ -59,6 +58,7 @@ from .defense import defend_snapshots, stored_rank_alpha
 from .inspect import zoo_info
 from .manifest import DONE, FAILED, compact_manifest, delete_part, finished_lora_ids, write_part
 from .plan import PlannedFineTune, ZooPlan, plan_zoo
+from .progress import StepBar, StepCounter, polled, step_reporter
 from .storage import ZooStore
 
 logger = logging.getLogger(__name__)
@@ -149,11 +149,12 @@ class FineTuneWorker:
     train together in one UNet pass (`finetune_lora_batched`), the others one by one.
     """
 
-    def __init__(self, cfg: ZooConfig, base_hash: str, own_process: bool = True):
+    def __init__(self, cfg: ZooConfig, base_hash: str, own_process: bool = True, progress: Any = None):
         if own_process:  # a Ray actor's process is the worker's alone to configure
             torch.set_num_threads(max(1, int(cfg.num_cpus_per_worker)))
             diffusers.utils.logging.disable_progress_bar()  # it loads the base once, then only fine-tunes
         self.cfg, self.base_hash = cfg, base_hash
+        self.progress = progress  # where the steps of running fine-tunes go (zoo.progress), or None
         self.store = ZooStore(cfg.root)
         # Ray gives a GPU worker its device(s) through CUDA_VISIBLE_DEVICES; "cuda" is the first.
         self.device = "cuda" if cfg.num_gpus_per_worker > 0 else cfg.finetune.device
@@ -217,7 +218,7 @@ class FineTuneWorker:
         with self.store.staging_dir(row["lora_id"]) as stage:
             result = finetune_lora(self.pipe, images, ft, stage, base_ref=self.cfg.base,
                                    base_fingerprint=self.base_hash, class_images=self._class_images_for(ft),
-                                   show_progress=False)
+                                   show_progress=False, on_step=step_reporter(self.progress, [row["lora_id"]]))
             return self._publish(row, stage, result)
 
     def _together(self, rows: list[dict[str, Any]], fts: list[Any],
@@ -228,7 +229,8 @@ class FineTuneWorker:
             results = finetune_lora_batched(
                 self.pipe, image_sets, fts, stages, options=self.batched_options, base_ref=self.cfg.base,
                 base_fingerprint=self.base_hash, class_images=[self._class_images_for(ft) for ft in fts],
-                return_exceptions=True, show_progress=False)
+                return_exceptions=True, show_progress=False,
+                on_step=step_reporter(self.progress, [row["lora_id"] for row in rows]))
             outcomes = []
             for row, stage, result in zip(rows, stages, results):
                 try:
@@ -319,11 +321,11 @@ class FineTuneWorker:
                 "error": error, "final_loss": snapshot_rows[0].get("final_loss"), "wall_time_s": wall_time_s}
 
 
-def _ray_results(cfg: ZooConfig, plan: ZooPlan, pending: list[PlannedFineTune]) -> Iterator[dict[str, Any]]:
+def _ray_results(cfg: ZooConfig, plan: ZooPlan, pending: list[PlannedFineTune],
+                 counter: Any) -> Iterator[dict[str, Any]]:
     import ray  # ray starts slowly: only a build that fans out pays for it (cluster.connect_ray)
     import ray.data
 
-    connect_ray()
     workers = min(cfg.workers, len(pending))
     warn_if_short("zoo", workers, {"CPU": workers * cfg.num_cpus_per_worker,
                                    "GPU": workers * cfg.num_gpus_per_worker})
@@ -341,15 +343,16 @@ def _ray_results(cfg: ZooConfig, plan: ZooPlan, pending: list[PlannedFineTune]) 
             # takes every queued pass and the pool drops the idle one -- measured on 2 passes and 2
             # workers: one actor ran both, one after the other, while a CPU stayed free.
             compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
-            fn_constructor_kwargs={"cfg": cfg, "base_hash": plan.base_hash},
+            fn_constructor_kwargs={"cfg": cfg, "base_hash": plan.base_hash, "progress": counter},
             num_cpus=cfg.num_cpus_per_worker, num_gpus=cfg.num_gpus_per_worker or None,
             max_restarts=cfg.max_retries, max_task_retries=cfg.max_retries)
     results.context.enable_progress_bars = False  # the build shows its own (done / failed / left, rate)
     return results.iter_rows()
 
 
-def _local_results(cfg: ZooConfig, plan: ZooPlan, pending: list[PlannedFineTune]) -> Iterator[dict[str, Any]]:
-    worker = FineTuneWorker(cfg, plan.base_hash, own_process=False)
+def _local_results(cfg: ZooConfig, plan: ZooPlan, pending: list[PlannedFineTune],
+                   bar: StepBar | None) -> Iterator[dict[str, Any]]:
+    worker = FineTuneWorker(cfg, plan.base_hash, own_process=False, progress=bar)  # reports in this thread
     per_pass = cfg.fine_tunes_per_pass
     for start in range(0, len(pending), per_pass):
         yield from worker.fine_tune_together([fine_tune_record(ft) for ft in pending[start:start + per_pass]])
@@ -363,28 +366,32 @@ def run_fine_tunes(cfg: ZooConfig, plan: ZooPlan, pending: list[PlannedFineTune]
 
     if cfg.fine_tunes_per_pass > 1:  # fine-tunes that can share a pass side by side, so that batches fill
         pending = sorted(pending, key=lambda ft: repr(batch_key(ft.finetune)))
-    counts = {DONE: 0, FAILED: 0}
-    started = time.perf_counter()
-    # Started after the class images (sample_class_images_once has its own bar), so the rate and ETA count
-    # fine-tunes only; smoothing 0: the average since the start, since fine-tunes end in bursts of a whole
-    # pass, and tqdm's default moving average follows the last burst. With one pass per worker there is no
-    # ETA before the first pass ends (no fine-tune ends earlier).
-    progress = tqdm(total=len(pending), desc="zoo", unit="fine-tune", smoothing=0, disable=not show_progress)
+    # In fine-tune steps, from the workers' reports (zoo.progress); started after the class images, which
+    # have their own bar, so its rate and ETA are the fine-tunes' alone.
+    bar = StepBar({ft.lora_id: ft.finetune.steps for ft in pending}, show_progress)
+    counter = None
     try:
-        results = _ray_results(cfg, plan, pending) if cfg.workers else _local_results(cfg, plan, pending)
-        for row in results:
-            counts[row["status"]] += 1
-            finished = counts[DONE] + counts[FAILED]
-            per_minute = finished / max(time.perf_counter() - started, 1e-9) * 60
-            progress.update()
-            progress.set_postfix(done=counts[DONE], failed=counts[FAILED], left=len(pending) - finished,
-                                 per_min=f"{per_minute:.1f}")
-            yield row
+        watching: Any = nullcontext()
+        if cfg.workers:
+            connect_ray()
+            if show_progress:  # the workers report their steps to an actor the driver reads
+                counter = ray.remote(StepCounter).options(num_cpus=0).remote()
+                watching = polled(counter, bar)
+            results = _ray_results(cfg, plan, pending, counter)
+        else:
+            results = _local_results(cfg, plan, pending, bar if show_progress else None)
+        with watching:
+            for row in results:
+                bar.finished(row["lora_id"], row["status"])  # DONE or FAILED
+                yield row
     except (ray.exceptions.RayError, SystemException) as e:
-        raise LoraleakError(f"zoo build stopped: {_first_line(e, 300)} ({counts[DONE] + counts[FAILED]} "
-                            "fine-tunes finished and are kept; rerun the build to resume)") from e
+        ended = sum(bar.counts.values())
+        raise LoraleakError(f"zoo build stopped: {_first_line(e, 300)} ({ended} fine-tunes finished and are kept; "
+                            "rerun the build to resume)") from e
     finally:
-        progress.close()
+        bar.close()
+        if counter is not None:
+            ray.kill(counter)
 
 
 def _loss_stats(losses: list[float]) -> dict[str, float]:

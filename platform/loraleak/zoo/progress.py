@@ -1,0 +1,115 @@
+"""The zoo's progress bar, counted in fine-tune steps: an ETA from the steps the workers have done.
+
+Counted in finished fine-tunes, the bar of a zoo whose workers each run one pass of K fine-tunes (the quick
+profile: 24 fine-tunes, 2 workers, 12 per pass) would sit at 0 until every fine-tune ends at once, with no
+ETA at all. So each worker reports the steps of the fine-tunes it is running (`step_reporter`, at most every
+REPORT_EVERY_S) to a `StepCounter`: a Ray actor on a cluster, read by the driver every POLL_S, or the bar
+itself when the fine-tunes run in this process (workers: 0). A fine-tune that ends, done or failed, counts
+all its steps. The class images are sampled before the bar starts (their own bar: zoo.build), so its rate
+and ETA are the fine-tunes' alone.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+from tqdm.auto import tqdm
+
+REPORT_EVERY_S = 2.0  # a worker's reports: often enough for the bar, rare enough to cost nothing
+POLL_S = 1.0  # the driver's reads of the counter
+
+
+class StepCounter:
+    """Steps done per fine-tune (lora_id), as the workers report them (a Ray actor on a cluster)."""
+
+    def __init__(self) -> None:
+        self.steps: dict[str, int] = {}
+
+    def report(self, steps: Mapping[str, int]) -> None:
+        self.steps.update(steps)
+
+    def read(self) -> dict[str, int]:
+        return dict(self.steps)
+
+
+class StepBar:
+    """The driver's bar over every pending fine-tune's steps, with done / failed / left in fine-tunes."""
+
+    def __init__(self, totals: Mapping[str, int], show: bool) -> None:
+        self.totals = dict(totals)  # lora_id -> its steps
+        self.steps: dict[str, int] = {}
+        self.counts = {"done": 0, "failed": 0}
+        self.started = time.perf_counter()
+        self.lock = threading.Lock()  # the poll thread and the loop over results both update it
+        self.bar = tqdm(total=sum(self.totals.values()), desc="zoo", unit="step", disable=not show)
+
+    def report(self, steps: Mapping[str, int]) -> None:
+        """Steps reached by running fine-tunes (never backwards: a pass retried one by one starts again)."""
+        with self.lock:
+            for lora_id, step in steps.items():
+                if lora_id in self.totals:
+                    self.steps[lora_id] = min(max(step, self.steps.get(lora_id, 0)), self.totals[lora_id])
+            self._show()
+
+    def finished(self, lora_id: str, status: str) -> None:
+        """A fine-tune ended (`status`: zoo.manifest's DONE or FAILED): all its steps count."""
+        with self.lock:
+            self.counts[status] += 1
+            self.steps[lora_id] = self.totals.get(lora_id, 0)
+            self._show()
+
+    def _show(self) -> None:
+        # n set, not update()d: tqdm then rates the average since the bar started (steps done / time), which
+        # two workers reporting in turn would make jumpy as a moving average.
+        self.bar.n = sum(self.steps.values())
+        ended = sum(self.counts.values())
+        per_minute = ended / max(time.perf_counter() - self.started, 1e-9) * 60
+        self.bar.set_postfix(fine_tunes_done=self.counts["done"], failed=self.counts["failed"],
+                             left=len(self.totals) - ended, per_min=f"{per_minute:.1f}")  # refreshes the bar
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def step_reporter(counter: Any, lora_ids: Sequence[str]) -> Callable[[int], None] | None:
+    """The `on_step` of a pass over `lora_ids` (loop.run_finetunes): their step, sent to `counter` (a Ray
+    actor handle, a StepCounter or a StepBar) at most every REPORT_EVERY_S; None without a counter."""
+    if counter is None:
+        return None
+    send = counter.report.remote if hasattr(counter.report, "remote") else counter.report
+    last = [0.0]
+
+    def on_step(step: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= REPORT_EVERY_S:
+            last[0] = now
+            send({lora_id: step for lora_id in lora_ids})
+
+    return on_step
+
+
+@contextmanager
+def polled(counter: Any, bar: StepBar) -> Iterator[None]:
+    """Read the Ray actor `counter` into `bar` every POLL_S in a thread while the block runs (the block
+    waits on the workers' results); a counter that stops answering stops only the bar's step count."""
+    import ray  # only a build on Ray workers has an actor to read
+
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(POLL_S):
+            try:
+                bar.report(ray.get(counter.read.remote(), timeout=30))
+            except Exception:  # the actor died with the cluster: the build itself reports that
+                return
+
+    thread = threading.Thread(target=poll, name="zoo-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)

@@ -1,7 +1,7 @@
 """Build a LoRA zoo as a Ray job (a rerun of the same config resumes: finished fine-tunes are kept).
 
-    ray job submit --working-dir . -- python jobs/build_zoo.py zoo.yaml [--root s3://bucket/zoo]
-    python jobs/build_zoo.py zoo.yaml            # on this machine: starts a local Ray
+    ray job submit --runtime-env runtime_env.yaml -- python jobs/build_zoo.py platform/loraleak/configs/zoo-synthetic.yaml [--root s3://bucket/zoo]
+    python jobs/build_zoo.py platform/loraleak/configs/zoo-synthetic.yaml   # on this machine: starts a local Ray
 
 Thin by design: the library does the work (`loraleak.zoo.build.build_zoo`).
 """

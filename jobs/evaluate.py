@@ -1,6 +1,6 @@
 """Evaluate a zoo's held-out victims as a Ray job (a rerun resumes: evaluated victims are kept).
 
-    ray job submit --working-dir . -- python jobs/evaluate.py evaluate.yaml [--zoo s3://bucket/zoo]
+    ray job submit --runtime-env runtime_env.yaml -- python jobs/evaluate.py evaluate.yaml [--zoo s3://bucket/zoo]
     python jobs/evaluate.py evaluate.yaml        # on this machine: starts a local Ray
 
 Thin by design: the library does the work (`loraleak.evaluation.evaluate.evaluate`).

@@ -1,6 +1,6 @@
 """Fine-tune one victim and check its leak, as a Ray job.
 
-    ray job submit --working-dir . -- python jobs/finetune_victim.py configs/victim.yaml
+    ray job submit --runtime-env runtime_env.yaml -- python jobs/finetune_victim.py platform/loraleak/configs/victim-synthetic.yaml
 
 Thin by design: the library does the work (`loraleak.victim.run_victim`).
 """

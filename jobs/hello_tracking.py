@@ -1,6 +1,6 @@
 """A smoke job for a cluster: run one Ray task on it and log one MLflow run describing it.
 
-    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/hello_tracking.py
+    ray job submit --address http://127.0.0.1:8265 --runtime-env runtime_env.yaml -- python jobs/hello_tracking.py
 
 Proves the round trip a real job relies on: the job reaches the cluster (RAY_ADDRESS is set by
 `ray job submit`), the installed `loraleak` imports on the node, and runs land in the tracking

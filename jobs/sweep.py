@@ -1,6 +1,6 @@
 """A sweep of the whole study as a Ray job (a rerun resumes: finished trials are not run again).
 
-    ray job submit --working-dir . -- python jobs/sweep.py tune_configs/rank.yaml --out /shared/sweeps/rank
+    ray job submit --runtime-env runtime_env.yaml -- python jobs/sweep.py tune_configs/rank.yaml --out /shared/sweeps/rank
     python jobs/sweep.py tune_configs/rank.yaml     # on this machine: starts a local Ray
 
 Thin by design: the library does the work (`loraleak.sweeps.run.run_sweep`).

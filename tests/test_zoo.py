@@ -219,13 +219,33 @@ def test_class_images_are_sampled_once_with_their_own_bar_before_the_fine_tunes(
     assert re.search(r"class images: 100%.*3/3 \[[\d:]+<[\d:]+", err), err  # images done / total, elapsed<ETA
     assert err.rindex("class images:") < err.index("zoo:")  # sampled, then the fine-tunes' bar starts
     # 3 fine-tunes x 2 steps: the first one's first step shows before any fine-tune has ended.
-    assert re.search(r"zoo: +\d+%.* 1/6 \[.*fine_tunes_done=0, failed=0, left=3", err), err
-    assert re.search(r"zoo: 100%.* 6/6 \[.*fine_tunes_done=3, failed=0, left=0", err), err
+    assert re.search(r"zoo: +\d+%.* 1/6 \[.*fine-tunes 0 done, 0 failed, 3 left", err), err
+    assert re.search(r"zoo: 100%.* 6/6 \[.*fine-tunes 3 done, 0 failed, 0 left", err), err
     assert len(list((tmp_path / "zoo" / "class_images").iterdir())) == 1
     cached = {**finetune, "class_images_dir": str(tmp_path / "zoo" / "class_images")}
     assert build_zoo(zoo_config(tmp_path / "other", tiny_base, finetune=cached, workers=0, num_snapshots=1),
                      show_progress=True)["done"] == 3
     assert "class images:" not in capsys.readouterr().err  # the cache, read back
+
+
+def test_steps_reported_by_ray_workers_reach_the_bar(ray_local):
+    """On Ray the workers report their steps to a counter actor, which the driver's thread reads into the bar."""
+    import ray
+
+    from loraleak.zoo.progress import StepBar, StepCounter, polled, step_reporter
+
+    counter = ray.remote(StepCounter).options(num_cpus=0).remote()
+    bar = StepBar({"a": 4, "b": 4}, show=False)
+    on_step = step_reporter(counter, ["a", "b"])  # one pass of two fine-tunes
+    with polled(counter, bar):
+        on_step(3)  # a pass's first report goes at once; later ones at most every REPORT_EVERY_S
+        deadline = time.monotonic() + 120
+        while bar.bar.n < 6 and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert bar.bar.n == 6
+    bar.finished("a", "failed")  # an ended fine-tune counts all its steps
+    assert bar.bar.n == 7 and bar.counts == {"done": 0, "failed": 1}
+    ray.kill(counter)
 
 
 def test_info_summarises(reference, capsys):

@@ -67,8 +67,8 @@ class StepBar:
         self.bar.n = sum(self.steps.values())
         ended = sum(self.counts.values())
         per_minute = ended / max(time.perf_counter() - self.started, 1e-9) * 60
-        self.bar.set_postfix(fine_tunes_done=self.counts["done"], failed=self.counts["failed"],
-                             left=len(self.totals) - ended, per_min=f"{per_minute:.1f}")  # refreshes the bar
+        self.bar.set_postfix_str(f"fine-tunes {self.counts['done']} done, {self.counts['failed']} failed, "
+                                 f"{len(self.totals) - ended} left, {per_minute:.1f}/min")  # refreshes the bar
 
     def close(self) -> None:
         self.bar.close()

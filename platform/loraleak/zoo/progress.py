@@ -11,6 +11,8 @@ and ETA are the fine-tunes' alone.
 
 from __future__ import annotations
 
+import math
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -20,6 +22,9 @@ from tqdm.auto import tqdm
 
 REPORT_EVERY_S = 2.0  # a worker's reports: often enough for the bar, rare enough to cost nothing
 POLL_S = 1.0  # the driver's reads of the counter
+# How often the bar is redrawn: on a terminal, as steps come; into a log (a Ray job's, a file), where every
+# redraw is a line, every LOG_EVERY_S at most (and when the last fine-tune ends).
+TERMINAL_EVERY_S, LOG_EVERY_S = 0.5, 30.0
 
 
 class StepCounter:
@@ -45,6 +50,8 @@ class StepBar:
         self.started = time.perf_counter()
         self.lock = threading.Lock()  # the poll thread and the loop over results both update it
         self.bar = tqdm(total=sum(self.totals.values()), desc="zoo", unit="step", disable=not show)
+        self.every = TERMINAL_EVERY_S if sys.stderr.isatty() else LOG_EVERY_S
+        self.shown = -math.inf
 
     def report(self, steps: Mapping[str, int]) -> None:
         """Steps reached by running fine-tunes (never backwards: a pass retried one by one starts again)."""
@@ -52,23 +59,27 @@ class StepBar:
             for lora_id, step in steps.items():
                 if lora_id in self.totals:
                     self.steps[lora_id] = min(max(step, self.steps.get(lora_id, 0)), self.totals[lora_id])
-            self._show()
+            self._show(force=False)
 
     def finished(self, lora_id: str, status: str) -> None:
         """A fine-tune ended (`status`: zoo.manifest's DONE or FAILED): all its steps count."""
         with self.lock:
             self.counts[status] += 1
             self.steps[lora_id] = self.totals.get(lora_id, 0)
-            self._show()
+            self._show(force=sum(self.counts.values()) == len(self.totals))
 
-    def _show(self) -> None:
+    def _show(self, force: bool) -> None:
         # n set, not update()d: tqdm then rates the average since the bar started (steps done / time), which
         # two workers reporting in turn would make jumpy as a moving average.
         self.bar.n = sum(self.steps.values())
         ended = sum(self.counts.values())
         per_minute = ended / max(time.perf_counter() - self.started, 1e-9) * 60
+        now = time.monotonic()
+        redraw = force or now - self.shown >= self.every
+        if redraw:
+            self.shown = now
         self.bar.set_postfix_str(f"fine-tunes {self.counts['done']} done, {self.counts['failed']} failed, "
-                                 f"{len(self.totals) - ended} left, {per_minute:.1f}/min")  # refreshes the bar
+                                 f"{len(self.totals) - ended} left, {per_minute:.1f}/min", refresh=redraw)
 
     def close(self) -> None:
         self.bar.close()

@@ -306,7 +306,8 @@ def test_a_two_trial_sweep_through_ray_tune_tracked_and_resumed(ray_local, tmp_p
     client = MlflowClient(result.tracking_uri)
     parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.metrics["trials_finished"] == 2
-    [experiment] = client.search_experiments()  # one experiment for the sweep, named after its folder
+    # One experiment for the sweep, named after its folder (beside MLflow's own "Default", empty).
+    [experiment] = [e for e in client.search_experiments() if e.name != "Default"]
     assert experiment.name == "sweep" and parent.info.experiment_id == experiment.experiment_id
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
     assert {"results.csv", "privacy_utility.png"} <= artifacts

@@ -1,6 +1,10 @@
 """The smallest study that runs every stage of `loraleak run`, shared by the pipeline and sweep tests
 (imported by them; pytest puts this folder on the path)."""
 
+import time
+
+import psutil
+
 SMALLEST = {
     "identities": {"kind": "synthetic", "num_identities": 6, "images_per_identity": 3, "heldout_fraction": 0.5},
     "base": {"ref": "tiny"},
@@ -54,3 +58,24 @@ def build_tiny_zoo(work):
                                 "num_snapshots": 2, "workers": 0, "tracking": False})
     assert build_zoo(cfg, show_progress=False)["done"] == 5
     return cfg
+
+
+# --- processes a test started, found by the folder their command lines name --------------------------------
+
+def processes_naming(folder: str, wait_s: float = 0) -> list[psutil.Process]:
+    """The processes whose command line names `folder`: a Ray session's temp folder (RAY_TMPDIR, --temp-dir)
+    is passed to every process that Ray starts, so this finds one Ray instance's processes and no other.
+    With `wait_s`, polls until none is left or wait_s has passed (a process stopped a moment ago may still
+    be exiting) and returns what is left."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = []
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if any(folder in arg for arg in p.info["cmdline"] or ()):
+                    found.append(p)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        if not found or time.monotonic() >= deadline:
+            return found
+        time.sleep(0.5)

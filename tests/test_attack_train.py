@@ -89,6 +89,25 @@ def test_selection_reads_attack_train_only_and_splits_validation_by_identity(zoo
     assert len(every.layout) == 4 * 2 * 2 * 2  # 4 transformer blocks x attn1/attn2 x to_q/to_v x A/B
 
 
+def test_train_identities_takes_nested_subsets_of_the_training_identities(zoo, tmp_path):
+    every = select_samples(attack_config(zoo, tmp_path))
+    all_ids = {r.identity_id for r in every.train}
+    subsets = []
+    for n in range(1, len(all_ids) + 1):
+        chosen = select_samples(attack_config(zoo, tmp_path, train_identities=n))
+        ids = {r.identity_id for r in chosen.train}
+        assert len(ids) == n == chosen.train_identities and ids <= all_ids
+        assert chosen.val == every.val  # validation does not move with the training set
+        assert all(sum(r.identity_id == i for r in chosen.train) == sum(r.identity_id == i for r in every.train)
+                   for i in ids)  # every snapshot of a chosen identity
+        subsets.append(ids)
+    assert all(a < b for a, b in zip(subsets, subsets[1:]))  # a learning curve's sets are nested
+    with pytest.raises(InputError, match=f"train_identities is {len(all_ids) + 1}, but zoo"):
+        select_samples(attack_config(zoo, tmp_path, train_identities=len(all_ids) + 1))
+    with pytest.raises(ConfigError, match="train_identities must be >= 1"):
+        attack_config(zoo, tmp_path, train_identities=0)
+
+
 @pytest.fixture(scope="module")
 def other_base(tmp_path_factory) -> str:
     """The same architecture with other weights: every LoRA fits it, none was made for it."""

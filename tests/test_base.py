@@ -14,11 +14,12 @@ import torch
 from loraleak.base import loading
 from loraleak.base.loading import base_fingerprint, base_info, load_base_pipeline
 from loraleak.base.pretrain import PretrainConfig, load_image_set, parse_args, pretrain_base, public_name
-from loraleak.base.sampling import sample_grid, sample_images
+from loraleak.base.sampling import sample_images
 from loraleak.base.tiny import TinyBaseConfig, build_tiny_pipeline
 from loraleak.base.tokenizer import PROMPT_WORDS, build_tokenizer
 from loraleak.config import from_dict
 from loraleak.errors import ConfigError, LoraleakError
+from loraleak.imaging import make_grid
 
 # Smaller than the shipped default so that every test here runs in seconds on one core.
 SMALL = TinyBaseConfig(unet_channels=(32, 64), attention_levels=1, text_width=32, text_heads=2,
@@ -113,7 +114,7 @@ def test_save_and_load_round_trip_gives_identical_images(saved_small):
     info = base_info(loaded)
     assert info["resolution"] == 32 and info["text_width"] == 32 and info["latent_size"] == 16
     assert any(name.endswith("attn2") for name in info["attention_modules"])
-    grid = sample_grid(loaded, "A human face.", n=4, seed=0, steps=2)
+    grid = make_grid(sample_images(loaded, "A human face.", n=4, seed=0, steps=2))
     assert grid.size == (2 * 34 + 2, 2 * 34 + 2)
 
 

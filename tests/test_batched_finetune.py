@@ -217,6 +217,28 @@ def test_per_row_adamw_and_clipping_equal_k_torch_optimisers():
                 torch.testing.assert_close(p.detach()[k], q.detach(), rtol=1e-5, atol=1e-7)
 
 
+def test_grouped_rows_go_through_the_same_loras_as_interleaved_rows():
+    """The fine-tune's layout (LoRA k's rows contiguous) computes what the decoding layout (row j: LoRA j mod N)
+    computes for the same rows: base plus scale_k · x A_kᵀ B_kᵀ, forward and gradients."""
+    torch.manual_seed(0)
+    n, rows, tokens = 3, 2, 5
+    wrapper = BatchedLoRALinear(torch.nn.Linear(8, 6))
+    down, up = torch.randn(n, 4, 8, requires_grad=True), torch.randn(n, 6, 4, requires_grad=True)
+    wrapper.down, wrapper.up, wrapper.scale = down, up, torch.tensor([0.5, 1.0, 2.0])
+    x = torch.randn(n * rows, tokens, 8)  # interleaved: row c·n + k
+    interleaved = wrapper(x)
+    expected = torch.stack([wrapper.base(x[j]) + wrapper.scale[j % n] * x[j] @ down[j % n].T @ up[j % n].T
+                            for j in range(n * rows)])
+    torch.testing.assert_close(interleaved, expected)
+    grads = torch.autograd.grad(interleaved.square().sum(), [down, up])
+    wrapper.grouped = True
+    order = [c * n + k for k in range(n) for c in range(rows)]  # grouped row k·rows + c = interleaved row c·n + k
+    grouped = wrapper(x[order])
+    torch.testing.assert_close(grouped, interleaved[order])
+    for got, want in zip(torch.autograd.grad(grouped.square().sum(), [down, up]), grads):
+        torch.testing.assert_close(got, want)
+
+
 def test_largest_fitting_doubles_then_bisects():
     for capacity in (1, 2, 3, 37, 64, 1000):
         asked = []

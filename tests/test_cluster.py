@@ -25,6 +25,7 @@ import psutil
 import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
+from studies import processes_naming
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO / "cluster.yaml"
@@ -89,18 +90,6 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-def _processes_under(temp_dir: str) -> list[psutil.Process]:
-    """Processes of this head: Ray passes its temp/session dir to everything it starts."""
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if any(temp_dir in arg for arg in p.info["cmdline"] or ()):
-                found.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return found
-
-
 def _ray(args: list[str], env: dict, timeout: float = 180) -> subprocess.CompletedProcess:
     return subprocess.run([RAY, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -144,10 +133,7 @@ def local_head(tmp_path):
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             head.kill()
-        deadline = time.monotonic() + 30
-        while (leftovers := _processes_under(temp_dir)) and time.monotonic() < deadline:
-            time.sleep(1)
-        for p in leftovers:
+        for p in processes_naming(temp_dir, wait_s=30):
             p.kill()
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -255,13 +241,6 @@ def _run_stand_in(marker: str, ends: list[str], env: dict) -> list[dict]:
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
 
-def _ray_processes(marker: str) -> list[psutil.Process]:
-    deadline = time.monotonic() + 30  # a process killed a moment ago may still be exiting
-    while (left := _processes_under(marker)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return left
-
-
 STATUS = {"ok": 0, "error": 2, "interrupt": 130}
 
 
@@ -281,9 +260,9 @@ def test_a_command_shuts_down_the_local_ray_it_started_however_it_ends(ends):
             assert any("raylet" in p for p in start["running"]) and any("gcs_server" in p for p in start["running"])
             assert not end["initialized"] and end["left"] == [], end  # stopped by the runner, not at exit
         assert len({s["gcs"] for s in started}) == len(ends)  # each command started (and stopped) its own
-        assert _ray_processes(temp_dir) == []
+        assert processes_naming(temp_dir, wait_s=30) == []
     finally:
-        for p in _processes_under(temp_dir):
+        for p in processes_naming(temp_dir):
             p.kill()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
@@ -309,13 +288,13 @@ def test_a_command_leaves_a_ray_it_joined_running(tmp_path):
             assert head.poll() is None, (tmp_path / "ray-start.log").read_text()
             assert time.monotonic() < deadline, "the Ray head did not come up within 180 s"
             time.sleep(1)
-        before = {p.pid for p in _processes_under(temp_dir)}
+        before = {p.pid for p in processes_naming(temp_dir)}
         lines = _run_stand_in(temp_dir, ["ok", "error"], {**env, "RAY_ADDRESS": address})
         assert [line["gcs"].rpartition(":")[2] for line in lines[0::2]] == [str(gcs)] * 2  # joined, not started
         assert [line["status"] for line in lines[1::2]] == [0, 2]
-        after = {p.pid for p in _processes_under(temp_dir)}
+        after = {p.pid for p in processes_naming(temp_dir)}
         assert {p for p in before if psutil.pid_exists(p)} == before  # the head's processes all still run
-        assert any("raylet" in p.name() or "gcs_server" in p.name() for p in _processes_under(temp_dir))
+        assert any("raylet" in p.name() or "gcs_server" in p.name() for p in processes_naming(temp_dir))
         assert before <= after and head.poll() is None
     finally:
         head.send_signal(signal.SIGTERM)
@@ -323,7 +302,7 @@ def test_a_command_leaves_a_ray_it_joined_running(tmp_path):
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             head.kill()
-        for p in _ray_processes(temp_dir):
+        for p in processes_naming(temp_dir, wait_s=30):
             p.kill()
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -19,14 +19,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from loraleak.base.tiny import build_tiny_pipeline
 from loraleak.leftovers import RAY_SNAPSHOT, checkpoint_folders, complete_checkpoints, is_temporary
-from studies import SMALLEST, TINY
+from studies import SMALLEST, TINY, processes_naming
 
 pytestmark = pytest.mark.slow
 
@@ -53,26 +52,11 @@ def setup(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_TMPDIR=ray_dir, PYTHONPATH=f"{REPO / 'platform'}{os.pathsep}{env.get('PYTHONPATH', '')}")
     yield config, env, ray_dir
-    left = ray_processes(ray_dir)
+    left = processes_naming(ray_dir, wait_s=30)
     for p in left:
         p.kill()
     shutil.rmtree(ray_dir, ignore_errors=True)
     assert left == [], f"Ray processes left by the runs: {left}"
-
-
-def ray_processes(ray_dir: str, wait_s: float = 30) -> list[psutil.Process]:
-    deadline = time.monotonic() + wait_s
-    while True:
-        found = []
-        for p in psutil.process_iter(["cmdline"]):
-            try:
-                if any(ray_dir in arg for arg in p.info["cmdline"] or ()):
-                    found.append(p)
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-        if not found or time.monotonic() > deadline:
-            return found
-        time.sleep(0.5)
 
 
 def start(setup, out: Path, log: Path) -> subprocess.Popen:
@@ -102,28 +86,14 @@ def one(out: Path, pattern: str) -> list[Path]:
     return sorted(out.glob(pattern))
 
 
-def lora_content(path: Path) -> str:
-    """sha256 over a LoRA file's tensors and metadata, in name order: the file's bytes are not compared, as
-    safetensors writes the tensors in the order of the dict it is given, which varies between processes
-    (string hashing) in a fine-tune's early snapshots."""
-    from safetensors import safe_open
-
-    digest = hashlib.sha256()
-    with safe_open(str(path), "pt") as f:
-        digest.update(json.dumps(f.metadata(), sort_keys=True).encode())
-        for name in sorted(f.keys()):
-            tensor = f.get_tensor(name).contiguous()
-            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode() + tensor.numpy().tobytes())
-    return digest.hexdigest()
-
-
 def result(out: Path) -> tuple[list[dict], dict]:
-    """The zoo manifest (without when/where columns, the out folder's path written as OUT; each LoRA by its
-    content) and the metrics."""
+    """The zoo manifest (without when/where columns, the out folder's path written as OUT) and the metrics.
+    Each LoRA is compared by its recorded `lora_sha256`, the hash of its file's bytes (checked against the
+    file here): `lora.io.save_lora_file` writes the same bytes for the same LoRA in any process."""
     (manifest,) = one(out, "zoo-*/manifest.parquet")
     rows = pq.read_table(manifest).drop_columns(list(VARYING)).to_pylist()
     for row in rows:
-        row["lora_sha256"] = lora_content(manifest.parent / row["lora_path"])
+        assert hashlib.sha256((manifest.parent / row["lora_path"]).read_bytes()).hexdigest() == row["lora_sha256"]
     text = json.dumps(sorted(rows, key=lambda r: (r["lora_id"], r["snapshot_step"])), default=str)
     return json.loads(text.replace(str(out.resolve()), "OUT")), json.loads((out / "pipeline.json").read_text())["metrics"]
 

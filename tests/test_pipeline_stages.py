@@ -67,3 +67,11 @@ def test_an_attack_folder_named_before_max_steps_was_in_its_key_is_still_used(tm
     longer = plan_stages(with_overrides(quick, {"attack.max_steps": 600}))
     assert longer.attack.line == "779b9600" and longer.attack.folder.name == f"attack-{longer.attack.key}"
     assert longer.attack.key != stages.attack.key and not longer.attack.is_complete()
+
+
+def test_a_smaller_attack_training_set_is_another_attack_and_the_default_keeps_the_old_keys():
+    quick = load_pipeline_config("quick")
+    assert stage_keys(with_overrides(quick, {"attack.train_identities": None})) == QUICK  # stages.ADDED_SETTINGS
+    fewer = stage_keys(with_overrides(quick, {"attack.train_identities": 8}))
+    assert fewer["zoo"] == QUICK["zoo"] and fewer["baselines"] == QUICK["baselines"]  # the zoo is shared
+    assert fewer["attack"] != QUICK["attack"] and fewer["evaluation"] != QUICK["evaluation"]

@@ -54,3 +54,44 @@ def test_batched_and_single_fine_tunes_show_the_same_wrong_triggers(tmp_path):
                           tmp_path / "plain", show_progress=False)
     # Same data draws; only the second class row's prompt differs (a wrong trigger instead of the class prompt).
     assert plain.losses != pytest.approx(singles[0].losses, rel=1e-4)
+
+
+def test_wrong_triggers_embedded_in_chunks_equal_each_row_embedded_alone():
+    """The wrong-trigger rows of several steps go through the text encoder in one call: the same triggers,
+    in the same order, as embedding every step (or every row) alone, and the same embeddings up to rounding."""
+    import torch
+
+    from loraleak.base.tiny import TinyBaseConfig, build_tiny_pipeline
+    from loraleak.finetune.data import encode_tokens, token_ids
+    from loraleak.finetune.prior_prompts import PromptEmbeddings
+
+    pipe = build_tiny_pipeline(TinyBaseConfig(), seed=0)
+    cfg = FinetuneConfig(batch_size=4, steps=40, prior_negative_triggers=1000, prior_negative_fraction=0.75, seed=3)
+    calls = []
+
+    def encode(text_encoder, ids):
+        calls.append(ids)
+        return encode_tokens(text_encoder, ids)
+
+    chunked = PromptEmbeddings(pipe.tokenizer, pipe.text_encoder, cfg, token_ids, encode, rows_per_call=64)
+    per_step = PromptEmbeddings(pipe.tokenizer, pipe.text_encoder, cfg, token_ids, encode_tokens, rows_per_call=1)
+    calls.clear()  # the fixed prompts' call
+    rows = {step: chunked.step_rows(step, 4) for step in range(1, cfg.steps + 1)}
+    # 3 wrong triggers a step, 64 rows a call: steps 1-21 in the first call, 22-40 in the second.
+    assert [len(ids) for ids in calls] == [63, 57]
+    wrong = [i for step in range(1, cfg.steps + 1) for i in prior_prompt_indices(cfg, step, 4) if i]
+    assert torch.equal(torch.cat(calls), torch.cat([token_ids(pipe.tokenizer, prior_prompt(cfg, i)) for i in wrong]))
+    assert wrong == list(range(1, 121))  # each step its own new wrong triggers
+    with torch.no_grad():
+        alone = {i: encode_tokens(pipe.text_encoder, token_ids(pipe.tokenizer, prior_prompt(cfg, i)))[0] for i in wrong}
+        class_prompt = encode_tokens(pipe.text_encoder, token_ids(pipe.tokenizer, cfg.class_prompt))[0]
+        instance = encode_tokens(pipe.text_encoder, token_ids(pipe.tokenizer, cfg.instance_prompt_text))[0]
+    for step, got in rows.items():
+        indices = prior_prompt_indices(cfg, step, 4)
+        expected = torch.stack([instance] * 4 + [alone[i] if i else class_prompt for i in indices])
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, per_step.step_rows(step, 4), rtol=1e-5, atol=1e-5)
+    # Out of order (a step already served, or another row count): embedded afresh, still the same rows.
+    torch.testing.assert_close(chunked.step_rows(7, 4), rows[7], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chunked.class_rows(9, 2), torch.stack(
+        [alone[i] if i else class_prompt for i in prior_prompt_indices(cfg, 9, 2)]), rtol=1e-5, atol=1e-5)

@@ -110,6 +110,14 @@ def test_the_shipped_tune_configs_load_and_expand():
     assert builds_per_stage(step)["zoo"] == 1 and builds_per_stage(step)["attack"] == 5
 
 
+def test_the_learning_curve_shares_one_zoo_and_trains_one_attack_per_training_set_size(lfw_root):
+    cfg = load_sweep_config(REPO / "tune_configs" / "learning_curve.yaml")
+    trials = expand_trials(cfg, "sqlite:///unused.db")
+    assert [t.config.attack.train_identities for t in trials] == [8, 16, 32, None]
+    check_rerun(cfg.rerun, trials, "learning_curve.yaml")
+    assert builds_per_stage(trials)["zoo"] == 1 and builds_per_stage(trials)["attack"] == 4
+
+
 # --- where a sweep logs -------------------------------------------------------------------------------------
 
 def test_a_sweep_logs_to_the_store_loraleak_run_would_use(tmp_path, capsys, monkeypatch):

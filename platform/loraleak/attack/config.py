@@ -39,6 +39,10 @@ class AttackTrainConfig:
     use_initial_lora: bool = False
     images_per_sample: int = 1  # images of the victim each LoRA is decoded against per step
     val_fraction: float = 0.1  # attack_train identities kept aside for validation (0: none)
+    # Train on only this many of the (non-validation) attack_train identities: the attacker's learning
+    # curve over training-set size. They are the first of one fixed order (seed 0, whatever `seed` is),
+    # so a smaller set is a subset of a larger one. None: all of them.
+    train_identities: int | None = None
     val_max_samples: int = 64  # validation LoRAs (final snapshots of the validation identities)
     # Optimisation (the paper's encoder optimiser: AdamW lr 5e-3, weight decay 5e-4).
     lr: float = 5e-3
@@ -83,6 +87,8 @@ class AttackTrainConfig:
         for name, value in positive.items():
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.train_identities is not None and self.train_identities < 1:
+            raise ValueError(f"train_identities must be >= 1 (or null: all), got {self.train_identities}")
         if self.rank is not None and self.rank < 1:
             raise ValueError(f"rank must be >= 1 (or null), got {self.rank}")
         if not 0.0 <= self.val_fraction < 1.0:

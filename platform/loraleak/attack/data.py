@@ -12,6 +12,7 @@ file's alpha for the LoRA scale), so samples are read here from `sample_rows`' p
 
 from __future__ import annotations
 
+import random
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
@@ -64,6 +65,19 @@ def read_state(store: ZooStore, relative: str) -> tuple[dict[str, torch.Tensor],
         return read_lora(local)
 
 
+def training_identities(candidates: list[str], limit: int | None, zoo: str) -> set[str]:
+    """The identities the attack trains on: all `candidates`, or the first `limit` of one fixed order of them
+    (seed 0), so that the training sets of a learning curve are nested."""
+    if limit is None:
+        return set(candidates)
+    if limit > len(candidates):
+        raise InputError(f"attack.train_identities is {limit}, but zoo {zoo} has {len(candidates)} attack_train "
+                         "identities for training (after validation)")
+    order = sorted(candidates)
+    random.Random(0).shuffle(order)
+    return set(order[:limit])
+
+
 def select_samples(cfg: AttackTrainConfig, base_hash: str | None = None) -> ZooSelection:
     """The attack_train rows of the zoo, split by identity into training and validation.
 
@@ -96,7 +110,8 @@ def select_samples(cfg: AttackTrainConfig, base_hash: str | None = None) -> ZooS
         # Seed 0, not cfg.seed: runs that differ in their seed are validated on the same identities.
         roles = split_identities(identities, cfg.val_fraction, seed=0)
         val_ids = {i for i, role in roles.items() if role == "heldout"}
-    train = [r for r in rows if r.identity_id not in val_ids and (cfg.snapshots == "all" or r.step == r.steps)]
+    train_ids = training_identities([i for i in identities if i not in val_ids], cfg.train_identities, cfg.zoo)
+    train = [r for r in rows if r.identity_id in train_ids and (cfg.snapshots == "all" or r.step == r.steps)]
     val = [r for r in rows if r.identity_id in val_ids and r.step == r.steps][: cfg.val_max_samples]
     if len(train) < cfg.num_workers:
         raise InputError(f"zoo {cfg.zoo} gives {len(train)} training samples, fewer than the {cfg.num_workers} "
@@ -105,7 +120,7 @@ def select_samples(cfg: AttackTrainConfig, base_hash: str | None = None) -> ZooS
     first, first_metadata = read_state(store, train[0].lora_path)
     layout = lora_layout(first)
     lora_steps = Counter(r.steps for r in rows).most_common(1)[0][0]
-    return ZooSelection(train, val, layout, zoo_base, lora_steps, len(identities) - len(val_ids), len(val_ids),
+    return ZooSelection(train, val, layout, zoo_base, lora_steps, len(train_ids), len(val_ids),
                         adapter_metadata(first_metadata).get("unet.lora_alpha"))
 
 

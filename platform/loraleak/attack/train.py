@@ -29,7 +29,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import diffusers
 import torch
@@ -82,120 +82,33 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    diffusers.utils.logging.disable_progress_bar()
 
-    # The frozen base: its UNet decodes (each sample through its own LoRA), its VAE encodes the
-    # victims' images, its CLIP text transformer sits inside the encoder.
-    pipe = load_base_pipeline(cfg.base, device=device)
-    selection = select_samples(cfg, base_hash=base_fingerprint(cfg.base))
-    unet = pipe.unet.eval()
-    install_batched_lora(unet, sorted({spec.module for spec in selection.layout}))  # once, for the whole run
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    images = ImageLatents(pipe.vae, cfg.identities, pipeline_resolution(pipe), device)
-    prompts = PromptEmbeddings(pipe, device) if cfg.model.embedding_mse_weight else None
-
-    # The encoder and its optimizer, from the latest checkpoint when there is one (this run's own, else the
-    # earlier run's it continues).
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and cfg.resume_from:
-        checkpoint = ray.train.Checkpoint.from_directory(cfg.resume_from)
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            encoder = NetworkAutoencoder.from_pretrained(Path(directory) / MODEL_DIR, pipe.text_encoder)
-            state = torch.load(Path(directory) / TRAINER_STATE, map_location="cpu", weights_only=True)
-        start_step = int(state["step"])
-        if encoder.config != cfg.model or encoder.layout != selection.layout:
-            raise ConfigError(f"run {cfg.run_name!r} in {cfg.storage} holds a checkpoint of another attack model "
-                              f"({to_dict(encoder.config)}); give this one a new run_name")
-    else:
-        torch.manual_seed(cfg.seed)  # the same initial weights on every worker and every rerun
-        encoder = NetworkAutoencoder.from_pipeline(pipe, selection.layout, cfg.model,
-                                                   base_fingerprint=selection.base_hash)
-        state, start_step = None, 0
+    # Setup: the frozen base, the encoder and its optimizer (from the latest checkpoint when there is one),
+    # this worker's batches, the fixed evaluation sets.
+    decoder = _Decoder.load(cfg, device)
+    encoder, state, start_step = _restore_or_init(cfg, decoder)
     model = ray.train.torch.prepare_model(encoder)  # to the device; DDP when there are several workers
     optimizer = torch.optim.AdamW(encoder.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
-
-    # Data: this worker's shard of the training samples, continuing where the checkpoint stopped.
     load = functools.partial(load_sample, mode=cfg.model.input_mode, use_initial=cfg.use_initial_lora,
-                             layout=selection.layout)  # picklable: DataLoader processes call it
-
-    stream = LoraSamples(cfg.zoo, selection.train, load, cfg.seed, rank, world_size,
-                         start=start_step * cfg.batch_size)
-    batches = iter(torch.utils.data.DataLoader(stream, batch_size=cfg.batch_size, collate_fn=collate_samples,
-                                               num_workers=cfg.loader_workers))
-
-    def training_loss(batch, out, generator):
-        latents = images.sample(batch.rows, cfg.images_per_sample, generator)
-        return epsilon_loss(unet, noise_scheduler, latents, out.z, batch.factors, batch.scales, generator,
-                            kl=out.kl, kl_weight=cfg.model.kl_weight,
-                            target_embeds=prompts(batch.rows) if prompts is not None else None,
-                            embedding_mse_weight=cfg.model.embedding_mse_weight)
-
-    # Fixed evaluation sets, measured by rank 0 with z = μ (as at attack time), the same batches and
-    # the same noise every time, whatever the batch size, workers or seed: losses compare across
-    # steps and across runs. The validation LoRAs, and as many training LoRAs (the gap between the
-    # two is what the encoder fails to generalise).
-    store = ZooStore(cfg.zoo)
-
-    def fixed_batches(rows):
-        return [collate_samples([load(store, row) for row in rows[i:i + EVAL_BATCH]])
-                for i in range(0, len(rows), EVAL_BATCH)]
-
-    eval_sets = {}
-    if rank == 0:
-        eval_sets["train_eval_loss"] = fixed_batches(selection.train[: cfg.val_max_samples])
-        if selection.val:
-            eval_sets["val_loss"] = fixed_batches(selection.val)
-
-    @torch.no_grad()
-    def evaluate(z_of: Callable[[Any], torch.Tensor] | None = None, suffix: str = "") -> dict[str, float]:
-        """Mean ε-MSE of each evaluation set, with z = μ (or z_of(batch): the reference losses)."""
-        model.eval()
-        results = {}
-        for name, fixed in eval_sets.items():
-            generator = torch.Generator().manual_seed(EVAL_SEED)
-            total, count = 0.0, 0
-            for batch in fixed:
-                latents = images.sample(batch.rows, EVAL_IMAGES, generator)
-                z = encoder.encode_mean(batch.matrices, batch.steps) if z_of is None else z_of(batch)
-                terms = epsilon_loss(unet, noise_scheduler, latents, z, batch.factors, batch.scales, generator)
-                total += float(terms.epsilon) * len(batch)
-                count += len(batch)
-            results[name + suffix] = total / count
-        model.train()
-        return results
-
-    # The same losses with two fixed z, what an attack's losses are read against: the victim's true
-    # instance prompt (the trigger the fine-tune learned) and the empty prompt (nothing about the
-    # victim). Their gap is how much z can matter at all on this zoo: when the victim's UNet shows its
-    # person under any prompt, the gap is small, and so is any difference between attacks.
-    references: dict[str, float] = {}
-    if rank == 0:
-        true_prompts = prompts or PromptEmbeddings(pipe, device)
-        empty = pipe.encode_prompt([""], device, 1, False)[0].float()
-        references = {**evaluate(lambda batch: true_prompts(batch.rows), ".true_prompt"),
-                      **evaluate(lambda batch: empty.expand(len(batch), -1, -1), ".empty_prompt")}
-
+                             layout=decoder.selection.layout)  # picklable: DataLoader processes call it
+    batches = _training_batches(cfg, load, decoder.selection, rank, world_size, start_step)
+    evaluator = _Evaluator(cfg, decoder, encoder, model, load, rank, device)
     # Where this run starts: step 0, or the checkpoint's step (its losses confirm what was restored).
-    tracker = _MetricsLog(config.get("tracking")) if rank == 0 else None
-    summary: dict[str, Any] = {"start_step": start_step, "losses": [], "references": references,
-                               "evaluations": {start_step: evaluate()}}
-    if tracker is not None:
-        tracker.add(start_step, {**references, **summary["evaluations"][start_step]})
+    summary: dict[str, Any] = {"start_step": start_step, "losses": [], "references": evaluator.references,
+                               "evaluations": {start_step: evaluator.losses()}}
+    log = _TrainingLog(cfg, rank, world_size, start_step, config)  # its window of steps starts now
+    log.record(start_step, {**evaluator.references, **summary["evaluations"][start_step]})
 
-    # The loop.
+    # The loop: a step per batch; validation every val_every steps, a checkpoint every checkpoint_every.
     generator = torch.Generator()
-    progress = tqdm(total=cfg.max_steps, initial=start_step, desc="attack", unit="step",
-                    disable=rank != 0 or not config.get("show_progress", True))
-    window_loss, window_steps, window_started = 0.0, 0, time.perf_counter()
     model.train()
     for step in range(start_step + 1, cfg.max_steps + 1):
         generator.manual_seed(step_seed(cfg.seed, rank, step))
         batch = next(batches)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
-            terms = training_loss(batch, model(batch.matrices, batch.steps, generator), generator)
+            terms = decoder.loss(batch, model(batch.matrices, batch.steps, generator), generator)
         terms.total.backward()
         if cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(encoder.trainable_parameters(), cfg.grad_clip)
@@ -206,47 +119,207 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         if not all(math.isfinite(v) for v in metrics.values()):
             raise LoraleakError(f"attack training diverged at step {step}: {metrics} (lower lr, or set grad_clip)")
         summary["losses"].append(metrics["loss"])
-        window_loss, window_steps = window_loss + metrics["loss"], window_steps + 1
-        samples_per_s = window_steps * cfg.batch_size * world_size / (time.perf_counter() - window_started)
-        progress.update()
-        progress.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=f"{samples_per_s:.1f}")
-        if tracker is not None:
-            tracker.add(step, {**metrics, "samples_per_s": samples_per_s})
+        log.step(step, metrics)
 
         validate_now = step % cfg.val_every == 0 or step == cfg.max_steps
         checkpoint_now = step % cfg.checkpoint_every == 0 or step == cfg.max_steps
         if validate_now or checkpoint_now:
-            report = {"step": step, "loss": window_loss / window_steps, "samples_per_s": samples_per_s}
+            report = log.window_report(step)
             if validate_now and rank == 0:
-                summary["evaluations"][step] = evaluation = evaluate()
+                summary["evaluations"][step] = evaluation = evaluator.losses()
                 report.update(evaluation)
-                tracker.add(step, evaluation)
-            if tracker is not None:
-                tracker.flush()
-            # Every worker reports (it is a barrier); only rank 0 writes the checkpoint.
-            with tempfile.TemporaryDirectory() as directory:
-                saved = None
-                if checkpoint_now and rank == 0:
-                    encoder.save_pretrained(Path(directory) / MODEL_DIR)
-                    torch.save({"step": step, "optimizer": optimizer.state_dict()}, Path(directory) / TRAINER_STATE)
-                    saved = ray.train.Checkpoint.from_directory(directory)
-                ray.train.report(report, checkpoint=saved)
-            window_loss, window_steps, window_started = 0.0, 0, time.perf_counter()
-        elif tracker is not None and step % cfg.log_every == 0:
-            tracker.flush()
+                log.record(step, evaluation)
+            log.flush()
+            _report(report, encoder, optimizer, step, save=checkpoint_now and rank == 0)
+            log.new_window()
+        elif step % cfg.log_every == 0:
+            log.flush()
     if start_step >= cfg.max_steps:
         # Nothing to train (continued from a checkpoint at max_steps): report that checkpoint as this run's.
-        with tempfile.TemporaryDirectory() as directory:
-            saved = None
-            if rank == 0:
-                encoder.save_pretrained(Path(directory) / MODEL_DIR)
-                torch.save({"step": start_step, "optimizer": optimizer.state_dict()}, Path(directory) / TRAINER_STATE)
-                saved = ray.train.Checkpoint.from_directory(directory)
-            ray.train.report({"step": start_step, **summary["evaluations"][start_step]}, checkpoint=saved)
-    progress.close()
-    if tracker is not None:
-        tracker.flush()
+        _report({"step": start_step, **summary["evaluations"][start_step]}, encoder, optimizer, start_step,
+                save=rank == 0)
+    log.close()
     return summary
+
+
+# --- the loop's parts, in the order it uses them
+
+
+@dataclass
+class _Decoder:
+    """The frozen base as the attack's decoder: its UNet decodes each sample through that sample's own LoRA
+    (all in one batched pass), its VAE encodes the victims' images, its CLIP text transformer sits inside
+    the encoder."""
+
+    cfg: AttackTrainConfig
+    pipe: Any
+    selection: ZooSelection
+    unet: torch.nn.Module
+    noise_scheduler: DDPMScheduler
+    images: ImageLatents
+    prompts: PromptEmbeddings | None  # the true prompts' embeddings, when the loss reads them
+
+    @classmethod
+    def load(cls, cfg: AttackTrainConfig, device: torch.device) -> _Decoder:
+        diffusers.utils.logging.disable_progress_bar()
+        pipe = load_base_pipeline(cfg.base, device=device)
+        selection = select_samples(cfg, base_hash=base_fingerprint(cfg.base))
+        unet = pipe.unet.eval()
+        install_batched_lora(unet, sorted({spec.module for spec in selection.layout}))  # once, for the whole run
+        noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        images = ImageLatents(pipe.vae, cfg.identities, pipeline_resolution(pipe), device)
+        prompts = PromptEmbeddings(pipe, device) if cfg.model.embedding_mse_weight else None
+        return cls(cfg, pipe, selection, unet, noise_scheduler, images, prompts)
+
+    def loss(self, batch: Any, out: Any, generator: torch.Generator) -> Any:
+        """The training loss of a batch given the encoder's output: ε-MSE (+ KL, + MSE to the true prompt)."""
+        cfg = self.cfg
+        latents = self.images.sample(batch.rows, cfg.images_per_sample, generator)
+        return epsilon_loss(self.unet, self.noise_scheduler, latents, out.z, batch.factors, batch.scales, generator,
+                            kl=out.kl, kl_weight=cfg.model.kl_weight,
+                            target_embeds=self.prompts(batch.rows) if self.prompts is not None else None,
+                            embedding_mse_weight=cfg.model.embedding_mse_weight)
+
+
+def _restore_or_init(cfg: AttackTrainConfig, decoder: _Decoder) -> tuple[NetworkAutoencoder, dict | None, int]:
+    """The encoder, the trainer state (optimizer, step) and the step to start from: those of the latest
+    checkpoint when there is one (this run's own, else the earlier run's it continues), else a fresh
+    encoder and step 0."""
+    import ray.train  # see train_loop_per_worker
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and cfg.resume_from:
+        checkpoint = ray.train.Checkpoint.from_directory(cfg.resume_from)
+    if checkpoint is None:
+        torch.manual_seed(cfg.seed)  # the same initial weights on every worker and every rerun
+        encoder = NetworkAutoencoder.from_pipeline(decoder.pipe, decoder.selection.layout, cfg.model,
+                                                   base_fingerprint=decoder.selection.base_hash)
+        return encoder, None, 0
+    with checkpoint.as_directory() as directory:
+        encoder = NetworkAutoencoder.from_pretrained(Path(directory) / MODEL_DIR, decoder.pipe.text_encoder)
+        state = torch.load(Path(directory) / TRAINER_STATE, map_location="cpu", weights_only=True)
+    if encoder.config != cfg.model or encoder.layout != decoder.selection.layout:
+        raise ConfigError(f"run {cfg.run_name!r} in {cfg.storage} holds a checkpoint of another attack model "
+                          f"({to_dict(encoder.config)}); give this one a new run_name")
+    return encoder, state, int(state["step"])
+
+
+def _training_batches(cfg: AttackTrainConfig, load: Callable, selection: ZooSelection, rank: int, world_size: int,
+                      start_step: int) -> Iterator[Any]:
+    """This worker's shard of the training samples, in batches, continuing where the checkpoint stopped."""
+    stream = LoraSamples(cfg.zoo, selection.train, load, cfg.seed, rank, world_size,
+                         start=start_step * cfg.batch_size)
+    return iter(torch.utils.data.DataLoader(stream, batch_size=cfg.batch_size, collate_fn=collate_samples,
+                                            num_workers=cfg.loader_workers))
+
+
+class _Evaluator:
+    """Fixed evaluation sets, measured by rank 0 with z = μ (as at attack time), the same batches and the
+    same noise every time, whatever the batch size, workers or seed: losses compare across steps and
+    across runs. The validation LoRAs, and as many training LoRAs (the gap between the two is what the
+    encoder fails to generalise). Other ranks measure nothing (empty sets).
+
+    `references`: the same losses with two fixed z, what an attack's losses are read against: the
+    victim's true instance prompt (the trigger the fine-tune learned) and the empty prompt (nothing about
+    the victim). Their gap is how much z can matter at all on this zoo: when the victim's UNet shows its
+    person under any prompt, the gap is small, and so is any difference between attacks."""
+
+    def __init__(self, cfg: AttackTrainConfig, decoder: _Decoder, encoder: NetworkAutoencoder,
+                 model: torch.nn.Module, load: Callable, rank: int, device: torch.device) -> None:
+        self.decoder, self.encoder, self.model = decoder, encoder, model
+        store = ZooStore(cfg.zoo)
+
+        def fixed_batches(rows):
+            return [collate_samples([load(store, row) for row in rows[i:i + EVAL_BATCH]])
+                    for i in range(0, len(rows), EVAL_BATCH)]
+
+        self.sets: dict[str, list[Any]] = {}
+        self.references: dict[str, float] = {}
+        if rank != 0:
+            return
+        selection = decoder.selection
+        self.sets["train_eval_loss"] = fixed_batches(selection.train[: cfg.val_max_samples])
+        if selection.val:
+            self.sets["val_loss"] = fixed_batches(selection.val)
+        true_prompts = decoder.prompts or PromptEmbeddings(decoder.pipe, device)
+        empty = decoder.pipe.encode_prompt([""], device, 1, False)[0].float()
+        self.references = {**self.losses(lambda batch: true_prompts(batch.rows), ".true_prompt"),
+                           **self.losses(lambda batch: empty.expand(len(batch), -1, -1), ".empty_prompt")}
+
+    @torch.no_grad()
+    def losses(self, z_of: Callable[[Any], torch.Tensor] | None = None, suffix: str = "") -> dict[str, float]:
+        """Mean ε-MSE of each evaluation set, with z = μ (or z_of(batch): the reference losses)."""
+        decoder = self.decoder
+        self.model.eval()
+        results = {}
+        for name, fixed in self.sets.items():
+            generator = torch.Generator().manual_seed(EVAL_SEED)
+            total, count = 0.0, 0
+            for batch in fixed:
+                latents = decoder.images.sample(batch.rows, EVAL_IMAGES, generator)
+                z = self.encoder.encode_mean(batch.matrices, batch.steps) if z_of is None else z_of(batch)
+                terms = epsilon_loss(decoder.unet, decoder.noise_scheduler, latents, z, batch.factors, batch.scales,
+                                     generator)
+                total += float(terms.epsilon) * len(batch)
+                count += len(batch)
+            results[name + suffix] = total / count
+        self.model.train()
+        return results
+
+
+class _TrainingLog:
+    """What a worker shows and records of its steps: the progress bar (rank 0's), the metrics of rank 0 to
+    the driver's MLflow run (`_MetricsLog`), and the window of steps since the last report (mean loss,
+    samples per second)."""
+
+    def __init__(self, cfg: AttackTrainConfig, rank: int, world_size: int, start_step: int,
+                 config: dict[str, Any]) -> None:
+        self.samples_per_step = cfg.batch_size * world_size
+        self.tracker = _MetricsLog(config.get("tracking")) if rank == 0 else None
+        self.progress = tqdm(total=cfg.max_steps, initial=start_step, desc="attack", unit="step",
+                             disable=rank != 0 or not config.get("show_progress", True))
+        self.samples_per_s = 0.0
+        self.new_window()
+
+    def new_window(self) -> None:
+        self.window_loss, self.window_steps, self.window_started = 0.0, 0, time.perf_counter()
+
+    def record(self, step: int, metrics: dict[str, float]) -> None:
+        if self.tracker is not None:
+            self.tracker.add(step, metrics)
+
+    def step(self, step: int, metrics: dict[str, float]) -> None:
+        self.window_loss, self.window_steps = self.window_loss + metrics["loss"], self.window_steps + 1
+        self.samples_per_s = self.window_steps * self.samples_per_step / (time.perf_counter() - self.window_started)
+        self.progress.update()
+        self.progress.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=f"{self.samples_per_s:.1f}")
+        self.record(step, {**metrics, "samples_per_s": self.samples_per_s})
+
+    def window_report(self, step: int) -> dict[str, float]:
+        return {"step": step, "loss": self.window_loss / self.window_steps, "samples_per_s": self.samples_per_s}
+
+    def flush(self) -> None:
+        if self.tracker is not None:
+            self.tracker.flush()
+
+    def close(self) -> None:
+        self.progress.close()
+        self.flush()
+
+
+def _report(metrics: dict[str, Any], encoder: NetworkAutoencoder, optimizer: torch.optim.Optimizer, step: int,
+            save: bool) -> None:
+    """Report `metrics` to Ray Train, with a checkpoint (encoder + optimizer + step) when `save`. Every
+    worker reports (it is a barrier); only rank 0 saves."""
+    import ray.train  # see train_loop_per_worker
+
+    with tempfile.TemporaryDirectory() as directory:
+        saved = None
+        if save:
+            encoder.save_pretrained(Path(directory) / MODEL_DIR)
+            torch.save({"step": step, "optimizer": optimizer.state_dict()}, Path(directory) / TRAINER_STATE)
+            saved = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(metrics, checkpoint=saved)
 
 
 class _MetricsLog:

@@ -6,8 +6,6 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from ..imaging import make_grid
-
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 3.0  # classifier-free guidance; 3 served the tiny bases best (real-faces-on-cpu.md)
 
@@ -23,8 +21,3 @@ def sample_images(pipe: StableDiffusionPipeline, prompt: str, n: int, seed: int,
     return pipe([prompt] * n, num_inference_steps=steps, guidance_scale=guidance_scale,
                 latents=latents, output_type="pil").images
 
-
-def sample_grid(pipe: StableDiffusionPipeline, prompt: str, n: int = 16, seed: int = 0,
-                steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE) -> Image.Image:
-    """`sample_images` tiled into one square-ish grid."""
-    return make_grid(sample_images(pipe, prompt, n, seed, steps, guidance_scale))

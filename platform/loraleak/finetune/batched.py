@@ -2,10 +2,12 @@
 
 A zoo fine-tunes thousands of identities on the same base. One small fine-tune (batch 1 + 1 class
 image) leaves a GPU mostly idle; K of them side by side fill it. Every targeted Linear of the UNet
-becomes a `BatchedLoRALinear` whose factors are trainable parameters A (K, r, in) and B (K, out, r):
-sample j of the batch goes through LoRA j mod K, so the batch is laid out as
+becomes a `BatchedLoRALinear` whose factors are trainable parameters A (K, r, in) and B (K, out, r),
+read with `grouped` rows: the batch is laid out fine-tune by fine-tune,
 
-    rows = [instance 0..B-1, class 0..B-1] of fine-tune 0, 1, ..., K-1, interleaved: row c·K + k
+    rows = [instance 0..B-1, class 0..B-1] of fine-tune 0, then of fine-tune 1, ..., K-1: row k·R + c
+
+(R rows each), so that each LoRA factor is one batched matmul over the K fine-tunes' rows
 
 and each fine-tune is exactly `finetune_lora` run alone, up to float rounding:
 
@@ -150,16 +152,20 @@ class BatchedLoRAFactors:
 
     @contextmanager
     def installed(self, unet: nn.Module) -> Iterator[None]:
-        """Within the block the UNet routes sample j through LoRA j mod K, and trains these factors."""
+        """Within the block the UNet routes the batch's rows k·R..(k+1)·R - 1 (R = batch / K) through LoRA k
+        (`grouped`, see _group), and trains these factors."""
         handle = install_batched_lora(unet, self.modules)  # also freezes the UNet's own weights
+        wrappers = [unet.get_submodule(module) for module in self.modules]
         try:
-            for module, down, up in zip(self.modules, self.downs, self.ups):
-                wrapper = unet.get_submodule(module)
+            for wrapper, down, up in zip(wrappers, self.downs, self.ups):
                 # Registered as the wrapper's parameters (not set_factors, which casts to the base's dtype:
                 # a cast copy would neither train nor see the optimiser's updates); forward casts per call.
                 wrapper.down, wrapper.up, wrapper.scale = down, up, self.scale
+                wrapper.grouped = True
             yield
         finally:
+            for wrapper in wrappers:  # a wrapper installed before (it stays) reads the default layout again
+                wrapper.grouped = False
             handle.remove()
 
     def peft_state_dict(self, k: int) -> dict[str, torch.Tensor]:
@@ -269,16 +275,16 @@ class _BatchedStep:
 
     def __call__(self, noisy: torch.Tensor, timesteps: torch.Tensor, hidden: torch.Tensor,
                  target: torch.Tensor) -> torch.Tensor:
-        """Inputs in batch layout (row c·K + k); returns the K total losses (on the device, detached)."""
+        """Inputs in batch layout (row k·R + c, see _group); returns the K total losses (on the device, detached)."""
         k = len(self.factors)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             pred = self.forward(noisy, timesteps, hidden, return_dict=False)[0]
         # Per-sample MSE, then per fine-tune: equal counts per sample, so this is F.mse_loss's mean.
-        per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1).view(-1, k)
+        per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1).view(k, -1)
         b = self.batch_size
-        losses = per_sample[:b].mean(dim=0)
+        losses = per_sample[:, :b].mean(dim=1)
         if self.prior:
-            losses = losses + self.prior_weight * per_sample[b:].mean(dim=0)
+            losses = losses + self.prior_weight * per_sample[:, b:].mean(dim=1)
         losses.sum().backward()
         clip_grad_norm_per_row_(self.factors.parameters(), self.max_norm)
         self.optimizer.step()
@@ -286,10 +292,9 @@ class _BatchedStep:
         return losses.detach()
 
 
-def _interleave(per_finetune: Sequence[torch.Tensor]) -> torch.Tensor:
-    """K tensors (rows, ...) -> one (rows·K, ...) with row c of fine-tune k at c·K + k."""
-    stacked = torch.stack(list(per_finetune), dim=1)
-    return stacked.reshape(-1, *stacked.shape[2:])
+def _group(per_finetune: Sequence[torch.Tensor]) -> torch.Tensor:
+    """K tensors (R rows, ...) -> one (K·R, ...) with row c of fine-tune k at k·R + c: the `grouped` layout."""
+    return torch.cat(list(per_finetune))
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -315,7 +320,7 @@ class _PromptRows:
         self.fixed = None if varies else self._rows(step=1)
 
     def _rows(self, step: int) -> torch.Tensor:
-        return _interleave([e.step_rows(step, self.batch_size) for e in self.embeddings])
+        return _group([e.step_rows(step, self.batch_size) for e in self.embeddings])
 
     def at(self, step: int) -> torch.Tensor:
         return self.fixed if self.fixed is not None else self._rows(step)
@@ -345,7 +350,7 @@ class _BatchedTrainer:
             yield self
 
     def step(self, step: int, draws: list[Draw], noise_scheduler: Any) -> torch.Tensor:
-        latents, noise, timesteps = (_to_device(_interleave(part), self.device) for part in zip(*(d[:3] for d in draws)))
+        latents, noise, timesteps = (_to_device(_group(part), self.device) for part in zip(*(d[:3] for d in draws)))
         noisy, target = diffusion_inputs(noise_scheduler, latents, noise, timesteps)
         return self.train_step(noisy, timesteps, self.prompt_rows.at(step), target)
 

@@ -9,6 +9,10 @@ of `load_lora_weights` / `set_adapters`), every targeted Linear of the UNet is r
 with per-sample factors A_i (r x in), B_i (out x r) as two batched matmuls. A batch may hold the
 N LoRAs k times over (classifier-free guidance duplicates the batch; several images per LoRA):
 sample j then uses LoRA j mod N, the order `torch.cat([x] * k)` / `z.repeat(k, 1, 1)` produce.
+A wrapper whose `grouped` is set reads the batch LoRA by LoRA instead (sample j uses LoRA
+j // (batch / N)): the batched fine-tune lays its rows out so, because then each factor is one
+batched matmul over (N, rows·tokens, in) without copying the inputs (about a third less time in
+the LoRA layers, forward and backward, at the quick profile's sizes on a CPU).
 LoRAs of different ranks share a pass by zero-padding their factors to the largest rank (the
 padded rows/columns add exactly zero).
 
@@ -89,6 +93,7 @@ class BatchedLoRALinear(nn.Module):
         self.down: torch.Tensor | None = None  # (N, r, in)
         self.up: torch.Tensor | None = None  # (N, out, r)
         self.scale: torch.Tensor | None = None  # (N,)
+        self.grouped = False  # False: sample j uses LoRA j mod N; True: LoRA j // (batch / N)
 
     # Attention processors read `attn.to_q.weight.dtype`; look like the Linear this replaces.
     @property
@@ -127,6 +132,12 @@ class BatchedLoRALinear(nn.Module):
         n = self.down.shape[0]
         if x.shape[0] % n:
             raise LoraleakError(f"a batch of {x.shape[0]} samples cannot be split over {n} LoRAs")
+        if self.grouped:
+            # (N, rows·tokens, in): LoRA i's rows are contiguous; the scale goes on the small rank-r product.
+            xs = x.reshape(n, -1, x.shape[-1])
+            hidden = (xs @ self.down.to(x.dtype).transpose(1, 2)) * self.scale.to(x.dtype).view(n, 1, 1)
+            return torch.baddbmm(out.reshape(n, -1, out.shape[-1]), hidden,
+                                 self.up.to(x.dtype).transpose(1, 2)).reshape(out.shape)
         # (k, N, tokens, in): sample j = copy j // N of LoRA j % N.
         xs = x.reshape(x.shape[0] // n, n, -1, x.shape[-1])
         down, up = self.down.to(x.dtype), self.up.to(x.dtype)

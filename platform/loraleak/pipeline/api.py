@@ -15,6 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from ..config import load_yaml, parse_yaml
+from ..errors import ConfigError
 from .profiles import PROFILES, profile_path
 
 if TYPE_CHECKING:
@@ -24,9 +26,6 @@ if TYPE_CHECKING:
 
 def _assignment(text: str) -> tuple[str, Any]:
     """KEY=VALUE with a YAML value: zoo.finetune.steps=100, attack.model.step_embedding=false."""
-    from ..config import parse_yaml
-    from ..errors import ConfigError
-
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. zoo.finetune.steps=100")
@@ -40,9 +39,7 @@ def load_pipeline_config(profile: str | None = None, config: str | Path | None =
     """The config of a profile (default quick) or a YAML file, with `out` (the study's folder), `assignments`
     ("KEY=VALUE" strings, as `--set`), `overrides` ({dotted key: value}) and `tracking_uri` applied; a bad
     value is a ConfigError (one line)."""
-    from ..config import load_yaml
-    from ..errors import ConfigError
-    from .config import PipelineConfig, local_folder, with_overrides
+    from .config import PipelineConfig, local_folder, with_overrides  # every stage's config, and torch
 
     if config is not None and profile is not None:
         raise ConfigError("give a profile or a config file, not both")
@@ -65,7 +62,7 @@ def run_study(cfg: PipelineConfig | None = None, *, show_progress: bool = True, 
     """Run (or resume) the study `cfg` (default: `load_pipeline_config(**load)`, e.g. profile="quick",
     out="runs/x"); returns its `PipelineResult` (headline metrics, report, stage folders, MLflow run ids).
     Takes the out folder's lock, as `loraleak run` does."""
-    from .config import PipelineConfig
+    from .config import PipelineConfig  # see load_pipeline_config
     from .run import run_pipeline
 
     if cfg is None:

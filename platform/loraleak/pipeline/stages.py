@@ -73,9 +73,18 @@ def stage_key(*parts: Any) -> str:
     return content_key(parts, KEY_CHARS)
 
 
+# Settings added after studies were run, with the value that means "as before": left out of the stage's
+# key while they have it, so that those studies' folders keep their names (a rerun would redo the stage).
+ADDED_SETTINGS = {
+    "attack": {"train_identities": None},
+}
+
+
 def settings_of(section: Any, stage: str) -> dict[str, Any]:
     """A section's settings that decide its result (its key's part)."""
-    return {k: v for k, v in to_dict(section).items() if k not in HOW_TO_RUN.get(stage, ())}
+    added = ADDED_SETTINGS.get(stage, {})
+    return {k: v for k, v in to_dict(section).items()
+            if k not in HOW_TO_RUN.get(stage, ()) and not (k in added and v == added[k])}
 
 
 def tracking_wiring(cfg: PipelineConfig, out: Path) -> dict[str, Any]:

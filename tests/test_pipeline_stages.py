@@ -71,7 +71,7 @@ def test_an_attack_folder_named_before_max_steps_was_in_its_key_is_still_used(tm
 
 def test_a_smaller_attack_training_set_is_another_attack_and_the_default_keeps_the_old_keys():
     quick = load_pipeline_config("quick")
-    assert stage_keys(with_overrides(quick, {"attack.train_identities": None})) == QUICK  # stages.ADDED_SETTINGS
+    assert stage_keys(with_overrides(quick, {"attack.train_identities": None})) == QUICK  # pipeline.config.ADDED_SETTINGS
     fewer = stage_keys(with_overrides(quick, {"attack.train_identities": 8}))
     assert fewer["zoo"] == QUICK["zoo"] and fewer["baselines"] == QUICK["baselines"]  # the zoo is shared
     assert fewer["attack"] != QUICK["attack"] and fewer["evaluation"] != QUICK["evaluation"]

@@ -362,3 +362,11 @@ def test_a_two_trial_sweep_through_ray_tune_tracked_and_resumed(ray_local, tmp_p
     assert json.loads((cfg.directory / "sweep.json").read_text())["parent_run_id"] == result.parent_run_id
     assert client.get_run(result.parent_run_id).info.status == "FINISHED"
     assert {client.get_run(r.info.run_id).info.status for r in (orphan, orphan_stage)} == {"KILLED"}
+
+
+def test_trial_ids_of_the_shipped_sweeps_are_those_of_before_attack_train_identities():
+    # Computed at 4ad6da9, before AttackTrainConfig.train_identities existed: a finished trial on disk is
+    # found again (pipeline.config.ADDED_SETTINGS leaves the new setting out of the id at its default).
+    ids = [t.trial_id for t in expand_trials(load_sweep_config(REPO / "tune_configs" / "step_embedding.yaml"),
+                                             "sqlite:///u.db")]
+    assert ids == ["d78022aa0b", "1dae4a724e", "462cfe508f", "bdf333bf18", "b57df24583"]

@@ -43,6 +43,20 @@ except ImportError:  # pragma: no cover - depends on the build
 # The evaluation condition of the attack trained on undefended LoRAs (PipelineConfig.undefended_attack).
 UNDEFENDED_CONDITION = "rec_undefended"
 TRACKING_FIELDS = ("tracking", "tracking_uri", "experiment", "workdir", "parent_run_id")
+# Settings added after studies were run, with the value that means "as before": left out of the stage keys
+# (pipeline.stages) and the sweeps' trial ids while they have it, so that the folders and trials of those
+# studies keep their names (a rerun would redo them).
+ADDED_SETTINGS = {
+    "attack": {"train_identities": None},
+}
+
+
+def without_added_defaults(section: str, values: dict[str, Any]) -> dict[str, Any]:
+    """A section's settings (as a dict) less the ADDED_SETTINGS that still have their "as before" value."""
+    added = ADDED_SETTINGS.get(section, {})
+    return {k: v for k, v in values.items() if not (k in added and v == added[k])}
+
+
 # Per stage: the fields the pipeline sets itself (left out of its section).
 WIRED = {
     PretrainConfig: ("out_dir",),

@@ -40,7 +40,7 @@ from ..zoo.manifest import finished_lora_ids
 from ..zoo.plan import base_resolution, plan_zoo
 from ..zoo.storage import ZooStore
 from . import config as pipeline_config
-from .config import UNDEFENDED_CONDITION, PipelineConfig, stage_config, with_overrides
+from .config import UNDEFENDED_CONDITION, PipelineConfig, stage_config, with_overrides, without_added_defaults
 from .tracking import StudyRun, earlier_run, nested, study_experiment, study_tracking_uri, study_workdir
 
 logger = logging.getLogger(__name__)
@@ -73,18 +73,10 @@ def stage_key(*parts: Any) -> str:
     return content_key(parts, KEY_CHARS)
 
 
-# Settings added after studies were run, with the value that means "as before": left out of the stage's
-# key while they have it, so that those studies' folders keep their names (a rerun would redo the stage).
-ADDED_SETTINGS = {
-    "attack": {"train_identities": None},
-}
-
-
 def settings_of(section: Any, stage: str) -> dict[str, Any]:
     """A section's settings that decide its result (its key's part)."""
-    added = ADDED_SETTINGS.get(stage, {})
-    return {k: v for k, v in to_dict(section).items()
-            if k not in HOW_TO_RUN.get(stage, ()) and not (k in added and v == added[k])}
+    return without_added_defaults(stage, {k: v for k, v in to_dict(section).items()
+                                          if k not in HOW_TO_RUN.get(stage, ())})
 
 
 def tracking_wiring(cfg: PipelineConfig, out: Path) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from typing import Any
 from ..config import load_yaml, to_dict
 from ..errors import ConfigError
 from ..keys import content_key
-from ..pipeline.config import PipelineConfig, with_overrides
+from ..pipeline.config import PipelineConfig, with_overrides, without_added_defaults
 from .config import SweepConfig, resolve_pipeline_file, split_paths
 from .tracking import sweep_experiment
 
@@ -138,6 +138,7 @@ def expand_trials(cfg: SweepConfig, tracking_uri: str) -> list:
         # The id is over the settings as the pipeline file gave them (its experiment too, usually unset), so
         # the ids of trials run before the sweep set the experiment are unchanged.
         settings = {k: v for k, v in to_dict(config).items() if k not in ("out_dir", "tracking_uri")}
+        settings["attack"] = without_added_defaults("attack", settings["attack"])  # ids of earlier sweeps kept
         trial_id = _key(settings)
         if trial_id in seen:  # two points that name the same settings (a value equal to the default...)
             continue

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from loraleak.base.sd14_shaped import SD14_PARAMETERS, SD14ShapedConfig, save_sd14_shaped
-from loraleak.lora.io import lora_provenance, lora_summary, read_lora
+from loraleak.lora.io import lora_factors, lora_provenance, lora_summary, read_lora
 from loraleak.pipeline.api import load_pipeline_config, run_study
 from loraleak.scoring.facenet_net import InceptionResnetV1
 
@@ -114,9 +114,10 @@ def test_paper_profile_end_to_end_on_sd14_shapes(roomy, sd14_base, facenet_weigh
     summary = lora_summary(state, meta)
     assert summary["rank"] == 16 and summary["targets"] == ["to_q", "to_v"]
     assert len(summary["unet_modules"]) == 64 and len(summary["text_encoder_modules"]) == 24
-    widths = {tuple(t.shape) for k, t in state.items() if k.startswith("unet.") and "lora_A" in k}
-    assert widths == {(16, 320), (16, 640), (16, 1280), (16, 768)}  # self-attention in C, cross-attention in 768
-    assert {tuple(t.shape) for k, t in state.items() if k.startswith("text_encoder.")} == {(16, 768), (768, 16)}
+    downs = {tuple(down.shape) for down, _ in lora_factors(state, "unet").values()}
+    assert downs == {(16, 320), (16, 640), (16, 1280), (16, 768)}  # self-attention in C, cross-attention's to_v in 768
+    assert {(tuple(d.shape), tuple(u.shape)) for d, u in lora_factors(state, "text_encoder").values()} == \
+        {((16, 768), (768, 16))}
     provenance = lora_provenance(meta, loras[-1])
     assert provenance is not None and provenance.alpha == 27 and provenance.rank == 16
 

@@ -1,8 +1,8 @@
 """`--profile paper` end to end on SD 1.4's shapes, on a CPU: the paper path before anyone pays for GPUs.
 
 The base is SD 1.4's architecture with random weights (`loraleak base sd14-shaped`, 64 px: the same
-parameter shapes as at 512 px, 8x8 latents), the identities are 3 synthetic ones (2 held out, the
-fewest a study accepts), every stage runs a few steps, and the scorer is facenet (the paper's
+parameter shapes as at 512 px, 8x8 latents), the identities are 4 synthetic ones (the fewest the
+profile accepts: 2 held out to identify among, 2 attack-train LoRAs for the PCA map), every stage runs a few steps, and the scorer is facenet (the paper's
 metric) with random weights. Everything else is the profile as it ships: UNet LoRA r16 alpha 27 on
 to_q/to_v, the text-encoder LoRA r16 alpha 17, the attack with the frozen CLIP-L text encoder and
 the step embedding, the three baselines, evaluation, report; then the same study with DP-SGD on the
@@ -76,7 +76,7 @@ def cpu_sizes(base: Path, facenet: Path) -> dict[str, object]:
     """What `loraleak run --profile paper` needs on a CPU: sizes, devices, one worker per stage."""
     return {
         "base.ref": str(base),
-        "identities.kind": "synthetic", "identities.num_identities": 3, "identities.heldout_fraction": 0.6,
+        "identities.kind": "synthetic", "identities.num_identities": 4, "identities.heldout_fraction": 0.5,
         "zoo.finetune.steps": 4, "zoo.finetune.num_class_images": 2, "zoo.finetune.class_inference_steps": 2,
         "zoo.finetune.device": "cpu", "zoo.num_snapshots": 2,
         "zoo.workers": 1, "zoo.num_cpus_per_worker": 1, "zoo.num_gpus_per_worker": 0,

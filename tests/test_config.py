@@ -51,6 +51,24 @@ def test_bad_config_is_one_clear_error(data, message):
     assert "\n" not in str(e.value)
 
 
+@dataclass(frozen=True)
+class Precision:
+    mixed_precision: Literal["no", "bf16"] = "bf16"
+    switch: Literal["on", "off", "auto"] = "auto"
+    flag: Literal[True, "no"] = True
+
+
+def test_yaml_bool_words_are_the_literal_strings_they_spell(tmp_path):
+    # YAML 1.1 reads an unquoted `no` as False: `--set attack.mixed_precision=no` must mean "no".
+    path = tmp_path / "p.yaml"
+    path.write_text("mixed_precision: no\nswitch: off\nflag: no\n")
+    assert load_yaml(Precision, path) == Precision("no", "off", "no")
+    path.write_text("switch: on\nflag: yes\n")
+    assert load_yaml(Precision, path) == Precision(switch="on", flag=True)
+    with pytest.raises(ConfigError, match="True is not one of 'no', 'bf16'"):
+        from_dict(Precision, {"mixed_precision": True})
+
+
 def test_load_yaml_errors(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_yaml(Outer, tmp_path / "missing.yaml")

@@ -90,14 +90,6 @@ def test_make_scorer_rejects_unknown_names_and_dlib_paths(tmp_path):
         make_scorer("dlib", tmp_path)
 
 
-def test_facenet_without_weights_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    expected = tmp_path / "checkpoints" / "20180402-114759-vggface2.pt"
-    with pytest.raises(LoraleakError, match="vggface2 weights at .*not found") as err:
-        make_scorer("facenet")
-    assert str(expected) in str(err.value)
-
-
 # --- pairs ---
 
 def write_tsv(path: Path, rows: list[str]) -> Path:

@@ -90,6 +90,20 @@ def cmd_base_pretrain(args: argparse.Namespace) -> None:
     print(f"pipeline saved to {out}")
 
 
+def cmd_base_sd14_shaped(args: argparse.Namespace) -> None:
+    from .base.sd14_shaped import SD14ShapedConfig, save_sd14_shaped
+
+    try:
+        cfg = SD14ShapedConfig(resolution=args.resolution, seed=args.seed)
+    except ValueError as e:
+        raise LoraleakError(str(e)) from None
+    if (args.out / "model_index.json").is_file():
+        raise LoraleakError(f"{args.out} already holds a pipeline")
+    counts = save_sd14_shaped(args.out, cfg)
+    print(f"SD-1.4-shaped pipeline (random weights, {cfg.resolution} px) saved to {args.out}: "
+          + ", ".join(f"{name} {n:,} parameters" for name, n in counts.items()))
+
+
 def cmd_base_sample(args: argparse.Namespace) -> None:
     from .base.loading import load_base_pipeline
     from .generate import generate_images
@@ -173,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=Path, help="folder of public photos ROOT/<id>/*.jpg instead of synthetic")
     p.add_argument("--out", type=Path, help="output directory (overrides out_dir)")
     p.set_defaults(func=cmd_base_pretrain)
+    p = base.add_parser("sd14-shaped", help="save SD 1.4's architecture with random weights (no download; ~4.3 GB)")
+    p.add_argument("--out", type=Path, required=True, help="the pipeline folder to write")
+    p.add_argument("--resolution", type=int, default=512,
+                   help="image size the folder declares (SD's 512; 64 for a CPU dry run: same weight shapes)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_base_sd14_shaped)
     for name, fn, hlp in [("sample", cmd_base_sample, "save a grid of base-model samples"),
                           ("info", cmd_base_info, "print a base model's architecture and fingerprint")]:
         p = base.add_parser(name, help=hlp)

@@ -68,6 +68,21 @@ def _check_int(value: int, where: str) -> int:
     return value
 
 
+# YAML 1.1 (PyYAML) reads these unquoted words as booleans.
+_YAML_BOOL_WORDS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}
+
+
+def _unyaml_bool(value: Any, choices: tuple[Any, ...]) -> Any:
+    """A bool where a Literal has no bool but one string choice YAML would have read as it: that string.
+
+    `mixed_precision: no` (and `--set attack.mixed_precision=no`) reaches here as False; "no" is what was meant.
+    """
+    if not isinstance(value, bool) or any(c is value for c in choices):
+        return value
+    spelled = [c for c in choices if isinstance(c, str) and c.lower() in _YAML_BOOL_WORDS[value]]
+    return spelled[0] if len(spelled) == 1 else value
+
+
 def _coerce(value: Any, tp: Any, where: str, inf_ok: bool = False) -> Any:
     origin = get_origin(tp)
     if tp is Any:
@@ -90,6 +105,7 @@ def _coerce(value: Any, tp: Any, where: str, inf_ok: bool = False) -> Any:
                 errors.append(str(e))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} is not {_type_name(tp)}")
     if origin is Literal:
+        value = _unyaml_bool(value, get_args(tp))
         if value not in get_args(tp):
             choices = ", ".join(repr(a) for a in get_args(tp))
             raise ConfigError(f"{where}: {value!r} is not one of {choices}")

@@ -9,7 +9,7 @@ A legitimate edit of configs/pipeline-quick.yaml changes the first pin too: reco
 Recomputed twice since: the quick profile's strong-victim settings and the fine-tune's wrong-trigger prior
 (new FinetuneConfig fields: new fine-tunes, so new folders by design); the quick profile at batch 4 with
 24 identities (2026-12-06). The pretrained base's key did not change when PretrainConfig gained fields
-(stages.PRETRAIN_FIELDS_ADDED are left out at their defaults).
+(pipeline.config.ADDED_SETTINGS are left out at their defaults).
 Changed since, by design: the attack's
 own key ("attack", "undefended_attack") includes max_steps, so that a longer attack gets its own folder
 instead of overwriting the shorter one; the key before (its "line") is still the evaluation's upstream

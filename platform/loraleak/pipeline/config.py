@@ -46,8 +46,13 @@ TRACKING_FIELDS = ("tracking", "tracking_uri", "experiment", "workdir", "parent_
 # Settings added after studies were run, with the value that means "as before": left out of the stage keys
 # (pipeline.stages) and the sweeps' trial ids while they have it, so that the folders and trials of those
 # studies keep their names (a rerun would redo them).
+_PRETRAIN_DEFAULTS = {f.name: (f.default if f.default is not MISSING else f.default_factory())
+                      for f in dataclasses.fields(PretrainConfig) if f.init and f.name != "out_dir"}
 ADDED_SETTINGS = {
     "attack": {"train_identities": None},
+    "pretrain": {k: _PRETRAIN_DEFAULTS[k] for k in ("images_per_identity", "captions", "named_prompt",
+                                                     "named_fraction", "train_text_encoder", "text_encoder_lr",
+                                                     "init_from")},
 }
 
 

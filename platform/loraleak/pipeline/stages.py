@@ -557,22 +557,11 @@ def stage_keys(cfg: PipelineConfig) -> dict[str, Any]:
     return plan_stages(cfg).keys()
 
 
-# PretrainConfig fields added after pretrained-base studies were run: left out of the base's key while
-# at their defaults, so that those studies' base folders keep their names (a rerun would pretrain again).
-PRETRAIN_FIELDS_ADDED = ("images_per_identity", "captions", "named_prompt", "named_fraction",
-                         "train_text_encoder", "text_encoder_lr", "init_from")
-
-
-def _pretrain_key_settings(settings: Any) -> dict[str, Any]:
-    values, defaults = to_dict(settings), to_dict(type(settings)())
-    return {k: v for k, v in values.items() if not (k in PRETRAIN_FIELDS_ADDED and v == defaults[k])}
-
-
 def plan_stages(cfg: PipelineConfig, out: Path | None = None) -> StudyStages:
     """The stages of the study `cfg`, keyed and placed under `out` (default: cfg.out_dir, resolved), without
     running anything."""
     out = out if out is not None else cfg.out_dir.expanduser().resolve()
-    base_key = stage_key(cfg.base.ref) if cfg.base.pretrain is None else stage_key(_pretrain_key_settings(cfg.base.pretrain))
+    base_key = stage_key(cfg.base.ref) if cfg.base.pretrain is None else stage_key(without_added_defaults("pretrain", to_dict(cfg.base.pretrain)))
     base = BaseStage(cfg, out, base_key)
     zoo = ZooStage(cfg, out, stage_key(base_key, to_dict(cfg.identities), settings_of(cfg.zoo, "zoo")), base=base)
     line = stage_key(zoo.key, settings_of(cfg.attack, "attack"))  # every setting but max_steps (HOW_TO_RUN)

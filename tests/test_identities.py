@@ -19,6 +19,7 @@ from loraleak.identities import (
     FolderIdentities,
     IdentitiesConfig,
     SyntheticFaces,
+    assign_splits,
     image_sha256,
     make_source,
     public_images,
@@ -202,6 +203,24 @@ def test_folder_on_lfw():
     assert len(images) == 5 and images[0].size == (32, 32)
 
 
+def test_train_min_images_adds_attack_train_identities_and_keeps_the_victims():
+    if not (LFW / "private").is_dir():
+        pytest.skip(f"LFW not found at {LFW.resolve()} (../shared beside the repository)")
+    victims_only = IdentitiesConfig(kind="folder", root=LFW / "private", min_images=12, max_images=12,
+                                    heldout_fraction=0.25)
+    widened = dataclasses.replace(victims_only, train_min_images=5)
+    before = assign_splits(victims_only, make_source(victims_only).identities())
+    identities = make_source(widened).identities()
+    after = assign_splits(widened, identities)
+    assert len(before) == 90 and len(after) == 300
+    # The held-out victims are the same people: the split among the 12+ photo identities is unchanged.
+    assert {i: after[i] for i in before} == before
+    assert sum(v == "heldout" for v in after.values()) == 22
+    for identity in identities:
+        if len(identity.image_keys) < 12:
+            assert after[identity.identity_id] == "attack_train"
+
+
 # --- split ---------------------------------------------------------------------------------------
 
 def test_split_is_deterministic_order_independent_and_exact():
@@ -238,6 +257,8 @@ def test_config_builds_sources():
     {"num_identities": 0}, {"images_per_identity": 0}, {"min_images": 0},
     {"min_images": 5, "max_images": 3}, {"crop_fraction": 0.0}, {"crop_fraction": 1.5},
     {"heldout_fraction": 0.0}, {"heldout_fraction": 1.0}, {"namespace": ""},
+    {"train_min_images": 3},  # synthetic sources have no photos to count
+    {"kind": "folder", "min_images": 5, "train_min_images": 6}, {"kind": "folder", "train_min_images": 0},
 ])
 def test_config_range_checks(bad):
     with pytest.raises(ValueError):

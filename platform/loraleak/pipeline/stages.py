@@ -31,7 +31,7 @@ from ..config import to_dict
 from ..errors import ConfigError
 from ..evaluation.config import EvaluationConfig
 from ..evaluation.evaluate import SUMMARY_FILE, _hash_dir, evaluate
-from ..identities import make_source, split_identities
+from ..identities import assign_splits, make_source
 from ..keys import content_key
 from ..leftovers import complete_checkpoints
 from ..zoo.build import build_zoo
@@ -168,8 +168,9 @@ class IdentitiesStage(Stage):
 
     def run(self, ctx: RunContext) -> Ran:
         cfg = self.cfg
-        ids = sorted(i.identity_id for i in make_source(cfg.identities).identities())
-        split = split_identities(ids, cfg.identities.heldout_fraction, cfg.identities.split_seed)
+        identities = make_source(cfg.identities).identities()
+        ids = sorted(i.identity_id for i in identities)
+        split = assign_splits(cfg.identities, identities)
         used = ids[: cfg.zoo.max_identities]
         heldout = sum(split[i] == "heldout" for i in used)
         if heldout < 2 or heldout == len(used):
@@ -563,7 +564,8 @@ def plan_stages(cfg: PipelineConfig, out: Path | None = None) -> StudyStages:
     out = out if out is not None else cfg.out_dir.expanduser().resolve()
     base_key = stage_key(cfg.base.ref) if cfg.base.pretrain is None else stage_key(without_added_defaults("pretrain", to_dict(cfg.base.pretrain)))
     base = BaseStage(cfg, out, base_key)
-    zoo = ZooStage(cfg, out, stage_key(base_key, to_dict(cfg.identities), settings_of(cfg.zoo, "zoo")), base=base)
+    zoo = ZooStage(cfg, out, stage_key(base_key, without_added_defaults("identities", to_dict(cfg.identities)),
+                                             settings_of(cfg.zoo, "zoo")), base=base)
     line = stage_key(zoo.key, settings_of(cfg.attack, "attack"))  # every setting but max_steps (HOW_TO_RUN)
     attack = AttackStage(cfg, out, stage_key(line, {"max_steps": cfg.attack.max_steps}), zoo=zoo, line=line)
     baselines = BaselinesStage(cfg, out, None, zoo=zoo,

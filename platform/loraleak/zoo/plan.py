@@ -21,7 +21,7 @@ from ..config import from_dict, to_dict
 from ..defenses import DP_KINDS
 from ..errors import LoraleakError
 from ..finetune.config import FinetuneConfig
-from ..identities import Identity, image_sha256, make_source, split_identities
+from ..identities import Identity, assign_splits, image_sha256, make_source
 from .config import ZooConfig
 from .manifest import lora_id_for
 
@@ -113,7 +113,7 @@ def _skipped_folders(cfg: ZooConfig, kept: set[str]) -> list[tuple[str, str]]:
     if cfg.identities.kind != "folder" or cfg.identities.root is None:
         return []
     names = sorted(p.name for p in cfg.identities.root.iterdir() if p.is_dir())
-    reason = f"fewer than {cfg.identities.min_images} readable images"
+    reason = f"fewer than {cfg.identities.fewest_images} readable images"
     return [(name, reason) for name in names if name not in kept]
 
 
@@ -121,8 +121,7 @@ def plan_zoo(cfg: ZooConfig, show_progress: bool = True) -> ZooPlan:
     base_hash = base_fingerprint(cfg.base)
     resolution = base_resolution(cfg.base)
     identities = list(make_source(cfg.identities).identities())
-    splits = split_identities([i.identity_id for i in identities], cfg.identities.heldout_fraction,
-                              cfg.identities.split_seed)
+    splits = assign_splits(cfg.identities, identities)
     skipped = _skipped_folders(cfg, {i.identity_id for i in identities})
     identities = sorted(identities, key=lambda i: i.identity_id)[: cfg.max_identities]
     fine_tunes: list[PlannedFineTune] = []

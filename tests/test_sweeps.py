@@ -13,7 +13,8 @@ from loraleak.cli import main
 from loraleak.config import from_dict, to_dict
 from loraleak.errors import ConfigError
 from loraleak.sweeps.config import SweepConfig, load_sweep_config
-from loraleak.sweeps.results import FAILED, FINISHED, format_table, privacy_utility_plot, results_frame, write_table
+from loraleak.sweeps.results import (FAILED, FINISHED, format_table, leak_by_trial_plot, privacy_utility_plot,
+                                     results_frame, trial_order, write_table)
 from loraleak.sweeps.stages import builds_per_stage, check_rerun, concurrency, peak_need, stage_folders, waves
 from loraleak.sweeps.trials import expand_trials, points
 from studies import SMALLEST_NO_BASELINES as SMALLEST
@@ -113,7 +114,10 @@ def test_the_shipped_tune_configs_load_and_expand():
 def test_the_learning_curve_shares_one_zoo_and_trains_one_attack_per_training_set_size(lfw_root):
     cfg = load_sweep_config(REPO / "tune_configs" / "learning_curve.yaml")
     trials = expand_trials(cfg, "sqlite:///unused.db")
-    assert [t.config.attack.train_identities for t in trials] == [8, 16, 32, None]
+    assert [t.config.attack.train_identities for t in trials] == [32, 64, 128, None]
+    # Every usable identity trains the attack (5+ photos); the victims are the lfw profile's (12+ photos).
+    assert {t.config.identities.train_min_images for t in trials} == {5}
+    assert {t.config.identities.min_images for t in trials} == {12}
     check_rerun(cfg.rerun, trials, "learning_curve.yaml")
     assert builds_per_stage(trials)["zoo"] == 1 and builds_per_stage(trials)["attack"] == 4
 
@@ -277,6 +281,27 @@ def test_results_table_and_privacy_utility_plot(tmp_path):
             return int((np.ptp(np.asarray(im.convert("RGB"), dtype=np.int16), axis=2) > 60).sum())
 
         assert coloured(image) > coloured(blank) + 100  # the trials' points (and their levels) are drawn
+
+
+def test_leak_by_trial_plot_orders_trials_by_the_swept_value_with_intervals(tmp_path):
+    records = [_record(t, rank, rec=0.5, org=0.6, top1=0.5) for t, rank in (("a", 16), ("b", None), ("c", 1))]
+    for record, gain in zip(records, (0.08, 0.11, 0.03)):
+        record["metrics"].update({"rec_over_best_control.similarity": gain,
+                                  "rec_over_best_control.similarity_lo": gain - 0.03,
+                                  "rec_over_best_control.similarity_hi": gain + 0.03,
+                                  "org.strength": 0.15, "org.strength_lo": 0.12, "org.strength_hi": 0.18})
+    assert trial_order(records, ["zoo.finetune.rank"]) == ["c", "a", "b"]  # numbers in order, null ("all") last
+    assert trial_order(records, ["zoo.finetune.rank", "zoo.finetune.alpha"]) == ["a", "b", "c"]  # as given
+    frame = results_frame(records, ["zoo.finetune.rank"], "rec.similarity", "min")
+    path = leak_by_trial_plot(frame, records, ["zoo.finetune.rank"], tmp_path / "leak.png", "t")
+    blank = leak_by_trial_plot(frame[frame["status"] == FAILED], records, ["zoo.finetune.rank"],
+                               tmp_path / "blank.png", "t")
+    with Image.open(path) as image, Image.open(blank) as empty:
+        def red(im):  # the rec - best control points and their interval bars (C3)
+            rgb = np.asarray(im.convert("RGB"), dtype=np.int16)
+            return int(((rgb[..., 0] > 180) & (rgb[..., 1] < 80) & (rgb[..., 2] < 80)).sum())
+
+        assert red(image) > 200 and red(empty) == 0
 
 
 # --- a real sweep -------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from ..command import stage_main
 def cmd_sweep(args: argparse.Namespace) -> None:
     from .config import load_sweep_config
     from .run import plan_sweep, require_finished, run_sweep
+    from .results import CURVE_FILE
 
     overrides = {}
     if args.out is not None:
@@ -40,6 +41,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     print()
     print(f"results: {result.table_path}")
     print(f"privacy-utility plot: {result.plot_path}")
+    print(f"leak by trial (rec - best control, org strength, with intervals): {result.directory / CURVE_FILE}")
     print(f"MLflow store: {result.tracking_uri}, experiment {result.experiment!r} (sweep run {result.parent_run_id}, "
           "each trial's pipeline run nested under it)")
     if result.tracking_uri.startswith("sqlite:"):

@@ -5,7 +5,10 @@ a finished record is what lets a rerun skip the trial. The table has one row per
 label, the varied settings, its status, and every headline metric of its evaluation. The plot has one
 panel per privacy metric: x = utility (what the owner still gets: org similarity), y = what the
 attack recovers, one labelled point per trial, with the no-leak levels (the base model with the class
-prompt, top-1 chance) drawn as lines. Figures are drawn on matplotlib's Agg canvas, never through pyplot.
+prompt, top-1 chance) drawn as lines. A second figure puts the trials side by side (in the order of the
+swept values when one numeric setting varies: a learning curve, a rank sweep) with the leak the attack
+adds over the best no-attack control and the victims' strength, each with its interval over victims.
+Figures are drawn on matplotlib's Agg canvas, never through pyplot.
 """
 
 from __future__ import annotations
@@ -23,6 +26,12 @@ TRIALS_DIR = "trials"
 RECORD_FILE = "result.json"
 TABLE_FILE = "results.csv"
 PLOT_FILE = "privacy_utility.png"
+CURVE_FILE = "leak_by_trial.png"
+# Per trial, what the attack adds over every no-attack control, and what the owner's model holds (both with
+# their 95% intervals over victims, from the evaluation's headline): metric -> (label, colour).
+CURVE_PANELS = {"rec_over_best_control.similarity": ("rec - best no-attack control (the leak the attack adds)", "C3"),
+                "org.strength": ("org - base (the victims' strength)", "C0"),
+                "org.binding": ("org - best control (bound to the trigger)", "C2")}
 FINISHED, FAILED, NOT_RUN = "finished", "failed", "not run"
 
 
@@ -159,6 +168,60 @@ def privacy_utility_plot(frame, utility: str, privacy: Sequence[str], path: Path
         ax.margins(x=0.15, y=0.12)  # room for the labels of the outermost points
         ax.grid(alpha=0.3)
     fig.suptitle(f"{title}\nright: the owner gets more of the person; up: the attack recovers more", fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
+def _order_key(value: Any) -> tuple[int, float, str]:
+    """Numbers in order, then null ("all", "none": the setting's largest or absent case), then the rest."""
+    if _finite(value):
+        return (0, float(value), "")
+    return (1, 0.0, "") if value is None else (2, 0.0, str(value))
+
+
+def trial_order(records: Sequence[Mapping[str, Any]], varied: Sequence[str]) -> list[str]:
+    """The trials' ids along a figure's x axis: by the varied value when one setting varies, else as given."""
+    if len(varied) != 1:
+        return [r["trial_id"] for r in records]
+    return [r["trial_id"] for r in sorted(records, key=lambda r: _order_key(r["overrides"].get(varied[0])))]
+
+
+def leak_by_trial_plot(frame, records: Sequence[Mapping[str, Any]], varied: Sequence[str], path: Path,
+                       title: str) -> Path:
+    """Two panels, the finished trials along x (sorted by the varied value when only one setting varies):
+    rec - best control, and org's strength and binding, as points with their 95% intervals over victims."""
+    done = frame[frame["status"] == FINISHED] if "status" in frame.columns else frame
+    position = {trial_id: i for i, trial_id in enumerate(trial_order(records, varied))}
+    rows = sorted(done.iterrows(), key=lambda item: position.get(item[1]["trial_id"], len(position)))
+    fig = _figure(max(6.0, 1.3 * len(rows) + 3.0) * 2 / 1.6, 4.4)
+    axes = fig.subplots(1, 2, squeeze=False)[0]
+    panels = (("rec_over_best_control.similarity",), ("org.strength", "org.binding"))
+    for ax, names in zip(axes, panels):
+        for offset, name in zip((0.0, 0.12), names):
+            text, colour = CURVE_PANELS[name]
+            xs, ys, err = [], [], [[], []]
+            for x, (_, row) in enumerate(rows):
+                y, lo, hi = (row.get(name), row.get(f"{name}_lo"), row.get(f"{name}_hi"))
+                if not _finite(y):
+                    continue
+                xs.append(x + offset)
+                ys.append(y)
+                err[0].append(y - lo if _finite(lo) else 0.0)
+                err[1].append(hi - y if _finite(hi) else 0.0)
+            if xs:
+                ax.errorbar(xs, ys, yerr=err, fmt="o-", color=colour, capsize=4, label=text)
+        ax.axhline(0.0, color="gray", linestyle="--", linewidth=1)
+        ax.set_xticks(range(len(rows)), [str(row["label"]) for _, row in rows], rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel("similarity difference (95% interval over victims)")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="best")
+        else:
+            ax.text(0.5, 0.5, "no finished trial has these metrics", ha="center", va="center", transform=ax.transAxes)
+        ax.margins(x=0.12)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{title}\nleft: what the attack recovers beyond every no-attack control; right: what the "
+                 "victims' models hold", fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
     return path

@@ -2,6 +2,9 @@
 2-trial sweep through Ray Tune at the smallest pipeline sizes, tracked in MLflow, then resumed."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -208,6 +211,37 @@ def test_trials_that_differ_only_in_attack_settings_share_one_zoo(tmp_path):
     # Unshared trials never wait for each other.
     alone = expand_trials(sweep(tmp_path, share_stages=False), "sqlite:///x.db")
     assert len(waves(alone)) == 1
+
+
+def test_sweeps_given_one_stages_dir_share_its_stage_outputs_and_its_lock(tmp_path):
+    from loraleak.locking import FolderInUseError
+    from loraleak.sweeps.run import run_sweep
+    from loraleak.sweeps.trials import pipeline_dir
+
+    shared = tmp_path / "shared-stages"
+    ablation = sweep(tmp_path, stages_dir=str(shared), out_dir=str(tmp_path / "ablation"))
+    curve = sweep(tmp_path, stages_dir=str(shared), out_dir=str(tmp_path / "curve"),
+                  search_space={"attack.train_identities": [1, None]})
+    trials = expand_trials(ablation, "sqlite:///x.db") + expand_trials(curve, "sqlite:///x.db")
+    assert {pipeline_dir(ablation, t.trial_id) for t in trials} == {shared.resolve()}
+    assert {str(t.config.out_dir) for t in trials} == {str(shared.resolve())}
+    assert len({stage_folders(t.config)["zoo"] for t in trials}) == 1  # one zoo for both sweeps
+    assert expand_trials(sweep(tmp_path), "sqlite:///x.db")[0].config.out_dir == tmp_path.resolve() / "sweep" / "stages"
+    with pytest.raises(ConfigError, match="stages_dir .* needs share_stages: true"):
+        sweep(tmp_path, stages_dir=str(shared), share_stages=False)
+    # A writer of the shared folder (another sweep, a `loraleak run --out`) keeps this sweep out, before any trial.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from loraleak.locking import folder_lock\n"
+         "with folder_lock(sys.argv[1], 'the other sweep'):\n    print('holding', flush=True); time.sleep(60)",
+         str(shared)], env={**os.environ, "PYTHONPATH": str(REPO / "platform")}, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        with pytest.raises(FolderInUseError, match="the other sweep"):
+            run_sweep(ablation, show_progress=False)
+        assert not (tmp_path / "ablation" / "trials").exists()
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_defended_trials_wait_for_the_undefended_study_they_also_attack_with(tmp_path):

@@ -22,6 +22,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     overrides = {}
     if args.out is not None:
         overrides["out_dir"] = str(args.out)
+    if args.stages is not None:
+        overrides["stages_dir"] = str(args.stages)
     if args.tracking_uri is not None:
         overrides["tracking_uri"] = args.tracking_uri
     if args.max_concurrent is not None:
@@ -58,6 +60,9 @@ def add_sweep_commands(subparsers: argparse._SubParsersAction) -> None:
                     "results table and the privacy-utility plot. A rerun skips the finished trials.")
     p.add_argument("config", type=Path, help="a sweep YAML (see tune_configs/)")
     p.add_argument("--out", type=Path, help="the sweep's folder (overrides out_dir; default runs/sweeps/<name>)")
+    p.add_argument("--stages", type=Path, metavar="DIR",
+                   help="the stage folder the trials share (default <sweep folder>/stages): another sweep's, or a "
+                        "`loraleak run --out`, to reuse its zoo and attacks (stages are keyed by their settings)")
     p.add_argument("--tracking-uri", metavar="URI",
                    help="the MLflow store, as for `loraleak run` (default: the config's tracking_uri, else "
                         "$MLFLOW_TRACKING_URI, else sqlite:///<the folder holding the sweep's folder>/mlflow.db)")

@@ -12,7 +12,7 @@
     metric: rec.similarity          # what Tune reports as the trial's score; the table is sorted by it
 
 A path is checked against PipelineConfig when the sweep is loaded (an unknown one is one line of
-error), and every value when the trials are expanded, both before anything runs. `out_dir`,
+error), and every value when the trials are expanded, both before anything runs. `out_dir`, `stages_dir`,
 `tracking_uri` and `experiment` are the sweep's to set: trials share its stage folder, its MLflow store and
 its experiment (loraleak.sweeps.tracking).
 """
@@ -60,6 +60,11 @@ class SweepConfig:
     # one zoo). False: each trial its own folder (every stage runs for every trial).
     share_stages: bool = True
     out_dir: Path | None = None  # None: runs/sweeps/<name>
+    # The stage folder the trials share (None: <sweep folder>/stages). Stage outputs are keyed by their
+    # settings, so sweeps (or a `loraleak run --out`) pointed at one folder reuse each other's zoo, attacks
+    # and evaluations: an attack ablation on the learning curve's zoo builds no zoo. The sweep holds the
+    # folder's lock while it runs: one writer at a time.
+    stages_dir: Path | None = None
     # What Ray Tune reserves for each trial's driver (the process running `run_pipeline`). The
     # stages' Ray workers (zoo, attack, evaluation) ask the cluster for their own resources.
     # None: {CPU: 1} when a stage runs inside the driver (workers: 0), else nothing.
@@ -125,6 +130,8 @@ class SweepConfig:
                 raise ValueError(f"{name}: {metric!r} is not a metric name (e.g. {METRIC_EXAMPLES})")
         if not self.privacy:
             raise ValueError("privacy: name at least one metric for the plot's y axis (e.g. rec.similarity)")
+        if self.stages_dir is not None and not self.share_stages:
+            raise ValueError("stages_dir is the folder the trials share: it needs share_stages: true")
         if self.experiment is not None and not self.experiment.strip():
             raise ValueError("experiment must not be empty (leave it out for the sweep folder's name)")
 
@@ -132,6 +139,11 @@ class SweepConfig:
     def directory(self) -> Path:
         """The sweep's folder: stage outputs, trial records, results, Ray Tune state, MLflow store."""
         return (self.out_dir or Path("runs/sweeps") / self.name).expanduser().resolve()
+
+    @property
+    def stages_directory(self) -> Path:
+        """The pipeline folder the trials share (share_stages)."""
+        return (self.stages_dir or self.directory / "stages").expanduser().resolve()
 
 
 def split_paths(key: str) -> list[str]:

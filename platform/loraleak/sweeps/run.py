@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -61,6 +62,8 @@ class SweepPlan:
         lines = [f"sweep {cfg.name}: {len(self.trials)} trials ({cfg.search} over {varied}), "
                  f"{len(self.finished)} finished before, {len(self.pending)} to run -> {cfg.directory}"]
         if cfg.share_stages:
+            if cfg.stages_dir is not None:
+                lines.append(f"  stage folder: {cfg.stages_directory} (stages_dir)")
             shared = [s for s, n in self.builds.items() if n == 1]
             per = [f"{s} {n}" for s, n in self.builds.items() if n > 1]
             lines.append(f"  stage outputs: {', '.join(per) or 'none differ'}"
@@ -190,7 +193,9 @@ def run_sweep(cfg: SweepConfig, show_progress: bool = True) -> SweepResult:
     One sweep per directory at a time (its folder lock). Its trials share the stage folder by design and
     lock only the stage outputs they build (`waves` keeps two trials from building the same one)."""
     plan_sweep(cfg)  # a bad setting is one line before any folder is made
-    with folder_lock(cfg.directory, f"sweep {cfg.name}"):
+    with folder_lock(cfg.directory, f"sweep {cfg.name}"), ExitStack() as shared:
+        if cfg.share_stages and not cfg.stages_directory.is_relative_to(cfg.directory):
+            shared.enter_context(folder_lock(cfg.stages_directory, f"sweep {cfg.name}"))  # shared with others
         return _run_sweep(cfg, show_progress)
 
 

@@ -108,7 +108,7 @@ def _apply(base, overrides: dict[str, Any], what: str):
 
 def pipeline_dir(cfg: SweepConfig, trial_id: str) -> Path:
     """Where a trial's pipeline writes its stages: one folder for all (shared), else its own."""
-    return cfg.directory / "stages" if cfg.share_stages else cfg.directory / "trials" / trial_id / "stages"
+    return cfg.stages_directory if cfg.share_stages else cfg.directory / "trials" / trial_id / "stages"
 
 
 def _absolute_paths(config):

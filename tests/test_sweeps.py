@@ -117,6 +117,12 @@ def test_the_shipped_tune_configs_load_and_expand():
 def test_the_learning_curve_shares_one_zoo_and_trains_one_attack_per_training_set_size(lfw_root):
     cfg = load_sweep_config(REPO / "tune_configs" / "learning_curve.yaml")
     trials = expand_trials(cfg, "sqlite:///unused.db")
+    # The attack ablation reuses the curve's zoo (--stages), and its paper trial is the curve's last.
+    ablation = expand_trials(load_sweep_config(REPO / "tune_configs" / "attack_ablation_lfw.yaml"), "sqlite:///u.db")
+    assert len(ablation) == 9 and builds_per_stage(ablation)["zoo"] == 1
+    check_rerun(("attack", "evaluation"), ablation, "attack_ablation_lfw.yaml")
+    assert {stage_folders(t.config)["zoo"] for t in ablation} == {stage_folders(trials[0].config)["zoo"]}
+    assert stage_folders(trials[-1].config)["attack"] in {stage_folders(t.config)["attack"] for t in ablation}
     assert [t.config.attack.train_identities for t in trials] == [32, 64, 128, None]
     # Every usable identity trains the attack (5+ photos); the victims are the lfw profile's (12+ photos).
     assert {t.config.identities.train_min_images for t in trials} == {5}

@@ -77,6 +77,9 @@ class EvaluationResult:
     mlflow_run_id: str | None
     wall_time_s: float
     regime: StudyRegime | None = None  # strength and binding of the victims (loraleak.evaluation.regime)
+    # Condition image sets (one condition of one victim) of the victims evaluated by this call: "reused" from the
+    # image cache (cfg.image_cache), "generated".
+    image_sets: dict[str, int] | None = None
 
 
 # --- what to evaluate -------------------------------------------------------------------------------------
@@ -473,7 +476,7 @@ def _evaluate(cfg: EvaluationConfig, show_progress: bool) -> EvaluationResult:
         (cfg.out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1, default=str))
     return EvaluationResult(cfg.out_dir, report, metrics, headline, control, len(records), len(references),
                             len(pending) - len(failures), len(victims) - len(pending), failures,
-                            summary["mlflow_run_id"], wall, regime)
+                            summary["mlflow_run_id"], wall, regime, image_sets)
 
 
 def _write_report(cfg: EvaluationConfig, store: ResultStore, records: list[dict[str, Any]],

@@ -48,8 +48,9 @@ logger = logging.getLogger(__name__)
 ENTRY_FILE = "entry.json"  # written last: an entry folder without it is not one
 KEY_CHARS = 32
 STALE_S = 3600  # a private folder this old is what a killed writer left (a write takes milliseconds)
-# The packages whose code turns settings into pixels: another version may draw other pixels.
-SAMPLING_PACKAGES = ("torch", "diffusers", "transformers", "peft", "safetensors")
+# The packages whose code turns settings into pixels (another version may draw other pixels) and into PNG
+# bytes (pillow: another zlib setting, other bytes for the same pixels).
+SAMPLING_PACKAGES = ("torch", "diffusers", "transformers", "peft", "safetensors", "numpy", "pillow")
 
 
 @dataclass(frozen=True)

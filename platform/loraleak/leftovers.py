@@ -17,6 +17,10 @@ checkpoint Ray had not registered yet):
     <evaluation>/victims/<id>     a victim's images without their record (victims/<id>.json): the evaluation
                                   writes the record last, and evaluates a victim without one again
 
+Not here: an image cache's private folders (<out>/image-cache/<xx>/.<key>.tmp-*, evaluation/image_cache.py).
+Evaluations of other studies or trials may be writing them while this folder is locked; the evaluation
+removes those older than an hour itself (`ImageCache.remove_stale`).
+
 `remove_study_leftovers(out)` removes all of them under a study's folder; call it only while holding
 the folder's lock (loraleak.locking), when no live process can be writing them. Local folders only.
 """

@@ -26,6 +26,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         print(format_regime(result.regime))
     failed = f", {len(result.failures)} failed (rerun to retry)" if result.failures else ""
     print(f"{result.victims} victims ({result.evaluated} evaluated now, {result.reused} from an earlier run{failed})")
+    if result.image_sets and result.image_sets["reused"]:
+        print(f"image cache: {result.image_sets['reused']} condition image sets read back, "
+              f"{result.image_sets['generated']} generated")
     print(f"report: {result.report}")
     if result.mlflow_run_id:
         print(f"MLflow run: {result.mlflow_run_id}")

@@ -50,6 +50,10 @@ class EvaluationConfig:
     sample_steps: int = 25
     guidance_scale: float = 3.0
     seed: int = 1234  # each victim's seed is drawn from (seed, lora_id) and recorded with its results
+    # A folder of condition images kept by content (evaluation/image_cache.py), shared by every evaluation
+    # that names it: a condition whose inputs are unchanged is read back, not generated. None: no cache
+    # (`loraleak evaluate` writes only its out_dir); the pipeline wires its study's <out>/image-cache.
+    image_cache: Path | None = None
     # Scoring against each candidate's private photos, given to the scorer at reference_size px.
     scorer: Literal["synthetic", "dlib", "facenet"] = "synthetic"
     scorer_path: Path | None = None  # synthetic: a saved scorer (default: the shipped one)

@@ -47,6 +47,7 @@ from ..tracking import FOLDER_TAG, mlflow_run
 from ..zoo.config import read_zoo_config
 from ..zoo.manifest import done_rows, read_manifest
 from .config import CONTROLS, EvaluationConfig
+from .image_cache import ImageCache
 from .metrics import ConditionMetrics, Estimate, ImageScores, similarity_mapping, summarise
 from .regime import StudyRegime, study_regime
 from .report import write_report
@@ -76,6 +77,9 @@ class EvaluationResult:
     mlflow_run_id: str | None
     wall_time_s: float
     regime: StudyRegime | None = None  # strength and binding of the victims (loraleak.evaluation.regime)
+    # Condition image sets (one condition of one victim) of the victims evaluated by this call: "reused" from the
+    # image cache (cfg.image_cache), "generated".
+    image_sets: dict[str, int] | None = None
 
 
 # --- what to evaluate -------------------------------------------------------------------------------------
@@ -97,7 +101,8 @@ def resolve_config(cfg: EvaluationConfig) -> EvaluationConfig:
         cfg, base=base, identities=identities,
         zoo=cfg.zoo if "://" in cfg.zoo else str(Path(cfg.zoo).expanduser().resolve()),
         attack=absolute(cfg.attack), baselines={k: absolute(v) for k, v in cfg.baselines.items()},
-        scorer_path=absolute(cfg.scorer_path), out_dir=absolute(cfg.out_dir), workdir=absolute(cfg.workdir))
+        scorer_path=absolute(cfg.scorer_path), out_dir=absolute(cfg.out_dir), workdir=absolute(cfg.workdir),
+        image_cache=absolute(cfg.image_cache))
 
 
 def select_victims(cfg: EvaluationConfig) -> tuple[list[dict[str, Any]], list[str]]:
@@ -150,17 +155,22 @@ def _hash_dir(directory: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def settings_key(cfg: EvaluationConfig, candidates: Sequence[str]) -> str:
-    """What a victim's stored result depends on besides the victim itself."""
+def attack_keys(cfg: EvaluationConfig) -> dict[str, str]:
+    """condition -> the content hash of its saved attack's folder ("rec" and every baseline)."""
     attacks = {"rec": cfg.attack, **cfg.baselines}
     for name, directory in attacks.items():
         if directory is not None and not directory.is_dir():
             raise ConfigError(f"{'attack' if name == 'rec' else f'baselines.{name}'}: no saved attack at {directory}")
+    return {name: _hash_dir(d) for name, d in attacks.items() if d is not None}
+
+
+def settings_key(cfg: EvaluationConfig, candidates: Sequence[str], attacks: Mapping[str, str] | None = None) -> str:
+    """What a victim's stored result depends on besides the victim itself (`attacks`: attack_keys(cfg), when
+    the caller has them). Not the image cache: it changes where images come from, not what they are."""
     key = {"base": base_fingerprint(cfg.base), "seed": cfg.seed, "n_images": cfg.n_images,
            "sample_steps": cfg.sample_steps, "guidance_scale": cfg.guidance_scale, "controls": list(cfg.controls),
            "scorer": cfg.scorer, "scorer_path": str(cfg.scorer_path), "reference_size": cfg.reference_size,
-           "candidates": list(candidates),
-           "attacks": {name: _hash_dir(d) for name, d in attacks.items() if d is not None}}
+           "candidates": list(candidates), "attacks": dict(attacks if attacks is not None else attack_keys(cfg))}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -237,7 +247,7 @@ def _one_line(error: BaseException) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
-def _ray_results(cfg: EvaluationConfig, references: Mapping[str, list],
+def _ray_results(cfg: EvaluationConfig, references: Mapping[str, list], attacks: Mapping[str, str],
                  victims: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     import ray  # ray starts slowly: only an evaluation that fans out imports it
     from ray.util import ActorPool
@@ -247,7 +257,7 @@ def _ray_results(cfg: EvaluationConfig, references: Mapping[str, list],
         num_cpus=cfg.num_cpus_per_worker, num_gpus=cfg.num_gpus_per_worker or None,
         max_restarts=cfg.max_retries, max_task_retries=cfg.max_retries)
     shared = ray.put(dict(references))
-    actors = [worker.remote(cfg, shared) for _ in range(min(cfg.workers, len(victims)))]
+    actors = [worker.remote(cfg, shared, dict(attacks)) for _ in range(min(cfg.workers, len(victims)))]
     try:
         yield from ActorPool(actors).map_unordered(lambda actor, victim: actor.evaluate.remote(victim), victims)
     finally:
@@ -255,30 +265,35 @@ def _ray_results(cfg: EvaluationConfig, references: Mapping[str, list],
             ray.kill(actor)
 
 
-def _local_results(cfg: EvaluationConfig, references: Mapping[str, list],
+def _local_results(cfg: EvaluationConfig, references: Mapping[str, list], attacks: Mapping[str, str],
                    victims: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    worker = EvaluationWorker(cfg, references, own_process=False)
+    worker = EvaluationWorker(cfg, references, attacks, own_process=False)
     for victim in victims:
         yield worker.evaluate(victim)
 
 
-def run_victims(cfg: EvaluationConfig, references: Mapping[str, list], victims: list[dict[str, Any]],
-                store: ResultStore, show_progress: bool = True) -> list[dict[str, str]]:
+def run_victims(cfg: EvaluationConfig, references: Mapping[str, list], attacks: Mapping[str, str],
+                victims: list[dict[str, Any]], store: ResultStore,
+                show_progress: bool = True) -> tuple[list[dict[str, str]], dict[str, int]]:
     """Evaluate `victims` on Ray actors (or here, with workers 0), writing each result as it ends;
-    returns the failures."""
+    returns the failures and the condition image sets read from the image cache ("reused") or generated."""
     import ray  # see _ray_results
 
     by_id = {v["lora_id"]: v for v in victims}
     failures: list[dict[str, str]] = []
+    image_sets = {"reused": 0, "generated": 0}
     progress = tqdm(total=len(victims), desc="evaluate", unit="victim", disable=not show_progress)
     try:
-        results = _ray_results(cfg, references, victims) if cfg.workers else _local_results(cfg, references, victims)
+        run = _ray_results if cfg.workers else _local_results
+        results = run(cfg, references, attacks, victims)
         for result in results:
             if result.get("error"):
                 failures.append({"lora_id": result["lora_id"], "error": result["error"]})
                 logger.warning("evaluation of victim %s failed: %s", result["lora_id"], result["error"])
             else:
                 store.write(by_id[result["lora_id"]], result)
+                for k in image_sets:
+                    image_sets[k] += result["image_sets"][k]
             progress.update()
             progress.set_postfix(failed=len(failures))
     except ray.exceptions.RayError as e:
@@ -286,7 +301,7 @@ def run_victims(cfg: EvaluationConfig, references: Mapping[str, list], victims: 
                             "and are kept; rerun to resume)") from e
     finally:
         progress.close()
-    return failures
+    return failures, image_sets
 
 
 # --- the numbers ------------------------------------------------------------------------------------------
@@ -406,7 +421,8 @@ def _evaluate(cfg: EvaluationConfig, show_progress: bool) -> EvaluationResult:
         victims = [v for v in victims if v["identity_id"] in references]
         if not victims:
             raise InputError(f"the {cfg.scorer} scorer finds no face in the photos of any victim")
-        key = settings_key(cfg, sorted(references))
+        attacks = attack_keys(cfg)
+        key = settings_key(cfg, sorted(references), attacks)
         store = ResultStore(cfg.out_dir, key)
         pending = [v for v in victims if not store.done(v["lora_id"])]
         logger.info("evaluation %s: %d victims, %d candidates; %d already evaluated, %d to run %s", cfg.out_dir,
@@ -414,7 +430,13 @@ def _evaluate(cfg: EvaluationConfig, show_progress: bool) -> EvaluationResult:
                     f"on {cfg.workers} Ray worker(s)" if cfg.workers else "in this process")
         if run is not None:
             run.log_params({"data": {"candidates": len(references), "settings_key": key}})
-        failures = run_victims(cfg, references, pending, store, show_progress) if pending else []
+        if cfg.image_cache is not None:
+            ImageCache(cfg.image_cache).remove_stale()
+        failures, image_sets = run_victims(cfg, references, attacks, pending, store, show_progress) \
+            if pending else ([], {"reused": 0, "generated": 0})
+        logger.info("evaluation %s: %d condition image sets read from the image cache, %d generated%s", cfg.out_dir,
+                    image_sets["reused"], image_sets["generated"],
+                    f" ({cfg.image_cache})" if cfg.image_cache is not None else " (no image cache)")
         failed = {f["lora_id"] for f in failures}
         finished = [v for v in victims if v["lora_id"] not in failed]
         if not finished:
@@ -432,6 +454,7 @@ def _evaluate(cfg: EvaluationConfig, show_progress: bool) -> EvaluationResult:
         summary = {"victims": len(records), "candidates": len(references),
                    "evaluated": len(pending) - len(failures), "reused": len(victims) - len(pending),
                    "failures": failures, "unscorable": [v["lora_id"] for v in unscorable], "settings_key": key,
+                   "image_sets": image_sets,
                    "best_control": control, "headline": headline,
                    "table": "\n".join(filter(None, [format_headline(metrics, headline, control),
                                                     format_regime(regime)])),
@@ -439,7 +462,9 @@ def _evaluate(cfg: EvaluationConfig, show_progress: bool) -> EvaluationResult:
                    "metrics": {k: m.to_dict() for k, m in metrics.items()},
                    "report": str(report), "config": to_dict(cfg)}
         if run is not None:
-            run.log_params({"data": {"victims": len(records), "best_control": control or "-"}})
+            run.log_params({"data": {"victims": len(records), "best_control": control or "-",
+                                     "image_sets_reused": image_sets["reused"],
+                                     "image_sets_generated": image_sets["generated"]}})
             flat = {k: v for name, m in metrics.items() for k, v in m.flat(f"{name}.").items()}
             run.log_metrics({**flat, **headline, "failed_victims": len(failures)})
             for path in sorted(report.parent.iterdir()):
@@ -451,7 +476,7 @@ def _evaluate(cfg: EvaluationConfig, show_progress: bool) -> EvaluationResult:
         (cfg.out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1, default=str))
     return EvaluationResult(cfg.out_dir, report, metrics, headline, control, len(records), len(references),
                             len(pending) - len(failures), len(victims) - len(pending), failures,
-                            summary["mlflow_run_id"], wall, regime)
+                            summary["mlflow_run_id"], wall, regime, image_sets)
 
 
 def _write_report(cfg: EvaluationConfig, store: ResultStore, records: list[dict[str, Any]],

@@ -35,6 +35,7 @@ from ..lora.io import loaded_adapters
 from ..scoring import make_scorer
 from ..zoo.storage import ZooStore
 from .config import EvaluationConfig
+from .image_cache import ImageCache, attack_code, condition_key, file_sha256, generation_context
 from .metrics import score_images
 
 
@@ -67,6 +68,11 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def open_png(data: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as image:
+        return image.convert("RGB")
+
+
 class EvaluationWorker:
     """Holds the base pipeline, the attacks and the scorer; `evaluate(victim)` does one victim.
 
@@ -74,7 +80,8 @@ class EvaluationWorker:
     references: candidate identity -> its private photos' embeddings (computed once by the driver).
     """
 
-    def __init__(self, cfg: EvaluationConfig, references: Mapping[str, Sequence[Any]], own_process: bool = True):
+    def __init__(self, cfg: EvaluationConfig, references: Mapping[str, Sequence[Any]],
+                 attack_keys: Mapping[str, str] | None = None, own_process: bool = True):
         if own_process:  # a Ray actor's process is the worker's alone to configure
             torch.set_num_threads(max(1, int(cfg.num_cpus_per_worker)))
             diffusers.utils.logging.disable_progress_bar()
@@ -90,6 +97,11 @@ class EvaluationWorker:
             self.attacks[name] = load_attack(directory, self.pipe)
         self.scorer = make_scorer(cfg.scorer, cfg.scorer_path)
         self.identities = {i.identity_id: i for i in make_source(cfg.identities).identities()}
+        # The image cache: attack_keys names each attack's saved folder by its content (the driver hashed them).
+        self.cache = ImageCache(cfg.image_cache) if cfg.image_cache is not None else None
+        self.context = generation_context(self.pipe) if self.cache is not None else {}
+        self.attack_code = attack_code() if self.cache is not None else ""
+        self.attack_keys = dict(attack_keys or {})
 
     def evaluate(self, victim: Mapping[str, Any]) -> dict[str, Any]:
         """Images and scores of one victim; a failure is returned as {"error": ...}, never raised, so
@@ -107,13 +119,15 @@ class EvaluationWorker:
     def _evaluate(self, victim: Mapping[str, Any]) -> dict[str, Any]:
         private = self._private_images(victim)
         with ZooStore(self.cfg.zoo).local_file(victim["lora_path"]) as lora_path:
-            images, prompts = self._images(victim, lora_path)
-        scores = {name: score_images(self.scorer, ims, self.references, victim["identity_id"]).to_dict()
-                  for name, ims in images.items()}
+            images, prompts, reused = self._images(victim, lora_path)
+        # Scored from the PNGs (lossless): the same pixels whether generated now or read from the cache.
+        scores = {name: score_images(self.scorer, [open_png(b) for b in pngs], self.references,
+                                     victim["identity_id"]).to_dict()
+                  for name, pngs in images.items()}
         return {"lora_id": victim["lora_id"], "identity_id": victim["identity_id"], "error": None,
-                "scores": scores, "prompts": prompts,
-                "images": {name: [png_bytes(im) for im in ims] for name, ims in images.items()},
-                "private": [png_bytes(im) for im in private]}
+                "scores": scores, "prompts": prompts, "images": images,
+                "private": [png_bytes(im) for im in private],
+                "image_sets": {"reused": len(reused), "generated": len(images) - len(reused)}}
 
     def _private_images(self, victim: Mapping[str, Any]) -> list[Image.Image]:
         """The photos the LoRA was fine-tuned on, checked against the hashes the zoo recorded."""
@@ -126,31 +140,60 @@ class EvaluationWorker:
                              "fine-tuned on (zoo manifest hashes); evaluate with the zoo's identity source")
         return images
 
-    def _images(self, victim: Mapping[str, Any], lora_path) -> tuple[dict[str, list[Image.Image]], dict[str, str]]:
+    def _images(self, victim: Mapping[str, Any], lora_path) -> tuple[dict[str, list[bytes]], dict[str, str], set[str]]:
+        """Every condition's images as PNG bytes, their prompts, and the conditions the image cache gave."""
         cfg = self.cfg
         sample = dict(n=cfg.n_images, seed=victim["seed"], num_inference_steps=cfg.sample_steps,
                       guidance_scale=cfg.guidance_scale)
-        lora = LoraInput.from_file(lora_path, step=victim["step"])
-        answers = {name: attack.reconstruct(lora, cfg.n_images, victim["seed"])
-                   for name, attack in self.attacks.items()}  # before the LoRA touches the pipeline
         prompts = {"org": victim["instance_prompt"], "base": victim["class_prompt"],
                    **{c: control_prompt(c, victim) for c in cfg.controls}}
-        images: dict[str, list[Image.Image]] = {}
-        with lora_loaded(self.pipe, lora_path):
-            images["org"] = generate_images(self.pipe, prompt=prompts["org"], **sample)
-            for name, answer in answers.items():
-                if answer.prompt_embeds is not None:
-                    images[name] = generate_images(self.pipe, prompt_embeds=answer.prompt_embeds, **sample)
+        images: dict[str, list[bytes]] = {}
+        keys = self._keys(victim, lora_path, sample, prompts) if self.cache is not None else {}
+        for name, key in keys.items():
+            if (hit := self.cache.get(key)) is not None:
+                images[name], prompts[name] = hit.images, hit.prompt
+        reused = set(images)
+
+        def generate(name: str, **text: Any) -> None:
+            images[name] = [png_bytes(im) for im in generate_images(self.pipe, **text, **sample)]
+
+        missing = [name for name in self.attacks if name not in images]
+        lora = LoraInput.from_file(lora_path, step=victim["step"]) if missing else None
+        answers = {name: self.attacks[name].reconstruct(lora, cfg.n_images, victim["seed"])
+                   for name in missing}  # before the LoRA touches the pipeline
+        with_lora = [c for c in ("org", *cfg.controls) if c not in images]
+        embedded = {name: a.prompt_embeds for name, a in answers.items() if a.prompt_embeds is not None}
+        if with_lora or embedded:  # each call seeds its own noise: the order of the calls changes no image
+            with lora_loaded(self.pipe, lora_path):
+                for name in with_lora:
+                    generate(name, prompt=prompts[name])
+                for name, embeds in embedded.items():
+                    generate(name, prompt_embeds=embeds)
                     prompts[name] = f"{name} z (prompt embedding from the LoRA weights)"
-            for control in cfg.controls:
-                images[control] = generate_images(self.pipe, prompt=prompts[control], **sample)
         for name, answer in answers.items():
             if answer.images is not None:
-                images[name] = [im.convert("RGB") for im in answer.images[: cfg.n_images]]
+                images[name] = [png_bytes(im.convert("RGB")) for im in answer.images[: cfg.n_images]]
                 prompts[name] = f"{name} images (returned by the attack)"
-        images["base"] = generate_images(self.pipe, prompt=prompts["base"], **sample)
+        if "base" not in images:
+            generate("base", prompt=prompts["base"])
+        for name, key in keys.items():
+            if name not in reused:
+                self.cache.put(key, images[name], prompts[name],
+                               {"condition": name, "lora_id": victim["lora_id"], "prompt": prompts[name]})
         order = [c for c in cfg.conditions if c in images]
-        return {c: images[c] for c in order}, {c: prompts[c] for c in order}
+        return {c: images[c] for c in order}, {c: prompts[c] for c in order}, reused & set(order)
+
+    def _keys(self, victim: Mapping[str, Any], lora_path, sample: Mapping[str, Any],
+              prompts: Mapping[str, str]) -> dict[str, str]:
+        """condition -> its image-cache key (`image_cache.condition_key`)."""
+        lora = file_sha256(lora_path)
+        keys = {name: condition_key(self.context, sample, lora=None if name == "base" else lora, prompt=text)
+                for name, text in prompts.items()}
+        for name in self.attacks:
+            if name in self.attack_keys:  # an attack's images: its saved folder's content and the attack code
+                keys[name] = condition_key(self.context, sample, lora=lora, step=victim["step"],
+                                           attack=self.attack_keys[name], code=self.attack_code)
+        return keys
 
     def _recover(self) -> None:
         """Leave the pipeline clean for the next victim after one failed midway."""

@@ -69,7 +69,8 @@ WIRED = {
     ZooConfig: ("root", "base", "identities", *TRACKING_FIELDS),
     AttackTrainConfig: ("zoo", "base", "identities", "out_dir", "storage_path", "run_name", "resume_from",
                         *TRACKING_FIELDS),
-    EvaluationConfig: ("zoo", "out_dir", "attack", "baselines", "base", "identities", "run_name", *TRACKING_FIELDS),
+    EvaluationConfig: ("zoo", "out_dir", "attack", "baselines", "base", "identities", "run_name", "image_cache",
+                       *TRACKING_FIELDS),
 }
 
 
@@ -97,7 +98,8 @@ ZooSettings = _section("ZooSettings", ZooConfig, "ZooConfig without root, base, 
 AttackSettings = _section("AttackSettings", AttackTrainConfig,
                           "AttackTrainConfig without zoo, base, identities, output folders and MLflow settings.")
 EvaluationSettings = _section("EvaluationSettings", EvaluationConfig,
-                              "EvaluationConfig without zoo, attacks, base, identities, out_dir and MLflow settings.")
+                              "EvaluationConfig without zoo, attacks, base, identities, out_dir, image_cache and "
+                              "MLflow settings.")
 
 
 def stage_config(stage: type, settings: Any, where: str, **wired: Any) -> Any:

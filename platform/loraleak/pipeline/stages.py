@@ -55,6 +55,9 @@ KEY_CHARS = 8  # a stage folder's key: zoo-e583c7f2
 # settings, but not what is in the upstream folders when the evaluation runs (a zoo with victims still
 # failing, an attack trained further since): the evaluation is complete only for the inputs recorded here.
 EVALUATION_INPUTS = "pipeline_inputs.json"
+# Under out_dir: the condition images every evaluation of the study (a sweep: of every trial sharing its stages)
+# reads and adds to (evaluation/image_cache.py). Not a stage: where images come from, not what they are (no key).
+IMAGE_CACHE = "image-cache"
 # In an attack folder: the key of its training line and its max_steps (how a longer attack finds it).
 ATTACK_LINE = "attack_line.json"
 # How to run a stage, not what it computes: left out of the stage keys (a change resumes the stage).
@@ -453,7 +456,7 @@ class EvaluationStage(Stage):
         return stage_config(EvaluationConfig, self.cfg.evaluation, "evaluation", zoo=zoo.root, out_dir=self.folder,
                             attack=self.attack.directory, baselines=self.attacks, base=zoo.base,
                             identities=self.cfg.identities, run_name=f"evaluation-{self.key}",
-                            **tracking_wiring(self.cfg, self.out))
+                            image_cache=self.out / IMAGE_CACHE, **tracking_wiring(self.cfg, self.out))
 
     def inputs(self) -> dict[str, Any]:
         """What the evaluation is computed from: the upstream stage keys, the zoo's finished LoRAs and the content

@@ -567,8 +567,8 @@ def plan_stages(cfg: PipelineConfig, out: Path | None = None) -> StudyStages:
     out = out if out is not None else cfg.out_dir.expanduser().resolve()
     base_key = stage_key(cfg.base.ref) if cfg.base.pretrain is None else stage_key(without_added_defaults("pretrain", to_dict(cfg.base.pretrain)))
     base = BaseStage(cfg, out, base_key)
-    zoo = ZooStage(cfg, out, stage_key(base_key, without_added_defaults("identities", to_dict(cfg.identities)),
-                                             settings_of(cfg.zoo, "zoo")), base=base)
+    identities = without_added_defaults("identities", to_dict(cfg.identities))
+    zoo = ZooStage(cfg, out, stage_key(base_key, identities, settings_of(cfg.zoo, "zoo")), base=base)
     line = stage_key(zoo.key, settings_of(cfg.attack, "attack"))  # every setting but max_steps (HOW_TO_RUN)
     attack = AttackStage(cfg, out, stage_key(line, {"max_steps": cfg.attack.max_steps}), zoo=zoo, line=line)
     baselines = BaselinesStage(cfg, out, None, zoo=zoo,

@@ -60,6 +60,45 @@ def build_tiny_zoo(work):
     return cfg
 
 
+# --- one evaluation zoo: 6 identities, half held out (3 victims ranked among 3 candidates) --------------------
+EVALUATION_IDENTITIES = {"kind": "synthetic", "num_identities": 6, "images_per_identity": 3, "heldout_fraction": 0.5}
+
+
+def build_evaluation_zoo(work):
+    """A random 16 px base (work/base) and a zoo of its 6 fine-tunes (work/zoo); returns the ZooConfig."""
+    from loraleak.base.tiny import build_tiny_pipeline
+    from loraleak.config import from_dict
+    from loraleak.zoo.build import build_zoo
+    from loraleak.zoo.config import ZooConfig
+
+    build_tiny_pipeline(TINY).save_pretrained(work / "base", safe_serialization=True)
+    cfg = from_dict(ZooConfig, {"root": str(work / "zoo"), "base": str(work / "base"),
+                                "identities": EVALUATION_IDENTITIES,
+                                "finetune": {"rank": 2, "alpha": 2, "steps": 4, "prior_preservation": False, "lr": 1e-2},
+                                "num_snapshots": 2, "workers": 0, "tracking": False})
+    assert build_zoo(cfg, show_progress=False)["done"] == 6
+    return cfg
+
+
+def save_untrained_attack(zoo, path, seed=None):
+    """A network autoencoder for the zoo's LoRA layout, saved as `train_attack` saves one but not trained."""
+    import torch
+
+    from loraleak.attack.lora_inputs import lora_layout
+    from loraleak.attack.model import NetworkAutoencoder
+    from loraleak.base.loading import base_fingerprint, load_base_pipeline
+    from loraleak.lora.io import read_lora
+    from loraleak.zoo.manifest import read_manifest
+
+    row = next(r for r in read_manifest(zoo.root).to_pylist() if r["snapshot_step"] == r["steps"])
+    layout = lora_layout(read_lora(f"{zoo.root}/{row['lora_path']}")[0])
+    if seed is not None:
+        torch.manual_seed(seed)
+    NetworkAutoencoder.from_pipeline(load_base_pipeline(zoo.base), layout,
+                                     base_fingerprint=base_fingerprint(zoo.base)).save_pretrained(path)
+    return path
+
+
 # --- processes a test started, found by the folder their command lines name --------------------------------
 
 def processes_naming(folder: str, wait_s: float = 0) -> list[psutil.Process]:

@@ -14,11 +14,7 @@ import numpy as np
 import pytest
 
 from loraleak.attack.config import AttackTrainConfig
-from loraleak.attack.lora_inputs import lora_layout
-from loraleak.attack.model import NetworkAutoencoder
 from loraleak.attack.train import train_attack
-from loraleak.base.loading import base_fingerprint, load_base_pipeline
-from loraleak.base.tiny import TinyBaseConfig, build_tiny_pipeline
 from loraleak.cli import main
 from loraleak.config import from_dict, to_dict
 from loraleak.errors import ConfigError, LoraleakError
@@ -26,15 +22,10 @@ from loraleak.evaluation.config import CONTROLS, EvaluationConfig
 from loraleak.evaluation.evaluate import RESULTS_DIR, evaluate, headline_metrics, paired_difference
 from loraleak.evaluation.metrics import ImageScores, summarise
 from loraleak.evaluation.worker import victim_seed, wrong_trigger
-from loraleak.lora.io import read_lora
-from loraleak.zoo.build import build_zoo
-from loraleak.zoo.config import ZooConfig
 from loraleak.zoo.manifest import read_manifest
+from studies import EVALUATION_IDENTITIES, build_evaluation_zoo, save_untrained_attack
 
-TINY = TinyBaseConfig(resolution=16, unet_channels=(32, 32), attention_levels=1, text_width=32,
-                      text_layers=1, text_heads=1, vae_channels=(32,))
-# 6 identities, half held out: 3 victims ranked among 3 candidates.
-IDENTITIES = {"kind": "synthetic", "num_identities": 6, "images_per_identity": 3, "heldout_fraction": 0.5}
+IDENTITIES = EVALUATION_IDENTITIES  # 6 identities, half held out: 3 victims ranked among 3 candidates
 CONDITIONS = ["org", "rec", "base", *CONTROLS]
 
 
@@ -42,17 +33,8 @@ CONDITIONS = ["org", "rec", "base", *CONTROLS]
 def study(tmp_path_factory):
     """A tiny base, a zoo of 6 fine-tunes, and a network autoencoder for its LoRA layout."""
     work = tmp_path_factory.mktemp("evaluate")
-    build_tiny_pipeline(TINY).save_pretrained(work / "base", safe_serialization=True)
-    zoo = from_dict(ZooConfig, {"root": str(work / "zoo"), "base": str(work / "base"), "identities": IDENTITIES,
-                                "finetune": {"rank": 2, "alpha": 2, "steps": 4, "prior_preservation": False,
-                                             "lr": 1e-2},
-                                "num_snapshots": 2, "workers": 0, "tracking": False})
-    assert build_zoo(zoo, show_progress=False)["done"] == 6
-    row = next(r for r in read_manifest(zoo.root).to_pylist() if r["snapshot_step"] == r["steps"])
-    layout = lora_layout(read_lora(f"{zoo.root}/{row['lora_path']}")[0])
-    NetworkAutoencoder.from_pipeline(load_base_pipeline(zoo.base), layout,
-                                     base_fingerprint=base_fingerprint(zoo.base)).save_pretrained(work / "nae")
-    return work, zoo, work / "nae"
+    zoo = build_evaluation_zoo(work)
+    return work, zoo, save_untrained_attack(zoo, work / "nae")
 
 
 def eval_config(study, out, **overrides) -> EvaluationConfig:

@@ -6,24 +6,13 @@ import json
 import logging
 
 import pytest
-import torch
 
-from loraleak.attack.lora_inputs import lora_layout
-from loraleak.attack.model import NetworkAutoencoder
-from loraleak.base.loading import base_fingerprint, load_base_pipeline
-from loraleak.base.tiny import TinyBaseConfig, build_tiny_pipeline
 from loraleak.config import from_dict
 from loraleak.evaluation.config import CONTROLS, EvaluationConfig
 from loraleak.evaluation.evaluate import RESULTS_DIR, evaluate
 from loraleak.evaluation.image_cache import ENTRY_FILE, ImageCache
-from loraleak.lora.io import read_lora
-from loraleak.zoo.build import build_zoo
-from loraleak.zoo.config import ZooConfig
-from loraleak.zoo.manifest import read_manifest
+from studies import build_evaluation_zoo, save_untrained_attack
 
-TINY = TinyBaseConfig(resolution=16, unet_channels=(32, 32), attention_levels=1, text_width=32,
-                      text_layers=1, text_heads=1, vae_channels=(32,))
-IDENTITIES = {"kind": "synthetic", "num_identities": 6, "images_per_identity": 3, "heldout_fraction": 0.5}
 NO_ATTACK = ["org", "base", *CONTROLS]  # the conditions a change of attack leaves as they were
 VICTIMS = 3
 
@@ -33,19 +22,9 @@ def study(tmp_path_factory):
     """A tiny base, a zoo of 6 fine-tunes (3 held-out victims) and two untrained network autoencoders that
     differ only in their random initial weights (two attacks, as a sweep over the attack makes)."""
     work = tmp_path_factory.mktemp("image_cache")
-    build_tiny_pipeline(TINY).save_pretrained(work / "base", safe_serialization=True)
-    zoo = from_dict(ZooConfig, {"root": str(work / "zoo"), "base": str(work / "base"), "identities": IDENTITIES,
-                                "finetune": {"rank": 2, "alpha": 2, "steps": 4, "prior_preservation": False,
-                                             "lr": 1e-2},
-                                "num_snapshots": 2, "workers": 0, "tracking": False})
-    assert build_zoo(zoo, show_progress=False)["done"] == 6
-    row = next(r for r in read_manifest(zoo.root).to_pylist() if r["snapshot_step"] == r["steps"])
-    layout = lora_layout(read_lora(f"{zoo.root}/{row['lora_path']}")[0])
-    pipe = load_base_pipeline(zoo.base)
+    zoo = build_evaluation_zoo(work)
     for seed in (1, 2):
-        torch.manual_seed(seed)
-        NetworkAutoencoder.from_pipeline(pipe, layout, base_fingerprint=base_fingerprint(zoo.base)) \
-            .save_pretrained(work / f"nae{seed}")
+        save_untrained_attack(zoo, work / f"nae{seed}", seed=seed)
     return work, zoo
 
 

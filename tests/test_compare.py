@@ -119,3 +119,34 @@ def test_a_study_is_named_by_its_experiment_and_the_headline_is_the_default(tmp_
     assert (tmp_path / "c.png").stat().st_size > 1000
     assert main(["compare", "quick", "lfw", "--workdir", str(tmp_path), "--all-metrics"]) == 0
     assert "victim_empty_prompt.top5_image" in capsys.readouterr().out
+
+
+def test_a_sweep_is_named_by_its_experiment_and_every_trial_is_shown(tmp_path, capsys):
+    """A sweep's experiment holds one pipeline run per trial (tagged with its trial id and label): `loraleak compare
+    SWEEP` shows each trial's newest finished run, in the order the trials first ran, headed by their labels — the
+    sweep's frontier table."""
+    from loraleak.cli import main
+
+    uri = default_tracking_uri(tmp_path)
+    runs = [("t-inf", "epsilon=inf", "FINISHED", 0.60), ("t-10", "epsilon=10", "FINISHED", 0.52),
+            ("t-inf", "epsilon=inf", "FINISHED", 0.61),  # a rerun of the first trial: its newest result counts
+            ("t-1", "epsilon=1", "FAILED", 0.0)]  # a trial that never finished is not in the table
+    for trial, label, status, org in runs:
+        try:
+            with mlflow_run("dp", f"dp-{trial}", uri, tags={"loraleak.study": "/runs/dp/stages",
+                                                             "loraleak.trial_id": trial, "loraleak.label": label}) as run:
+                run.log_params({"zoo": {"defense": {"epsilon": label.split("=")[1]}}})
+                run.log_metrics({"org.similarity": org, "rec.similarity": org - 0.1,
+                                 "rec_undefended.similarity": org - 0.2})
+                if status == "FAILED":
+                    raise RuntimeError("a stage failed")
+        except RuntimeError:
+            pass
+        time.sleep(0.01)
+    table = compare_runs(["dp"], uri)
+    assert list(table["run_name"]) == ["epsilon=inf", "epsilon=10"]
+    assert table["metrics.org.similarity"].tolist() == [0.61, 0.52]
+    assert list(table["params.zoo.defense.epsilon"]) == ["inf", "10"]
+    assert main(["compare", "dp", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "epsilon=inf" in out and "epsilon=10" in out and "metrics.rec_undefended.similarity" in out

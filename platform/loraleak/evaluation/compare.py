@@ -1,7 +1,10 @@
 """Side-by-side numbers of several MLflow runs: what `loraleak compare RUN...` prints.
 
 A run is named by its id, by its run name (the newest run of that name, in any experiment) or by a
-study's name (its experiment: the study's newest finished pipeline run). The table has one row per run:
+study's name (its experiment: the study's newest finished pipeline run). A sweep's name (the experiment of
+`loraleak sweep`, whose pipeline runs are its trials) stands for every trial: each trial's newest finished
+run, in the order the trials started, so `loraleak compare dp_epsilon` prints the privacy-utility frontier
+(org against rec per ε). The table has one row per run:
 id, name, experiment, status, the params that differ between the runs (or the ones asked for) as
 `params.<key>`, and the metrics (all, or the ones asked for, e.g. `HEADLINE`) as `metrics.<key>`,
 the column names `mlflow.search_runs` uses. `comparison_plot` draws the headline as bars.
@@ -13,7 +16,7 @@ import logging
 import math
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import pandas as pd
 
@@ -25,11 +28,13 @@ log = logging.getLogger(__name__)
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 INTERVAL_SUFFIXES = ("_lo", "_hi")  # how ConditionMetrics.flat names an interval's ends
 STUDY_TAG = "loraleak.study"  # a pipeline run's tag (loraleak.pipeline.tracking; not imported: no stage here)
+TRIAL_TAG = "loraleak.trial_id"  # a sweep trial's pipeline run (loraleak.sweeps.tracking)
+LABEL_TAG = "loraleak.label"  # the trial's settings in words, e.g. "defense=dp_sgd epsilon=10"
 # What `loraleak compare` shows by default: what the attack recovers against what needs no attack, the
 # identification rates against chance, and whether the victims were worth attacking (the regime).
 HEADLINE = ("rec.similarity", "org.similarity", "base.similarity", "rec_over_best_control.similarity",
             "rec.top1_image", "org.top1_image", "base.top1_image", "chance_top1", "org.strength", "org.binding",
-            "regime.strong_and_bound")
+            "regime.strong_and_bound", "rec_undefended.similarity")
 
 
 def compare_runs(runs: Sequence[str], tracking_uri: str, params: Sequence[str] | None = None,
@@ -44,7 +49,7 @@ def compare_runs(runs: Sequence[str], tracking_uri: str, params: Sequence[str] |
         raise LoraleakError("name at least one MLflow run (id or run name) to compare")
     client = _client(tracking_uri)
     try:
-        found = [_find_run(client, ref, tracking_uri) for ref in runs]
+        found = [run for ref in runs for run in _find_runs(client, ref, tracking_uri)]
         experiments = {r.info.experiment_id: client.get_experiment(r.info.experiment_id).name for r in found}
     except LoraleakError:
         raise
@@ -60,7 +65,7 @@ def compare_runs(runs: Sequence[str], tracking_uri: str, params: Sequence[str] |
         metric_keys = chosen or metric_keys
     rows = []
     for r in found:
-        row = {"run_id": r.info.run_id, "run_name": r.info.run_name,
+        row = {"run_id": r.info.run_id, "run_name": r.data.tags.get(LABEL_TAG) or r.info.run_name,
                "experiment": experiments[r.info.experiment_id], "status": r.info.status}
         row.update({f"params.{k}": r.data.params.get(k) for k in params})
         row.update({f"metrics.{k}": r.data.metrics.get(k, math.nan) for k in metric_keys})
@@ -84,12 +89,13 @@ def _client(tracking_uri: str):
         raise LoraleakError(f"cannot open MLflow store {tracking_uri}: {_first_line(e)}") from None
 
 
-def _find_run(client, ref: str, tracking_uri: str):
+def _find_runs(client, ref: str, tracking_uri: str) -> list:
+    """The run(s) `ref` names: one run, or every trial of a sweep."""
     from mlflow.exceptions import MlflowException
 
     if RUN_ID.match(ref):
         try:
-            return client.get_run(ref)
+            return [client.get_run(ref)]
         except MlflowException:
             pass  # not an id after all: try it as a name
     quote = "'" if "'" not in ref else '"'
@@ -97,16 +103,33 @@ def _find_run(client, ref: str, tracking_uri: str):
     matches = client.search_runs(experiment_ids, filter_string=f"attributes.run_name = {quote}{ref}{quote}",
                                  order_by=["attributes.start_time DESC"], max_results=100) if experiment_ids else []
     study = client.get_experiment_by_name(ref) if not matches else None
-    if study is not None:  # a study's name: its newest finished pipeline run
+    if study is not None:  # a study's name: its newest finished pipeline run, or a sweep's: each trial's
         matches = client.search_runs([study.experiment_id], filter_string=f"tags.`{STUDY_TAG}` != '' and "
                                      "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"],
-                                     max_results=1)
+                                     max_results=5000)
+        trials = _newest_per_trial(matches)
+        if trials:
+            return trials
     if not matches:
         raise LoraleakError(f"no MLflow run with id or name {ref!r}, and no study of that name with a finished run, "
                             f"in {tracking_uri}")
-    if len(matches) > 1:
+    if len(matches) > 1 and study is None:
         log.info("%d runs are named %r; comparing the newest (%s)", len(matches), ref, matches[0].info.run_id)
-    return matches[0]
+    return [matches[0]]
+
+
+def _newest_per_trial(runs: list) -> list:
+    """Of a sweep's finished pipeline runs (newest first), each trial's newest, ordered by when the trial first
+    ran (the sweep's order); [] when the runs are not a sweep's trials."""
+    newest: dict[str, Any] = {}
+    first_start: dict[str, int] = {}
+    for run in runs:
+        trial = run.data.tags.get(TRIAL_TAG)
+        if trial is None:
+            continue
+        newest.setdefault(trial, run)
+        first_start[trial] = min(first_start.get(trial, run.info.start_time), run.info.start_time)
+    return [newest[t] for t in sorted(newest, key=lambda t: first_start[t])]
 
 
 def _first_line(e: Exception) -> str:

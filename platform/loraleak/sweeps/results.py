@@ -197,7 +197,9 @@ def leak_by_trial_plot(frame, records: Sequence[Mapping[str, Any]], varied: Sequ
     fig = _figure(max(6.0, 1.3 * len(rows) + 3.0) * 2 / 1.6, 4.4)
     axes = fig.subplots(1, 2, squeeze=False)[0]
     panels = (("rec_over_best_control.similarity",), ("org.strength", "org.binding"))
-    for ax, names in zip(axes, panels):
+    titles = ("what the attack recovers beyond every no-attack control", "what the victims' models hold")
+    for ax, names, panel_title in zip(axes, panels, titles):
+        ax.set_title(panel_title, fontsize=9)
         for offset, name in zip((0.0, 0.12), names):
             text, colour = CURVE_PANELS[name]
             xs, ys, err = [], [], [[], []]
@@ -220,8 +222,7 @@ def leak_by_trial_plot(frame, records: Sequence[Mapping[str, Any]], varied: Sequ
             ax.text(0.5, 0.5, "no finished trial has these metrics", ha="center", va="center", transform=ax.transAxes)
         ax.margins(x=0.12)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{title}\nleft: what the attack recovers beyond every no-attack control; right: what the "
-                 "victims' models hold", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
     return path

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -427,6 +428,36 @@ def test_a_two_trial_sweep_through_ray_tune_tracked_and_resumed(ray_local, tmp_p
     assert json.loads((cfg.directory / "sweep.json").read_text())["parent_run_id"] == result.parent_run_id
     assert client.get_run(result.parent_run_id).info.status == "FINISHED"
     assert {client.get_run(r.info.run_id).info.status for r in (orphan, orphan_stage)} == {"KILLED"}
+
+
+def test_the_sweep_says_how_far_a_running_trials_zoo_is(ray_local, tmp_path):
+    """A trial's zoo build publishes its steps in a Ray actor named after the zoo's folder; the sweep's watch reads
+    it for each running trial and says one line when it moved (and nothing for a trial that ended)."""
+    import ray
+
+    from loraleak.sweeps.watch import TrialWatch, zoo_roots
+    from loraleak.zoo.progress import StepCounter, progress_actor_name, step_reporter
+
+    trial = expand_trials(sweep(tmp_path), "sqlite:///unused.db")[0]
+    [root] = zoo_roots(trial)
+    assert Path(root).name == stage_folders(trial.config)["zoo"]
+    counter = ray.remote(StepCounter).options(num_cpus=0, name=progress_actor_name(root)).remote()
+    ray.get(counter.start.remote({"a": 100, "b": 100}))
+    step_reporter(counter, ["a", "b"])(30)  # a pass of two fine-tunes at step 30 (sent at once: first report)
+    said: list[str] = []
+    watch = TrialWatch([trial], said.append, every_s=3600)
+    assert watch.check() == []  # not running yet: nothing said
+    watch.running(trial.trial_id)
+    deadline = time.monotonic() + 60
+    while not said and time.monotonic() < deadline:  # the report is asynchronous
+        watch.check()
+        time.sleep(0.2)
+    assert len(said) == 1 and said[0].startswith(f"[running] {trial.label}: zoo 30% of 200 fine-tune steps, about ")
+    assert watch.check() == []  # unchanged: not said again
+    watch.ended(trial.trial_id)
+    ray.get(counter.report.remote({"a": 100}))
+    assert watch.check() == []  # ended trials are not watched
+    ray.kill(counter)
 
 
 def test_trial_ids_of_the_shipped_sweeps_are_those_of_before_attack_train_identities():

@@ -38,6 +38,7 @@ from .results import (CURVE_FILE, FAILED, FINISHED, PLOT_FILE, TABLE_FILE, forma
 from .stages import (Concurrency, builds_per_stage, check_rerun, concurrency, driver_resources, peak_need, waves)
 from .tracking import close_trial_orphans, ensure_experiments, open_parent_run, sweep_experiment, sweep_tracking_uri
 from .trainable import describe_record, trial_payload, trial_trainable
+from .watch import TrialWatch
 from .trials import Trial, expand_trials
 
 logger = logging.getLogger(__name__)
@@ -109,16 +110,20 @@ class _Say:
         logger.debug(text)
 
 
-def _progress_callback(directory: Path, total: int, start: int, cfg: SweepConfig, say: _Say):
+def _progress_callback(directory: Path, total: int, start: int, cfg: SweepConfig, say: _Say, watch: TrialWatch):
     from ray.tune import Callback  # ray starts slowly: only a running sweep imports it
 
     class TrialProgress(Callback):
-        """One line per trial as it ends (Tune itself runs quiet)."""
+        """One line per trial as it ends (Tune itself runs quiet); the watch says the running ones' zoo progress."""
 
         def __init__(self) -> None:
             self.done = start
 
+        def on_trial_start(self, iteration, trials, trial, **info) -> None:
+            watch.running(trial.config["trial"]["trial_id"])
+
         def _line(self, trial) -> None:
+            watch.ended(trial.config["trial"]["trial_id"])
             self.done += 1
             record = read_record(record_path(directory, trial.config["trial"]["trial_id"])) or {
                 "label": trial.config["trial"]["label"], "status": FAILED, "error": "no record (the trial died)"}
@@ -241,9 +246,13 @@ def _run_sweep(cfg: SweepConfig, show_progress: bool) -> SweepResult:
                 say(f"  {len(groups)} waves (trials that share an output wait for the first to build it): "
                     + ", ".join(str(len(g)) for g in groups))
             common = {"directory": str(directory), "sweep": cfg.name, "parent_run_id": parent.run_id}
-            callback = _progress_callback(directory, len(plan.trials), len(plan.finished), cfg, say)
-            for index, wave in enumerate(groups):
-                _run_wave(cfg, wave, index, common, at_once.trials, callback)
+            watch = TrialWatch(pending, say).start()
+            try:
+                callback = _progress_callback(directory, len(plan.trials), len(plan.finished), cfg, say, watch)
+                for index, wave in enumerate(groups):
+                    _run_wave(cfg, wave, index, common, at_once.trials, callback)
+            finally:
+                watch.stop()
         status = "FINISHED"
     except BaseException as e:
         status = end_status(e)  # KILLED on Ctrl-C / SIGTERM, FAILED otherwise

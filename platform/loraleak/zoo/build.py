@@ -58,7 +58,7 @@ from .defense import defend_snapshots, stored_rank_alpha
 from .inspect import zoo_info
 from .manifest import DONE, FAILED, compact_manifest, delete_part, finished_lora_ids, write_part
 from .plan import PlannedFineTune, ZooPlan, plan_zoo
-from .progress import StepBar, StepCounter, polled, step_reporter
+from .progress import StepBar, StepCounter, polled, progress_actor_name, step_reporter
 from .storage import ZooStore
 
 logger = logging.getLogger(__name__)
@@ -368,14 +368,19 @@ def run_fine_tunes(cfg: ZooConfig, plan: ZooPlan, pending: list[PlannedFineTune]
         pending = sorted(pending, key=lambda ft: repr(batch_key(ft.finetune)))
     # In fine-tune steps, from the workers' reports (zoo.progress); started after the class images, which
     # have their own bar, so its rate and ETA are the fine-tunes' alone.
-    bar = StepBar({ft.lora_id: ft.finetune.steps for ft in pending}, show_progress)
+    totals = {ft.lora_id: ft.finetune.steps for ft in pending}
+    bar = StepBar(totals, show_progress)
     counter = None
     try:
         watching: Any = nullcontext()
         if cfg.workers:
             connect_ray()
-            if show_progress:  # the workers report their steps to an actor the driver reads
-                counter = ray.remote(StepCounter).options(num_cpus=0).remote()
+            # The workers report their steps to an actor the driver reads, named after the zoo so that a sweep's
+            # driver can read it too (zoo.progress.read_progress); one build per root at a time (the lock).
+            counter = ray.remote(StepCounter).options(num_cpus=0, name=progress_actor_name(cfg.root),
+                                                      get_if_exists=True).remote()
+            ray.get(counter.start.remote(totals))
+            if show_progress:
                 watching = polled(counter, bar)
             results = _ray_results(cfg, plan, pending, counter)
         else:

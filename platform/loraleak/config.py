@@ -84,6 +84,9 @@ def _unyaml_bool(value: Any, choices: tuple[Any, ...]) -> Any:
 
 
 def _coerce(value: Any, tp: Any, where: str, inf_ok: bool = False) -> Any:
+    """`value` checked (and where YAML needs it, converted) as a `tp`, or a ConfigError naming `where`.
+
+    The generic types first (each helper recurses into what the type holds), then the leaves."""
     origin = get_origin(tp)
     if tp is Any:
         _refuse_nan(value, where)
@@ -92,90 +95,119 @@ def _coerce(value: Any, tp: Any, where: str, inf_ok: bool = False) -> Any:
         base, *marks = get_args(tp)
         return _coerce(value, base, where, inf_ok=ALLOW_INF in marks)
     if origin in (Union, types.UnionType):
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} is not {_type_name(tp)}")
+        return _coerce_union(value, tp, where)
     if origin is Literal:
-        value = _unyaml_bool(value, get_args(tp))
-        if value not in get_args(tp):
-            choices = ", ".join(repr(a) for a in get_args(tp))
-            raise ConfigError(f"{where}: {value!r} is not one of {choices}")
-        return value
+        return _coerce_literal(value, get_args(tp), where)
     if origin in (list, tuple):
-        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
-        args = get_args(tp)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(args) != len(value):
-                raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
-            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        item = args[0] if args else Any
-        items = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
+        return _coerce_sequence(value, origin, get_args(tp), where)
     if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
-        kt, vt = get_args(tp) or (Any, Any)
-        return {_coerce(k, kt, where): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
+        return _coerce_mapping(value, get_args(tp), where)
     if dataclasses.is_dataclass(tp):
         if dataclasses.is_dataclass(value) and isinstance(value, tp):
             return value
         return from_dict(tp, value, where)
     if isinstance(tp, type) and issubclass(tp, Path):
-        if not isinstance(value, (str, Path)):
-            raise ConfigError(f"{where}: expected a path, got {type(value).__name__} {value!r}")
-        if "\0" in str(value) or len(str(value)) > 4096 or any(len(part.encode()) > 255 for part in Path(value).parts):
-            # What the OS refuses to stat (OSError / ValueError) is not a path, whatever the field.
-            raise ConfigError(f"{where}: not a usable path (too long, or a NUL character): {str(value)[:60]!r}...")
-        path = Path(value).expanduser()
-        if tp is ExistingPath and not path.exists():
-            raise ConfigError(f"{where}: path does not exist: {path}")
-        return path
+        return _coerce_path(value, tp, where)
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            # YAML reads "1e-4" (no dot) as a string; accept numeric strings for floats.
-            number = None
-            if isinstance(value, str):
-                try:
-                    number = float(value)
-                except ValueError:
-                    pass
-            if number is None:
-                raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
-            value = number
-        try:
-            number = float(value)
-        except OverflowError:  # an integer beyond any float
-            raise ConfigError(f"{where}: {value} is too large for a number") from None
-        if math.isnan(number) or (math.isinf(number) and not inf_ok):
-            raise ConfigError(f"{where}: {value!r} is not a finite number")
-        return number
+        return _coerce_float(value, where, inf_ok)
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            hint = " (write it without a decimal point or exponent)" if isinstance(value, float) and \
-                math.isfinite(value) and value.is_integer() else ""
-            raise ConfigError(f"{where}: expected an integer, got {type(value).__name__} {value!r}{hint}")
-        return _check_int(value, where)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {type(value).__name__} {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
+        return _coerce_int(value, where)
+    if tp is bool or tp is str:
+        if not isinstance(value, tp):
+            what = "true/false" if tp is bool else "a string"
+            raise ConfigError(f"{where}: expected {what}, got {type(value).__name__} {value!r}")
         return value
     if isinstance(tp, type) and not isinstance(value, tp):
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__}")
     return value
+
+
+def _coerce_union(value: Any, tp: Any, where: str) -> Any:
+    """The first member type that takes `value`; None only where the union has it."""
+    args = get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    errors = []
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _coerce(value, arg, where)
+        except ConfigError as e:
+            errors.append(str(e))
+    # One member's own error says more than "is not A | B"; with several, no one of them is the right one.
+    raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} is not {_type_name(tp)}")
+
+
+def _coerce_literal(value: Any, choices: tuple[Any, ...], where: str) -> Any:
+    value = _unyaml_bool(value, choices)
+    if value not in choices:
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(repr(a) for a in choices)}")
+    return value
+
+
+def _coerce_sequence(value: Any, origin: type, args: tuple[Any, ...], where: str) -> list | tuple:
+    """A list, or a tuple (of fixed length and item types, or `tuple[X, ...]`); a string is no list."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        if len(args) != len(value):
+            raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    item = args[0] if args else Any
+    items = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    return tuple(items) if origin is tuple else items
+
+
+def _coerce_mapping(value: Any, args: tuple[Any, ...], where: str) -> dict:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+    kt, vt = args or (Any, Any)
+    return {_coerce(k, kt, where): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
+
+
+def _coerce_path(value: Any, tp: type, where: str) -> Path:
+    """A path (`~` expanded) the OS can stat; an `ExistingPath` must also exist."""
+    if not isinstance(value, (str, Path)):
+        raise ConfigError(f"{where}: expected a path, got {type(value).__name__} {value!r}")
+    if "\0" in str(value) or len(str(value)) > 4096 or any(len(part.encode()) > 255 for part in Path(value).parts):
+        # What the OS refuses to stat (OSError / ValueError) is not a path, whatever the field.
+        raise ConfigError(f"{where}: not a usable path (too long, or a NUL character): {str(value)[:60]!r}...")
+    path = Path(value).expanduser()
+    if tp is ExistingPath and not path.exists():
+        raise ConfigError(f"{where}: path does not exist: {path}")
+    return path
+
+
+def _coerce_float(value: Any, where: str, inf_ok: bool) -> float:
+    """A finite float (infinite only where the field allows it) from a number or a numeric string."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        # YAML reads "1e-4" (no dot) as a string; accept numeric strings for floats.
+        number = None
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+        if number is None:
+            raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+        value = number
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond any float
+        raise ConfigError(f"{where}: {value} is too large for a number") from None
+    if math.isnan(number) or (math.isinf(number) and not inf_ok):
+        raise ConfigError(f"{where}: {value!r} is not a finite number")
+    return number
+
+
+def _coerce_int(value: Any, where: str) -> int:
+    """An int (not a bool, not a float however whole) within its field's range (`_check_int`)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        hint = " (write it without a decimal point or exponent)" if isinstance(value, float) and \
+            math.isfinite(value) and value.is_integer() else ""
+        raise ConfigError(f"{where}: expected an integer, got {type(value).__name__} {value!r}{hint}")
+    return _check_int(value, where)
 
 
 def from_dict(cls: type[T], data: Any, where: str = "config") -> T:

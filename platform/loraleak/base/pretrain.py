@@ -433,39 +433,20 @@ def _encode(pipe: StableDiffusionPipeline, text_encoder, prompts: list[str]) -> 
 
 def train_unet(cfg: PretrainConfig, pipe: StableDiffusionPipeline, latents: dict[str, torch.Tensor],
                captions: Captions, clock: Clock) -> dict:
+    """Phase (b): denoise the cached latents, resuming from unet.pt; the EMA weights become the pipeline's."""
     path = cfg.out_dir / CHECKPOINT_DIR / "unet.pt"
-    unet, text_encoder = pipe.unet, pipe.text_encoder
-    ema = copy.deepcopy(unet).requires_grad_(False).eval()
-    groups = [{"params": list(unet.parameters()), "lr": cfg.lr}]
-    if cfg.train_text_encoder:
-        ema_text = copy.deepcopy(text_encoder).requires_grad_(False).eval()
-        groups.append({"params": list(text_encoder.parameters()), "lr": cfg.text_encoder_lr})
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    peak_lrs = [g["lr"] for g in optimizer.param_groups]
+    models = _UnetModels(cfg, pipe)
     state = _load_checkpoint(path) or {"step": 0, "losses": []}
     if "unet" in state:
-        unet.load_state_dict(state["unet"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        if cfg.train_text_encoder:
-            text_encoder.load_state_dict(state["text_encoder"])
-            ema_text.load_state_dict(state["ema_text_encoder"])
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    scaling = float(latents["scaling_factor"])
-    mean, std = latents["mean"], latents["std"]
-    features = _prompt_features(pipe, [cfg.prompt, ""])
-    rand = StepRandom(cfg.seed, len(mean), cfg.batch_size)
+        models.load(state)
+    # After the load: with train_text_encoder, the fixed prompt features come from the resumed text encoder.
+    objective = _Denoising(cfg, pipe, latents, captions)
 
     def save() -> None:
-        state.update(unet=unet.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
-                     elapsed=clock.elapsed)
-        if cfg.train_text_encoder:
-            state.update(text_encoder=text_encoder.state_dict(), ema_text_encoder=ema_text.state_dict())
-        _save_checkpoint(state, path)
+        _save_checkpoint(models.checkpoint(state, clock.elapsed), path)
 
     state["stopped_by_time_limit"] = False  # a resumed run may go on past an earlier limit
-    unet.train().requires_grad_(True)
-    text_encoder.train(cfg.train_text_encoder).requires_grad_(cfg.train_text_encoder)
+    models.train()
     bar = tqdm(range(state["step"], cfg.unet_steps), desc="UNet", initial=state["step"], total=cfg.unet_steps)
     try:
         for step in bar:
@@ -473,50 +454,122 @@ def train_unet(cfg: PretrainConfig, pipe: StableDiffusionPipeline, latents: dict
                 logger.warning("time limit of %s min reached after %d UNet steps", cfg.time_limit_min, step)
                 state["stopped_by_time_limit"] = True
                 break
-            g = rand.generator(1, step)
-            idx = rand.batch(1, step)
-            x0 = (mean[idx].float() + std[idx].float() * torch.randn(mean[idx].shape, generator=g)) * scaling
-            noise = torch.randn(x0.shape, generator=g)
-            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(x0),), generator=g)
-            dropped = torch.rand(len(x0), generator=g) < cfg.prompt_dropout
-            if cfg.captions == "names" or cfg.train_text_encoder:
-                named = torch.rand(len(x0), generator=g) < (cfg.named_fraction if cfg.captions == "names" else 0.0)
-                with torch.set_grad_enabled(cfg.train_text_encoder):
-                    cond = _encode(pipe, text_encoder, captions.for_rows(idx, dropped, named))
-            else:
-                cond = features[dropped.long()]  # row 0: the prompt, row 1: ""
-            pred = unet(noise_scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
-            target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
-                noise_scheduler.get_velocity(x0, noise, t)
-            loss = F.mse_loss(pred, target)
-            warmup = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-            for group, peak in zip(optimizer.param_groups, peak_lrs):
-                group["lr"] = peak * warmup
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for g_ in groups for p in g_["params"]], cfg.max_grad_norm)
-            optimizer.step()
+            loss = objective.loss(models.unet, models.text_encoder, step)
+            models.step(loss, lr_scale=min(1.0, (step + 1) / max(1, cfg.warmup_steps)))  # linear warm-up
             # EMA warm-up: early on, average over the steps taken so far, not over random weights.
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-            _update_ema(ema, unet, decay)
-            if cfg.train_text_encoder:
-                _update_ema(ema_text, text_encoder, decay)
+            models.update_ema(min(cfg.ema_decay, (1 + step) / (10 + step)))
             state["losses"].append(round(loss.item(), 5))
             state["step"] = step + 1
             bar.set_postfix(loss=f"{_recent_mean(state['losses']):.4f}")
             if cfg.sample_every and state["step"] % cfg.sample_every == 0:
-                save_samples(cfg, pipe, ema, state["step"], ema_text if cfg.train_text_encoder else None, captions)
+                save_samples(cfg, pipe, models.ema, state["step"], models.ema_text, captions)
             if clock.checkpoint_due():
                 save()
     except KeyboardInterrupt:
         save()
         raise
     save()
-    pipe.unet = ema
-    if cfg.train_text_encoder:
-        pipe.text_encoder = ema_text
-    text_encoder.eval().requires_grad_(False)
+    models.hand_over(pipe)
     return state
+
+
+class _UnetModels:
+    """What phase (b) trains, averages and checkpoints: the UNet (with train_text_encoder, the text encoder
+    too), an EMA copy of each (what the phase hands on), and one AdamW over both."""
+
+    def __init__(self, cfg: PretrainConfig, pipe: StableDiffusionPipeline):
+        self.cfg = cfg
+        self.unet, self.text_encoder = pipe.unet, pipe.text_encoder
+        self.ema = copy.deepcopy(self.unet).requires_grad_(False).eval()
+        self.ema_text = None
+        groups = [{"params": list(self.unet.parameters()), "lr": cfg.lr}]
+        if cfg.train_text_encoder:
+            self.ema_text = copy.deepcopy(self.text_encoder).requires_grad_(False).eval()
+            groups.append({"params": list(self.text_encoder.parameters()), "lr": cfg.text_encoder_lr})
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.peak_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.params = [p for group in groups for p in group["params"]]  # one gradient norm over both
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.unet.load_state_dict(state["unet"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.cfg.train_text_encoder:
+            self.text_encoder.load_state_dict(state["text_encoder"])
+            self.ema_text.load_state_dict(state["ema_text_encoder"])
+
+    def checkpoint(self, state: dict[str, Any], elapsed: float) -> dict[str, Any]:
+        """`state` (step, losses) with the weights, the optimiser and the time spent so far."""
+        state.update(unet=self.unet.state_dict(), ema=self.ema.state_dict(), optimizer=self.optimizer.state_dict(),
+                     elapsed=elapsed)
+        if self.cfg.train_text_encoder:
+            state.update(text_encoder=self.text_encoder.state_dict(), ema_text_encoder=self.ema_text.state_dict())
+        return state
+
+    def train(self) -> None:
+        self.unet.train().requires_grad_(True)
+        self.text_encoder.train(self.cfg.train_text_encoder).requires_grad_(self.cfg.train_text_encoder)
+
+    def step(self, loss: torch.Tensor, lr_scale: float) -> None:
+        for group, peak in zip(self.optimizer.param_groups, self.peak_lrs):
+            group["lr"] = peak * lr_scale
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.optimizer.step()
+
+    def update_ema(self, decay: float) -> None:
+        _update_ema(self.ema, self.unet, decay)
+        if self.cfg.train_text_encoder:
+            _update_ema(self.ema_text, self.text_encoder, decay)
+
+    def hand_over(self, pipe: StableDiffusionPipeline) -> None:
+        """The EMA weights become the pipeline's; the trained text encoder is frozen (or replaced)."""
+        pipe.unet = self.ema
+        if self.cfg.train_text_encoder:
+            pipe.text_encoder = self.ema_text
+        self.text_encoder.eval().requires_grad_(False)
+
+
+class _Denoising:
+    """The UNet's objective: noise added to a batch of latents at random timesteps, predicted back.
+
+    Every draw of step `step` comes from one generator seeded by (seed, step), in a fixed order, so a
+    resumed run repeats the uninterrupted run's batches exactly."""
+
+    def __init__(self, cfg: PretrainConfig, pipe: StableDiffusionPipeline, latents: dict[str, torch.Tensor],
+                 captions: Captions):
+        self.cfg, self.pipe, self.captions = cfg, pipe, captions
+        self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.scaling = float(latents["scaling_factor"])
+        self.mean, self.std = latents["mean"], latents["std"]
+        self.features = _prompt_features(pipe, [cfg.prompt, ""])
+        self.rand = StepRandom(cfg.seed, len(self.mean), cfg.batch_size)
+
+    def loss(self, unet, text_encoder, step: int) -> torch.Tensor:
+        g = self.rand.generator(1, step)
+        idx = self.rand.batch(1, step)
+        # A fresh draw from each image's latent posterior (the cached mean and std), as encoding it would give.
+        x0 = (self.mean[idx].float() + self.std[idx].float() * torch.randn(self.mean[idx].shape, generator=g)) \
+            * self.scaling
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(x0),), generator=g)
+        cond = self._conditioning(text_encoder, idx, g)
+        pred = unet(self.scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
+        target = noise if self.scheduler.config.prediction_type == "epsilon" else \
+            self.scheduler.get_velocity(x0, noise, t)
+        return F.mse_loss(pred, target)
+
+    def _conditioning(self, text_encoder, idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """Each row's prompt embedding: "" for the dropped rows (what guidance compares against), else the
+        prompt or (captions: names) the identity's named prompt."""
+        cfg = self.cfg
+        dropped = torch.rand(len(idx), generator=g) < cfg.prompt_dropout
+        if cfg.captions == "names" or cfg.train_text_encoder:
+            named = torch.rand(len(idx), generator=g) < (cfg.named_fraction if cfg.captions == "names" else 0.0)
+            with torch.set_grad_enabled(cfg.train_text_encoder):
+                return _encode(self.pipe, text_encoder, self.captions.for_rows(idx, dropped, named))
+        return self.features[dropped.long()]  # row 0: the prompt, row 1: ""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -407,76 +407,145 @@ def evaluate(cfg: EvaluationConfig, show_progress: bool = True) -> EvaluationRes
 def _evaluate(cfg: EvaluationConfig, show_progress: bool) -> EvaluationResult:
     started = time.perf_counter()
     cfg = resolve_config(cfg)
-    # The run opens before the work and closes after it, as the zoo's and the attack's do: its duration is the
-    # evaluation's, and it ends FAILED (an error) or KILLED (Ctrl-C, SIGTERM) when the evaluation does not finish.
-    tracked = mlflow_run(cfg.experiment, cfg.run_name or f"evaluate {cfg.out_dir.name}", cfg.tracking_uri,
-                         cfg.workdir, cfg.parent_run_id, {FOLDER_TAG: str(cfg.out_dir)}) if cfg.tracking else nullcontext()
-    with tracked as run:
+    with _tracking_run(cfg) as run:
         if run is not None:  # the settings first: a run that fails still says what it was asked to do
             run.log_params(to_dict(cfg))
-        victims, candidates = select_victims(cfg)
-        scorer = make_scorer(cfg.scorer, cfg.scorer_path)
-        references = reference_embeddings(cfg, scorer, candidates)
-        unscorable = [v for v in victims if v["identity_id"] not in references]
-        victims = [v for v in victims if v["identity_id"] in references]
-        if not victims:
-            raise InputError(f"the {cfg.scorer} scorer finds no face in the photos of any victim")
-        attacks = attack_keys(cfg)
-        key = settings_key(cfg, sorted(references), attacks)
-        store = ResultStore(cfg.out_dir, key)
-        pending = [v for v in victims if not store.done(v["lora_id"])]
-        logger.info("evaluation %s: %d victims, %d candidates; %d already evaluated, %d to run %s", cfg.out_dir,
-                    len(victims), len(references), len(victims) - len(pending), len(pending),
-                    f"on {cfg.workers} Ray worker(s)" if cfg.workers else "in this process")
+        plan = _plan(cfg)
         if run is not None:
-            run.log_params({"data": {"candidates": len(references), "settings_key": key}})
-        if cfg.image_cache is not None:
-            ImageCache(cfg.image_cache).remove_stale()
-        failures, image_sets = run_victims(cfg, references, attacks, pending, store, show_progress) \
-            if pending else ([], {"reused": 0, "generated": 0})
-        logger.info("evaluation %s: %d condition image sets read from the image cache, %d generated%s", cfg.out_dir,
-                    image_sets["reused"], image_sets["generated"],
-                    f" ({cfg.image_cache})" if cfg.image_cache is not None else " (no image cache)")
-        failed = {f["lora_id"] for f in failures}
-        finished = [v for v in victims if v["lora_id"] not in failed]
-        if not finished:
-            raise LoraleakError(f"every victim failed to evaluate; the first: {failures[0]['error']}")
-
-        records = [store.load(v["lora_id"]) for v in finished]
-        metrics = {name: summarise([ImageScores.from_dict(r["scores"][name]) for r in records],
-                                   n_boot=cfg.n_boot, seed=cfg.seed) for name in cfg.conditions}
-        headline, control = headline_metrics(metrics, cfg.n_boot, cfg.seed)
-        regime = study_regime(metrics, cfg.n_boot, cfg.seed)
-        if regime is not None:
-            headline.update(regime.headline())
-        report = _write_report(cfg, store, records, metrics, headline, control, regime, scorer.threshold,
-                               len(unscorable), failures)
-        summary = {"victims": len(records), "candidates": len(references),
-                   "evaluated": len(pending) - len(failures), "reused": len(victims) - len(pending),
-                   "failures": failures, "unscorable": [v["lora_id"] for v in unscorable], "settings_key": key,
-                   "image_sets": image_sets,
-                   "best_control": control, "headline": headline,
-                   "table": "\n".join(filter(None, [format_headline(metrics, headline, control),
-                                                    format_regime(regime)])),
-                   "regime": regime.to_dict() if regime is not None else None,
-                   "metrics": {k: m.to_dict() for k, m in metrics.items()},
-                   "report": str(report), "config": to_dict(cfg)}
+            run.log_params({"data": {"candidates": len(plan.references), "settings_key": plan.key}})
+        failures, image_sets = _run_pending(cfg, plan, show_progress)
+        records = _finished_records(plan, failures)
+        found = _findings(cfg, records)
+        report = _write_report(cfg, plan.store, records, found.metrics, found.headline, found.control, found.regime,
+                               plan.scorer.threshold, len(plan.unscorable), failures)
+        summary = _summary(cfg, plan, records, failures, image_sets, found, report)
         if run is not None:
-            run.log_params({"data": {"victims": len(records), "best_control": control or "-",
-                                     "image_sets_reused": image_sets["reused"],
-                                     "image_sets_generated": image_sets["generated"]}})
-            flat = {k: v for name, m in metrics.items() for k, v in m.flat(f"{name}.").items()}
-            run.log_metrics({**flat, **headline, "failed_victims": len(failures)})
-            for path in sorted(report.parent.iterdir()):
-                run.log_artifact(path, REPORT_DIR)
-            run.log_dict(summary, SUMMARY_FILE)
+            _track(run, summary, found, len(records), failures, image_sets, report)
         summary["mlflow_run_id"] = run.run_id if run is not None else None
         wall = time.perf_counter() - started
         summary["wall_time_s"] = wall
         (cfg.out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1, default=str))
-    return EvaluationResult(cfg.out_dir, report, metrics, headline, control, len(records), len(references),
-                            len(pending) - len(failures), len(victims) - len(pending), failures,
-                            summary["mlflow_run_id"], wall, regime, image_sets)
+    return EvaluationResult(cfg.out_dir, report, found.metrics, found.headline, found.control, len(records),
+                            len(plan.references), len(plan.pending) - len(failures), plan.reused, failures,
+                            summary["mlflow_run_id"], wall, found.regime, image_sets)
+
+
+def _tracking_run(cfg: EvaluationConfig) -> Any:
+    """The evaluation's MLflow run (a no-op context without tracking).
+
+    The run opens before the work and closes after it, as the zoo's and the attack's do: its duration is the
+    evaluation's, and it ends FAILED (an error) or KILLED (Ctrl-C, SIGTERM) when the evaluation does not finish."""
+    if not cfg.tracking:
+        return nullcontext()
+    return mlflow_run(cfg.experiment, cfg.run_name or f"evaluate {cfg.out_dir.name}", cfg.tracking_uri,
+                      cfg.workdir, cfg.parent_run_id, {FOLDER_TAG: str(cfg.out_dir)})
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Whom this evaluation covers, against whom, and which of them are still to run."""
+
+    scorer: Any
+    references: dict[str, list]        # candidate identity -> its photos' embeddings
+    victims: list[dict[str, Any]]      # the victims the scorer can score (a face in their own photos)
+    unscorable: list[dict[str, Any]]   # the others: reported, never evaluated
+    attacks: dict[str, str]
+    key: str                           # settings_key: a result with another key is stale
+    store: ResultStore
+    pending: list[dict[str, Any]]      # victims with no result under `key` yet
+
+    @property
+    def reused(self) -> int:
+        return len(self.victims) - len(self.pending)
+
+
+def _plan(cfg: EvaluationConfig) -> _Plan:
+    victims, candidates = select_victims(cfg)
+    scorer = make_scorer(cfg.scorer, cfg.scorer_path)
+    references = reference_embeddings(cfg, scorer, candidates)
+    # A victim without references (no face found in its own photos) has nothing to be recognised as.
+    unscorable = [v for v in victims if v["identity_id"] not in references]
+    victims = [v for v in victims if v["identity_id"] in references]
+    if not victims:
+        raise InputError(f"the {cfg.scorer} scorer finds no face in the photos of any victim")
+    attacks = attack_keys(cfg)
+    key = settings_key(cfg, sorted(references), attacks)
+    store = ResultStore(cfg.out_dir, key)
+    pending = [v for v in victims if not store.done(v["lora_id"])]
+    logger.info("evaluation %s: %d victims, %d candidates; %d already evaluated, %d to run %s", cfg.out_dir,
+                len(victims), len(references), len(victims) - len(pending), len(pending),
+                f"on {cfg.workers} Ray worker(s)" if cfg.workers else "in this process")
+    return _Plan(scorer, references, victims, unscorable, attacks, key, store, pending)
+
+
+def _run_pending(cfg: EvaluationConfig, plan: _Plan,
+                 show_progress: bool) -> tuple[list[dict[str, str]], dict[str, int]]:
+    """Evaluate the pending victims: their failures, and how many condition image sets came from the cache."""
+    if cfg.image_cache is not None:
+        ImageCache(cfg.image_cache).remove_stale()
+    failures, image_sets = run_victims(cfg, plan.references, plan.attacks, plan.pending, plan.store, show_progress) \
+        if plan.pending else ([], {"reused": 0, "generated": 0})
+    logger.info("evaluation %s: %d condition image sets read from the image cache, %d generated%s", cfg.out_dir,
+                image_sets["reused"], image_sets["generated"],
+                f" ({cfg.image_cache})" if cfg.image_cache is not None else " (no image cache)")
+    return failures, image_sets
+
+
+def _finished_records(plan: _Plan, failures: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """The results of every victim that did not fail (this time), in the victims' order."""
+    failed = {f["lora_id"] for f in failures}
+    finished = [v for v in plan.victims if v["lora_id"] not in failed]
+    if not finished:
+        raise LoraleakError(f"every victim failed to evaluate; the first: {failures[0]['error']}")
+    return [plan.store.load(v["lora_id"]) for v in finished]
+
+
+@dataclass(frozen=True)
+class _Findings:
+    """What the finished victims' scores say: per condition, against the best control, and the regime."""
+
+    metrics: dict[str, ConditionMetrics]
+    headline: dict[str, float]
+    control: str | None
+    regime: StudyRegime | None
+
+
+def _findings(cfg: EvaluationConfig, records: list[dict[str, Any]]) -> _Findings:
+    metrics = {name: summarise([ImageScores.from_dict(r["scores"][name]) for r in records],
+                               n_boot=cfg.n_boot, seed=cfg.seed) for name in cfg.conditions}
+    headline, control = headline_metrics(metrics, cfg.n_boot, cfg.seed)
+    regime = study_regime(metrics, cfg.n_boot, cfg.seed)
+    if regime is not None:
+        headline.update(regime.headline())
+    return _Findings(metrics, headline, control, regime)
+
+
+def _summary(cfg: EvaluationConfig, plan: _Plan, records: list[dict[str, Any]], failures: list[dict[str, str]],
+             image_sets: dict[str, int], found: _Findings, report: Path) -> dict[str, Any]:
+    """evaluation.json (less the run id and wall time, known only at the end), also the run's summary artifact."""
+    return {"victims": len(records), "candidates": len(plan.references),
+            "evaluated": len(plan.pending) - len(failures), "reused": plan.reused,
+            "failures": failures, "unscorable": [v["lora_id"] for v in plan.unscorable], "settings_key": plan.key,
+            "image_sets": image_sets,
+            "best_control": found.control, "headline": found.headline,
+            "table": "\n".join(filter(None, [format_headline(found.metrics, found.headline, found.control),
+                                             format_regime(found.regime)])),
+            "regime": found.regime.to_dict() if found.regime is not None else None,
+            "metrics": {k: m.to_dict() for k, m in found.metrics.items()},
+            "report": str(report), "config": to_dict(cfg)}
+
+
+def _track(run: Any, summary: Mapping[str, Any], found: _Findings, victims: int, failures: list[dict[str, str]],
+           image_sets: Mapping[str, int], report: Path) -> None:
+    """The results into the MLflow run: counts, every metric, the report and its figures, the summary."""
+    run.log_params({"data": {"victims": victims, "best_control": found.control or "-",
+                             "image_sets_reused": image_sets["reused"],
+                             "image_sets_generated": image_sets["generated"]}})
+    flat = {k: v for name, m in found.metrics.items() for k, v in m.flat(f"{name}.").items()}
+    run.log_metrics({**flat, **found.headline, "failed_victims": len(failures)})
+    for path in sorted(report.parent.iterdir()):
+        run.log_artifact(path, REPORT_DIR)
+    run.log_dict(summary, SUMMARY_FILE)
 
 
 def _write_report(cfg: EvaluationConfig, store: ResultStore, records: list[dict[str, Any]],

@@ -276,62 +276,118 @@ def _face_outline(cx: float, cy: float, rx: float, ry: float, jaw: float, n: int
     return np.stack([cx + x, cy + y], axis=1)
 
 
-def _draw_face(canvas: _Canvas, p: FaceParams, v: _View) -> None:
+STROKE = 0.012  # outline width, image units
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where the parts of one face sit in one view, computed once and shared by every part."""
+
+    cx: float                 # head centre (fixed: the view's transform moves the whole canvas)
+    cy: float
+    rx: float                 # head half-width and half-height
+    ry: float
+    fx: float                 # centre of the features (eyes, nose, mouth), slid by yaw and pitch
+    fy: float
+    hcx: float                # centre of the hair, slid the other way
+    eye_y: float
+    brow_y: float
+    mouth_y: float
+
+
+def _layout(p: FaceParams, v: _View) -> _Layout:
     cx, cy = 0.5, 0.5
     rx, ry = p.face_width, p.face_width * p.face_aspect
-    skin, hair = p.skin, p.hair_colour
-    edge = _shade(skin, 0.65)
-    stroke = 0.012
     # Yaw/pitch slide the features across a fixed head outline: a cheap, readable 3/4 view.
     fx, fy = cx + 0.18 * rx * v.yaw, cy + 0.08 * ry * v.pitch
     hair_dx = -0.06 * rx * v.yaw
+    eye_y = fy + p.eye_height * ry
+    return _Layout(
+        cx=cx, cy=cy, rx=rx, ry=ry, fx=fx, fy=fy, hcx=cx + hair_dx, eye_y=eye_y,
+        # The brow's height over the eye is expression (brow_raise); its angle is identity.
+        brow_y=eye_y - rx * p.eye_size * 0.9 - ry * (0.1 + 0.05 * v.brow_raise),
+        mouth_y=fy + ry * (0.42 + 0.1 * p.nose_length),
+    )
 
-    # Body first: shoulders in a per-image shirt colour (clothing is not identity), then the neck.
-    canvas.ellipse(cx, cy + ry + 0.2, rx * 2.0, 0.16, v.shirt, _shade(v.shirt, 0.6), stroke)
+
+def _draw_face(canvas: _Canvas, p: FaceParams, v: _View) -> None:
+    """Back to front: each part covers the ones drawn before it, so the order below is the picture
+    (and the pixels: reordering or merging any two calls changes every synthetic image)."""
+    at = _layout(p, v)
+    _draw_body(canvas, p, v, at)
+    _draw_hair_behind(canvas, p, at)
+    _draw_ears(canvas, p, v, at)
+    canvas.polygon(_face_outline(at.cx, at.cy, at.rx, at.ry, p.jaw), p.skin, _shade(p.skin, 0.65), STROKE)
+    _draw_facial_hair(canvas, p, at)
+    if p.blush:
+        _draw_blush(canvas, p, at)
+    _draw_eyes(canvas, p, v, at)
+    _draw_brows(canvas, p, at)
+    _draw_nose(canvas, p, v, at)
+    _draw_mouth(canvas, p, v, at)
+    _draw_hair_front(canvas, p, at)
+    if p.glasses != "none":
+        _draw_glasses(canvas, p, at)
+    if p.hat != "none":
+        _draw_hat(canvas, p, at)
+
+
+def _draw_body(canvas: _Canvas, p: FaceParams, v: _View, at: _Layout) -> None:
+    """Shoulders in a per-image shirt colour (clothing is not identity), then the neck."""
+    cx, cy, rx, ry = at.cx, at.cy, at.rx, at.ry
+    canvas.ellipse(cx, cy + ry + 0.2, rx * 2.0, 0.16, v.shirt, _shade(v.shirt, 0.6), STROKE)
     canvas.polygon(np.array([[cx - rx * 0.45, cy + ry * 0.5], [cx + rx * 0.45, cy + ry * 0.5],
                              [cx + rx * 0.5, cy + ry + 0.08], [cx - rx * 0.5, cy + ry + 0.08]]),
-                   _shade(skin, 0.85))
+                   _shade(p.skin, 0.85))
 
-    # Hair behind the head.
-    hcx = cx + hair_dx
+
+def _draw_hair_behind(canvas: _Canvas, p: FaceParams, at: _Layout) -> None:
+    """The hair that shows round the head (long hair, a bun, a ponytail, curls): under the head."""
+    hcx, cy, rx, ry, hair = at.hcx, at.cy, at.rx, at.ry, p.hair_colour
     if p.hair_style == "long":
         canvas.polygon(np.concatenate([_arc(hcx, cy - ry * 0.05, rx * 1.22, ry * 1.15, math.pi, 2 * math.pi),
                                        [[hcx + rx * 1.3, cy + ry * 1.25], [hcx - rx * 1.3, cy + ry * 1.25]]]),
-                       hair, _shade(hair, 0.7), stroke)
+                       hair, _shade(hair, 0.7), STROKE)
     elif p.hair_style == "bun":
-        canvas.ellipse(hcx, cy - ry * 1.12, rx * 0.5, rx * 0.45, hair, _shade(hair, 0.7), stroke)
+        canvas.ellipse(hcx, cy - ry * 1.12, rx * 0.5, rx * 0.45, hair, _shade(hair, 0.7), STROKE)
     elif p.hair_style == "ponytail":
-        canvas.ellipse(hcx + rx * 1.05, cy + ry * 0.1, rx * 0.35, ry * 0.7, hair, _shade(hair, 0.7), stroke)
+        canvas.ellipse(hcx + rx * 1.05, cy + ry * 0.1, rx * 0.35, ry * 0.7, hair, _shade(hair, 0.7), STROKE)
     elif p.hair_style == "curly":
         t = np.linspace(math.pi * 0.85, math.pi * 2.15, 13)
         canvas.circles(np.stack([hcx + rx * 1.05 * np.cos(t), cy - ry * 0.1 + ry * 1.0 * np.sin(t)], 1),
                        rx * 0.36, hair)
 
-    # Ears (+ earrings), then the head.
-    ear_y = cy + (p.eye_height + 0.12) * ry + 0.03 * ry * v.pitch
+
+def _draw_ears(canvas: _Canvas, p: FaceParams, v: _View, at: _Layout) -> None:
+    """Ears (and earrings) beside the head, which is drawn over their inner edge."""
+    cx, rx, ry = at.cx, at.rx, at.ry
+    ear_y = at.cy + (p.eye_height + 0.12) * ry + 0.03 * ry * v.pitch
     for side in (-1, 1):
         ex = cx + side * rx * (0.97 - 0.08 * side * v.yaw)
-        canvas.ellipse(ex, ear_y, rx * p.ear_size * 0.75, rx * p.ear_size * 1.3, skin, edge, stroke)
+        canvas.ellipse(ex, ear_y, rx * p.ear_size * 0.75, rx * p.ear_size * 1.3, p.skin, _shade(p.skin, 0.65), STROKE)
         if p.earrings is not None:
             canvas.ellipse(ex, ear_y + rx * p.ear_size * 1.45, rx * 0.09, rx * 0.09, p.earrings,
-                           _shade(p.earrings, 0.6), stroke * 0.6)
-    canvas.polygon(_face_outline(cx, cy, rx, ry, p.jaw), skin, edge, stroke)
+                           _shade(p.earrings, 0.6), STROKE * 0.6)
 
-    # Facial hair under the mouth and nose.
-    mouth_y = fy + ry * (0.42 + 0.1 * p.nose_length)
-    beard = _mix(hair, skin, 0.15)
+
+def _below(outline: np.ndarray, cx: float, cy: float, y: float) -> np.ndarray:
+    """The outline's points below `y`, in order round the jaw from the right cheek to the left."""
+    lower = outline[outline[:, 1] > y]
+    return lower[np.argsort(np.arctan2(lower[:, 1] - cy, lower[:, 0] - cx))]
+
+
+def _draw_facial_hair(canvas: _Canvas, p: FaceParams, at: _Layout) -> None:
+    """Beard, stubble or goatee on the jaw, then a moustache (alone or with the beard) under the nose."""
+    cx, cy, rx, ry, fx, mouth_y = at.cx, at.cy, at.rx, at.ry, at.fx, at.mouth_y
+    beard = _mix(p.hair_colour, p.skin, 0.15)
     if p.facial_hair == "beard":
-        outline = _face_outline(cx, cy, rx, ry, p.jaw)
-        lower = outline[outline[:, 1] > cy + ry * 0.15]
-        lower = lower[np.argsort(np.arctan2(lower[:, 1] - cy, lower[:, 0] - cx))]
+        jaw = _below(_face_outline(cx, cy, rx, ry, p.jaw), cx, cy, cy + ry * 0.15)
         # The jaw from the right cheek round to the left, then back under the mouth.
         around_mouth = _arc(fx, mouth_y - ry * 0.02, rx * p.mouth_width * 1.25, ry * 0.2, math.pi, 0, 12)
-        canvas.polygon(np.concatenate([lower, around_mouth]), beard)
+        canvas.polygon(np.concatenate([jaw, around_mouth]), beard)
     elif p.facial_hair == "stubble":
-        outline = _face_outline(cx, cy, rx * 0.98, ry * 0.98, p.jaw)
-        lower = outline[outline[:, 1] > cy + ry * 0.2]
-        lower = lower[np.argsort(np.arctan2(lower[:, 1] - cy, lower[:, 0] - cx))]
-        canvas.polygon(lower, _mix(skin, _shade(hair, 0.5), 0.35))  # stubble darkens
+        jaw = _below(_face_outline(cx, cy, rx * 0.98, ry * 0.98, p.jaw), cx, cy, cy + ry * 0.2)
+        canvas.polygon(jaw, _mix(p.skin, _shade(p.hair_colour, 0.5), 0.35))  # stubble darkens
     elif p.facial_hair == "goatee":
         chin = cy + ry * (0.93 - 0.05 * p.jaw)
         canvas.polygon(np.array([[fx - rx * 0.3, mouth_y + ry * 0.1], [fx + rx * 0.3, mouth_y + ry * 0.1],
@@ -342,110 +398,135 @@ def _draw_face(canvas: _Canvas, p: FaceParams, v: _View) -> None:
                                  [fx + mw * 0.6, mouth_y - ry * 0.12], [fx + mw, mouth_y + ry * 0.02],
                                  [fx, mouth_y - ry * 0.05]]), beard)
 
-    if p.blush:
-        for side in (-1, 1):
-            canvas.ellipse(fx + side * rx * 0.6, cy + ry * 0.25, rx * 0.17, rx * 0.1, _mix(skin, (240, 80, 100), 0.5))
 
-    # Eyes: white, iris, pupil; the far eye narrows with yaw.
-    eye_y = fy + p.eye_height * ry
+def _draw_blush(canvas: _Canvas, p: FaceParams, at: _Layout) -> None:
     for side in (-1, 1):
-        ex = fx + side * p.eye_spacing * rx
+        canvas.ellipse(at.fx + side * at.rx * 0.6, at.cy + at.ry * 0.25, at.rx * 0.17, at.rx * 0.1,
+                       _mix(p.skin, (240, 80, 100), 0.5))
+
+
+def _draw_eyes(canvas: _Canvas, p: FaceParams, v: _View, at: _Layout) -> None:
+    """White, iris, pupil; the far eye narrows with yaw, the gaze moves the iris."""
+    rx, eye_y = at.rx, at.eye_y
+    for side in (-1, 1):
+        ex = at.fx + side * p.eye_spacing * rx
         w = rx * p.eye_size * (1 - 0.25 * max(side * v.yaw, 0.0))
         h = rx * p.eye_size * 0.75 * v.eye_open
-        canvas.ellipse(ex, eye_y, w, h, (250, 250, 250), (30, 30, 30), stroke * 0.8, n=20)
+        canvas.ellipse(ex, eye_y, w, h, (250, 250, 250), (30, 30, 30), STROKE * 0.8, n=20)
         ir = min(rx * p.eye_size * 0.58, w * 0.8)
         ix, iy = ex + v.gaze[0] * w * 0.5, eye_y + v.gaze[1] * h * 0.5
         canvas.ellipse(ix, iy, ir, min(ir, h), p.eye_colour, n=16)
         canvas.ellipse(ix, iy, ir * 0.45, min(ir * 0.45, h), (10, 10, 10), n=12)
 
-    # Brows follow the hair colour; the angle is identity, the raise is expression.
-    brow_y = eye_y - rx * p.eye_size * 0.9 - ry * (0.1 + 0.05 * v.brow_raise)
-    brow = _shade(hair, 0.8)
+
+def _draw_brows(canvas: _Canvas, p: FaceParams, at: _Layout) -> None:
+    """Brows follow the hair colour; their angle is identity, their height (`at.brow_y`) expression."""
+    rx = at.rx
+    brow = _shade(p.hair_colour, 0.8)
     for side in (-1, 1):
-        ex = fx + side * p.eye_spacing * rx
+        ex = at.fx + side * p.eye_spacing * rx
         half = rx * p.eye_size * 1.2
         dy = math.tan(math.radians(p.brow_angle)) * half
-        canvas.line(np.array([[ex - side * half, brow_y + dy], [ex + side * half, brow_y - dy]]),
+        canvas.line(np.array([[ex - side * half, at.brow_y + dy], [ex + side * half, at.brow_y - dy]]),
                     brow, rx * p.brow_thickness)
 
-    # Nose: a shaded wedge from between the eyes down to the tip.
+
+def _draw_nose(canvas: _Canvas, p: FaceParams, v: _View, at: _Layout) -> None:
+    """A shaded wedge from between the eyes down to the tip."""
+    rx, ry, eye_y = at.rx, at.ry, at.eye_y
     tip_y = eye_y + ry * p.nose_length + ry * 0.08
     nw = rx * p.nose_width
-    nose_x = fx + 0.05 * rx * v.yaw
+    nose_x = at.fx + 0.05 * rx * v.yaw
     canvas.polygon(np.array([[nose_x, eye_y + ry * 0.05], [nose_x + nw, tip_y], [nose_x - nw, tip_y]]),
-                   _shade(skin, 0.82), _shade(skin, 0.6), stroke * 0.6)
+                   _shade(p.skin, 0.82), _shade(p.skin, 0.6), STROKE * 0.6)
 
-    # Mouth: a lip-coloured curve; an open mouth is a dark filled shape.
-    mw = rx * p.mouth_width
+
+def _draw_mouth(canvas: _Canvas, p: FaceParams, v: _View, at: _Layout) -> None:
+    """A lip-coloured curve bent by the smile; an open mouth is a dark filled shape."""
+    mw = at.rx * p.mouth_width
     t = np.linspace(-1, 1, 9)
-    upper = np.stack([fx + t * mw, mouth_y - ry * 0.1 * v.smile * (1 - t**2)], 1)
+    upper = np.stack([at.fx + t * mw, at.mouth_y - at.ry * 0.1 * v.smile * (1 - t**2)], 1)
     if v.mouth_open > 0.1:
-        lower = upper + np.stack([0 * t, ry * 0.22 * v.mouth_open * (1 - t**2)], 1)
+        lower = upper + np.stack([0 * t, at.ry * 0.22 * v.mouth_open * (1 - t**2)], 1)
         canvas.polygon(np.concatenate([upper, lower[::-1]]), (90, 20, 30), p.lip_colour, 0.018)
     else:
         canvas.line(upper, p.lip_colour, 0.028)
 
-    # Hair in front: caps and fringes drawn over the forehead.
-    style = p.hair_style
-    outline_dark = _shade(hair, 0.7)
+
+def _draw_hair_front(canvas: _Canvas, p: FaceParams, at: _Layout) -> None:
+    """The hair over the forehead: a cap down to a hairline, a buzz cut, a mohawk, or curls."""
+    style, hair, outline_dark = p.hair_style, p.hair_colour, _shade(p.hair_colour, 0.7)
+    hcx, cy, rx, ry = at.hcx, at.cy, at.rx, at.ry
     if style in ("short", "long", "bun", "ponytail", "side_part", "fringe"):
-        top = _arc(hcx, cy, rx * 1.08, ry * 1.06, math.pi * 0.98, math.pi * 2.02, 24)
-        depth = {"fringe": 0.45, "side_part": 0.55}.get(style, 0.62)
-        hairline = _arc(hcx, cy - ry * 0.05, rx * 0.98, ry * depth, math.pi * 2.02, math.pi * 0.98, 16)
-        if style == "fringe":
-            hairline = np.array([[hcx + rx * 1.0, cy - ry * 0.2], [hcx + rx * 0.6, brow_y - ry * 0.08],
-                                 [hcx, brow_y - ry * 0.1], [hcx - rx * 0.6, brow_y - ry * 0.08],
-                                 [hcx - rx * 1.0, cy - ry * 0.2]])
-        elif style == "side_part":
-            hairline = np.concatenate([hairline[:6], [[hcx - rx * 0.2, cy - ry * 0.5],
-                                                      [hcx - rx * 0.85, cy - ry * 0.05]]])
-        canvas.polygon(np.concatenate([top, hairline]), hair, outline_dark, stroke)
+        canvas.polygon(_hair_cap(style, at), hair, outline_dark, STROKE)
     elif style == "buzz":
         top = _arc(hcx, cy, rx * 1.02, ry * 1.02, math.pi * 1.05, math.pi * 1.95, 20)
         hairline = _arc(hcx, cy - ry * 0.15, rx * 0.9, ry * 0.6, math.pi * 1.95, math.pi * 1.05, 14)
-        canvas.polygon(np.concatenate([top, hairline]), _mix(hair, skin, 0.3))
+        canvas.polygon(np.concatenate([top, hairline]), _mix(hair, p.skin, 0.3))
     elif style == "mohawk":
         canvas.polygon(np.array([[hcx - rx * 0.18, cy - ry * 0.55], [hcx - rx * 0.22, cy - ry * 1.3],
                                  [hcx, cy - ry * 1.4], [hcx + rx * 0.22, cy - ry * 1.3],
-                                 [hcx + rx * 0.18, cy - ry * 0.55]]), hair, outline_dark, stroke)
+                                 [hcx + rx * 0.18, cy - ry * 0.55]]), hair, outline_dark, STROKE)
     elif style == "curly":
         t = np.linspace(math.pi * 1.1, math.pi * 1.9, 7)
         canvas.circles(np.stack([hcx + rx * 0.85 * np.cos(t), cy - ry * 0.2 + ry * 0.75 * np.sin(t)], 1),
                        rx * 0.26, hair)
 
-    if p.glasses != "none":
-        g = p.glasses_colour
-        for side in (-1, 1):
-            ex = fx + side * p.eye_spacing * rx
-            r = rx * max(p.eye_size * 1.3, 0.22)
-            if p.glasses == "square":
-                canvas.polygon(np.array([[ex - r, eye_y - r * 0.8], [ex + r, eye_y - r * 0.8],
-                                         [ex + r, eye_y + r * 0.8], [ex - r, eye_y + r * 0.8]]), None, g, 0.022)
-            else:
-                fill = (25, 25, 35) if p.glasses == "sunglasses" else None
-                canvas.ellipse(ex, eye_y, r, r * 0.85, fill, g, 0.022)
-        inner = p.eye_spacing * rx - rx * max(p.eye_size * 1.3, 0.22)
-        canvas.line(np.array([[fx - inner, eye_y], [fx + inner, eye_y]]), g, 0.018)
 
-    if p.hat != "none":
-        hc, dark = p.hat_colour, _shade(p.hat_colour, 0.6)
-        if p.hat == "beanie":
-            dome = _arc(hcx, cy - ry * 0.35, rx * 1.12, ry * 0.85, math.pi, 2 * math.pi, 24)
-            canvas.polygon(dome, hc, dark, stroke)
-            canvas.polygon(np.array([[hcx - rx * 1.15, cy - ry * 0.5], [hcx + rx * 1.15, cy - ry * 0.5],
-                                     [hcx + rx * 1.15, cy - ry * 0.3], [hcx - rx * 1.15, cy - ry * 0.3]]),
-                           _shade(hc, 0.8), dark, stroke)
-        elif p.hat == "cap":
-            dome = _arc(hcx, cy - ry * 0.5, rx * 1.06, ry * 0.65, math.pi, 2 * math.pi, 24)
-            canvas.polygon(dome, hc, dark, stroke)
-            canvas.polygon(np.array([[hcx - rx * 1.1, cy - ry * 0.5], [hcx + rx * 1.6, cy - ry * 0.5],
-                                     [hcx + rx * 1.4, cy - ry * 0.38], [hcx - rx * 1.1, cy - ry * 0.4]]),
-                           _shade(hc, 0.75), dark, stroke)
-        else:  # top hat
-            canvas.polygon(np.array([[hcx - rx * 0.75, cy - ry * 0.75], [hcx - rx * 0.7, cy - ry * 1.6],
-                                     [hcx + rx * 0.7, cy - ry * 1.6], [hcx + rx * 0.75, cy - ry * 0.75]]),
-                           hc, dark, stroke)
-            canvas.ellipse(hcx, cy - ry * 0.72, rx * 1.35, ry * 0.12, _shade(hc, 0.8), dark, stroke)
+def _hair_cap(style: str, at: _Layout) -> np.ndarray:
+    """The outline of hair covering the top of the head: over the crown, back along the hairline
+    (an arc, a fringe down to the brows, or a parting swept to one side)."""
+    hcx, cy, rx, ry = at.hcx, at.cy, at.rx, at.ry
+    top = _arc(hcx, cy, rx * 1.08, ry * 1.06, math.pi * 0.98, math.pi * 2.02, 24)
+    depth = {"fringe": 0.45, "side_part": 0.55}.get(style, 0.62)
+    hairline = _arc(hcx, cy - ry * 0.05, rx * 0.98, ry * depth, math.pi * 2.02, math.pi * 0.98, 16)
+    if style == "fringe":
+        hairline = np.array([[hcx + rx * 1.0, cy - ry * 0.2], [hcx + rx * 0.6, at.brow_y - ry * 0.08],
+                             [hcx, at.brow_y - ry * 0.1], [hcx - rx * 0.6, at.brow_y - ry * 0.08],
+                             [hcx - rx * 1.0, cy - ry * 0.2]])
+    elif style == "side_part":
+        hairline = np.concatenate([hairline[:6], [[hcx - rx * 0.2, cy - ry * 0.5],
+                                                  [hcx - rx * 0.85, cy - ry * 0.05]]])
+    return np.concatenate([top, hairline])
+
+
+def _draw_glasses(canvas: _Canvas, p: FaceParams, at: _Layout) -> None:
+    """Two rims (square, round, or round and filled dark for sunglasses) joined by a bridge."""
+    rx, fx, eye_y, g = at.rx, at.fx, at.eye_y, p.glasses_colour
+    for side in (-1, 1):
+        ex = fx + side * p.eye_spacing * rx
+        r = rx * max(p.eye_size * 1.3, 0.22)
+        if p.glasses == "square":
+            canvas.polygon(np.array([[ex - r, eye_y - r * 0.8], [ex + r, eye_y - r * 0.8],
+                                     [ex + r, eye_y + r * 0.8], [ex - r, eye_y + r * 0.8]]), None, g, 0.022)
+        else:
+            fill = (25, 25, 35) if p.glasses == "sunglasses" else None
+            canvas.ellipse(ex, eye_y, r, r * 0.85, fill, g, 0.022)
+    inner = p.eye_spacing * rx - rx * max(p.eye_size * 1.3, 0.22)
+    canvas.line(np.array([[fx - inner, eye_y], [fx + inner, eye_y]]), g, 0.018)
+
+
+def _draw_hat(canvas: _Canvas, p: FaceParams, at: _Layout) -> None:
+    """A beanie (dome and band), a cap (dome and peak) or a top hat (crown and brim), over the hair."""
+    hcx, cy, rx, ry = at.hcx, at.cy, at.rx, at.ry
+    hc, dark = p.hat_colour, _shade(p.hat_colour, 0.6)
+    if p.hat == "beanie":
+        dome = _arc(hcx, cy - ry * 0.35, rx * 1.12, ry * 0.85, math.pi, 2 * math.pi, 24)
+        canvas.polygon(dome, hc, dark, STROKE)
+        canvas.polygon(np.array([[hcx - rx * 1.15, cy - ry * 0.5], [hcx + rx * 1.15, cy - ry * 0.5],
+                                 [hcx + rx * 1.15, cy - ry * 0.3], [hcx - rx * 1.15, cy - ry * 0.3]]),
+                       _shade(hc, 0.8), dark, STROKE)
+    elif p.hat == "cap":
+        dome = _arc(hcx, cy - ry * 0.5, rx * 1.06, ry * 0.65, math.pi, 2 * math.pi, 24)
+        canvas.polygon(dome, hc, dark, STROKE)
+        canvas.polygon(np.array([[hcx - rx * 1.1, cy - ry * 0.5], [hcx + rx * 1.6, cy - ry * 0.5],
+                                 [hcx + rx * 1.4, cy - ry * 0.38], [hcx - rx * 1.1, cy - ry * 0.4]]),
+                       _shade(hc, 0.75), dark, STROKE)
+    else:  # top hat
+        canvas.polygon(np.array([[hcx - rx * 0.75, cy - ry * 0.75], [hcx - rx * 0.7, cy - ry * 1.6],
+                                 [hcx + rx * 0.7, cy - ry * 1.6], [hcx + rx * 0.75, cy - ry * 0.75]]),
+                       hc, dark, STROKE)
+        canvas.ellipse(hcx, cy - ry * 0.72, rx * 1.35, ry * 0.12, _shade(hc, 0.8), dark, STROKE)
 
 
 def _light(image: Image.Image, v: _View, rng: np.random.Generator) -> Image.Image:

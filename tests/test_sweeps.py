@@ -458,6 +458,10 @@ def test_the_sweep_says_how_far_a_running_trials_zoo_is(ray_local, tmp_path):
     ray.get(counter.report.remote({"a": 100}))
     assert watch.check() == []  # ended trials are not watched
     ray.kill(counter)
+    import pickle  # Tune pickles its callbacks, which hold the watch: a copy keeps its settings, not its thread
+    copy = pickle.loads(pickle.dumps(watch.start()))
+    watch.stop()
+    assert copy.labels == watch.labels and copy.thread is None and copy.check() == []
 
 
 def test_trial_ids_of_the_shipped_sweeps_are_those_of_before_attack_train_identities():

@@ -46,6 +46,15 @@ class TrialWatch:
         self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
 
+    # Tune pickles its callbacks with the experiment's state, and the callback that tells this watch about trials
+    # holds it: a pickled copy keeps the settings, not the lock or the thread (the live watch is the original).
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("lock", "stopping", "thread")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.lock, self.stopping, self.thread = threading.Lock(), threading.Event(), None
+
     def running(self, trial_id: str) -> None:
         with self.lock:
             self.active.add(trial_id)

@@ -246,6 +246,15 @@ class ZooStage(Stage):
         pending = len({ft.lora_id for ft in plan.fine_tunes} - finished_lora_ids(ZooStore(zoo.root)))
         return len(plan.fine_tunes), pending
 
+    @cached_property
+    def undefended_twin(self) -> Path | None:
+        """The folder of this zoo without its defense (the zoo of the same study with `defense: none`, beside this
+        one under out_dir) when the defense is post-hoc: the build copies the fine-tunes it has finished and
+        defends them instead of training them again (zoo.derive). None for any other zoo."""
+        if not self.cfg.zoo.defense.post_hoc:
+            return None
+        return plan_stages(with_overrides(self.cfg, {"zoo.defense": {"kind": "none"}}), self.out).zoo.folder
+
     def describe(self) -> str:
         planned, pending = self._counts
         ft = self.cfg.zoo.finetune
@@ -258,8 +267,11 @@ class ZooStage(Stage):
         return f"{self._counts[0]} fine-tunes in {self.folder}"
 
     def run(self, ctx: RunContext) -> Ran:
-        summary = build_zoo(nested(self.config, ctx.study), show_progress=ctx.show_progress)
-        return Ran(f"{summary['done']} done, {summary['failed']} failed of {summary['planned']}")
+        twin = self.undefended_twin
+        summary = build_zoo(nested(self.config, ctx.study), show_progress=ctx.show_progress,
+                            undefended_twin=str(twin) if twin is not None else None)
+        derived = f", {summary['derived']} of them derived from {twin.name}" if summary["derived"] else ""
+        return Ran(f"{summary['done']} done, {summary['failed']} failed of {summary['planned']}{derived}")
 
     def load_result(self, ctx: RunContext, ran: Ran | None = None) -> ZooResult:
         return ZooResult(self.config, ctx.run_of(self.folder))

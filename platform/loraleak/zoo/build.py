@@ -15,7 +15,9 @@ of memory) is run again one by one; a worker process that dies is restarted by R
 fine-tunes it was running retried (`max_retries`).
 
 A build first records its config in the root (`zoo_config.json`), refusing a config whose identity
-source differs from the recorded one: a zoo is one population.
+source differs from the recorded one: a zoo is one population. A zoo with a post-hoc defense given its
+undefended twin (`undefended_twin`) copies and defends the fine-tunes the twin has finished instead of
+training them (zoo.derive), and trains the rest.
 
 Runs on a local `ray.init()` and unchanged on a cluster: `RAY_ADDRESS` or `ray job submit`.
 """

@@ -8,18 +8,21 @@ at r = 0, 2, 4), every build in this process (`workers: 0`: a Ray actor costs ~1
 """
 
 import dataclasses
+import json
 import logging
 import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from loraleak.base.tiny import build_tiny_pipeline
-from loraleak.config import from_dict
+from loraleak.config import from_dict, to_dict
 from loraleak.defenses import DefenseConfig, defenses_applied
 from loraleak.locking import LOCK_FILE
 from loraleak.lora.io import read_lora
 from loraleak.zoo.build import build_zoo
+from loraleak.zoo.cli import zoo_main
 from loraleak.zoo.config import ZooConfig
 from loraleak.zoo.defense import snapshot_defense
 from loraleak.zoo.inspect import verify_zoo
@@ -120,3 +123,12 @@ def test_what_the_twin_cannot_give_is_trained_and_a_killed_derivation_resumes(pl
     assert (resumed["already_done"], resumed["derived"], resumed["trained"]) == (1, 1, 0)
     assert comparable(cfg.root) == whole and not leftovers(cfg.root)
     assert verify_zoo(cfg.root, show_progress=False).ok
+
+
+def test_zoo_build_derives_from_the_twin_it_is_given(plain, tmp_path, capsys):
+    config = tmp_path / "zoo.yaml"
+    config.write_text(yaml.safe_dump(to_dict(defended(plain, tmp_path / "zoo", "rank_truncation"))))
+    assert zoo_main(["build", str(config), "--undefended-twin", plain.root]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.index("{"):])
+    assert (summary["derived"], summary["trained"], summary["done"]) == (2, 0, 2)

@@ -22,6 +22,7 @@ from loraleak.pipeline.cli import load_pipeline_config
 from loraleak.pipeline.config import UNDEFENDED_CONDITION, PipelineConfig, with_overrides
 from loraleak.pipeline.run import run_pipeline
 from loraleak.pipeline.stages import EVALUATION_INPUTS, STAGES, settings_of, stage_keys
+from loraleak.zoo.manifest import read_manifest
 from studies import SMALLEST, TINY
 
 CONDITIONS = ["org", "rec", "nearest_neighbour", "pca_map", "base", "victim_class_prompt", "victim_empty_prompt",
@@ -100,6 +101,12 @@ def test_a_defended_study_is_also_attacked_by_the_attack_trained_without_the_def
     assert keys["undefended_zoo"] == plain["zoo"] != keys["zoo"] and keys["undefended_attack"] == plain["attack"]
     out = cfg.out_dir.resolve()
     assert (out / f"zoo-{plain['zoo']}" / "manifest.parquet").is_file() and (out / f"attack-{plain['attack']}").is_dir()
+    # The undefended zoo was built first and the defended one derived from it (zoo.derive): every fine-tune
+    # trained once, so the defended rows record the undefended training's start.
+    trained = {(r["identity_id"], r["snapshot_step"]): r["started_at"]
+               for r in read_manifest(str(out / f"zoo-{plain['zoo']}")).to_pylist()}
+    rows = read_manifest(str(out / f"zoo-{keys['zoo']}")).to_pylist()
+    assert rows and all(trained[r["identity_id"], r["snapshot_step"]] == r["started_at"] for r in rows)
     for condition in ("rec", UNDEFENDED_CONDITION):  # adaptive, and trained on undefended LoRAs
         assert 0 <= result.metrics[f"{condition}.top1_image"] <= 1
     assert result.stage_dirs["evaluation"].endswith(f"evaluation-{keys['evaluation']}")

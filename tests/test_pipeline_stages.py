@@ -50,6 +50,14 @@ def test_the_stages_place_their_folders_by_their_keys(tmp_path):
     assert [s.name for s in defended] == ["identities", "base", "zoo", "attack", "baselines", "zoo", "attack",
                                           "evaluation"]
     assert defended.undefended[0].folder == stages.zoo.folder  # the undefended study's own zoo, shared
+    # A post-hoc-defended zoo is derived from the zoo of the same settings without the defense (zoo.derive),
+    # found by its key: also for a rank truncation, whose study has no undefended study of its own.
+    truncated = plan_stages(with_overrides(quick, {"zoo.defense": {"kind": "rank_truncation", "rank": 1}}))
+    assert defended.zoo.undefended_twin == truncated.zoo.undefended_twin == stages.zoo.folder
+    assert truncated.undefended is None and stages.zoo.undefended_twin is None
+    dp = plan_stages(with_overrides(quick, {"zoo.defense": {"kind": "dp_sgd", "epsilon": 10.0},
+                                            "zoo.finetune.train_text_encoder": False}))
+    assert dp.zoo.undefended_twin is None  # a training-time defense trains every fine-tune anew
 
 
 def test_an_attack_folder_named_before_max_steps_was_in_its_key_is_still_used(tmp_path):

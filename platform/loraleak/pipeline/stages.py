@@ -246,10 +246,24 @@ class ZooStage(Stage):
         pending = len({ft.lora_id for ft in plan.fine_tunes} - finished_lora_ids(ZooStore(zoo.root)))
         return len(plan.fine_tunes), pending
 
+    @cached_property
+    def twin(self) -> ZooStage | None:
+        """This zoo without its defense (the zoo of the same study with `defense: none`, beside this one under
+        out_dir) when the defense is post-hoc: the build copies the fine-tunes it has finished and defends them
+        instead of training them again (zoo.derive). None for any other zoo."""
+        if not self.cfg.zoo.defense.post_hoc:
+            return None
+        return plan_stages(with_overrides(self.cfg, {"zoo.defense": {"kind": "none"}}), self.out).zoo
+
+    @property
+    def undefended_twin(self) -> Path | None:
+        return self.twin.folder if self.twin is not None else None
+
     def describe(self) -> str:
         planned, pending = self._counts
         ft = self.cfg.zoo.finetune
-        return f"{planned} fine-tunes ({ft.steps} steps, rank {ft.rank}), {pending} to run -> {self.folder}"
+        derived = f" (those {self.twin.folder.name} has: copied and defended)" if self.twin is not None and pending else ""
+        return f"{planned} fine-tunes ({ft.steps} steps, rank {ft.rank}), {pending} to run{derived} -> {self.folder}"
 
     def is_complete(self) -> bool:
         return self._counts[1] == 0
@@ -258,8 +272,15 @@ class ZooStage(Stage):
         return f"{self._counts[0]} fine-tunes in {self.folder}"
 
     def run(self, ctx: RunContext) -> Ran:
-        summary = build_zoo(nested(self.config, ctx.study), show_progress=ctx.show_progress)
-        return Ran(f"{summary['done']} done, {summary['failed']} failed of {summary['planned']}")
+        twin = self.twin
+        if twin is not None and undefended_study(self.cfg) is not None and not twin.is_complete():
+            # The study builds the undefended zoo anyway (its attack is the rec_undefended condition): built
+            # first, its fine-tunes are trained once, and this zoo copies and defends them.
+            build_zoo(nested(twin.config, ctx.study), show_progress=ctx.show_progress)
+        summary = build_zoo(nested(self.config, ctx.study), show_progress=ctx.show_progress,
+                            undefended_twin=str(twin.folder) if twin is not None else None)
+        derived = f", {summary['derived']} of them derived from {twin.folder.name}" if summary["derived"] else ""
+        return Ran(f"{summary['done']} done, {summary['failed']} failed of {summary['planned']}{derived}")
 
     def load_result(self, ctx: RunContext, ran: Ran | None = None) -> ZooResult:
         return ZooResult(self.config, ctx.run_of(self.folder))

@@ -15,14 +15,15 @@ of memory) is run again one by one; a worker process that dies is restarted by R
 fine-tunes it was running retried (`max_retries`).
 
 A build first records its config in the root (`zoo_config.json`), refusing a config whose identity
-source differs from the recorded one: a zoo is one population.
+source differs from the recorded one: a zoo is one population. A zoo with a post-hoc defense given its
+undefended twin (`undefended_twin`) copies and defends the fine-tunes the twin has finished instead of
+training them (zoo.derive), and trains the rest.
 
 Runs on a local `ray.init()` and unchanged on a cluster: `RAY_ADDRESS` or `ray job submit`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -54,11 +55,12 @@ from ..locking import folder_lock
 from ..lora.io import loaded_adapters
 from ..tracking import FOLDER_TAG, mlflow_run
 from .config import ZooConfig, check_identity_source, record_zoo_config
-from .defense import defend_snapshots, stored_rank_alpha
+from .derive import derive_from_twin
 from .inspect import zoo_info
-from .manifest import DONE, FAILED, compact_manifest, delete_part, finished_lora_ids, write_part
+from .manifest import DONE, FAILED, compact_manifest, delete_part, finished_lora_ids
 from .plan import PlannedFineTune, ZooPlan, plan_zoo
 from .progress import StepBar, StepCounter, polled, progress_actor_name, step_reporter
+from .publish import loss_before, publish_snapshots, write_fine_tune_part
 from .storage import ZooStore
 
 logger = logging.getLogger(__name__)
@@ -80,15 +82,6 @@ def _first_line(error: BaseException, limit: int = 500) -> str:
     text = " ".join(str(error).split()) or "(no message)"
     text = f"{type(error).__name__}: {text}"
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _loss_before(losses: list[float], step: int) -> float | None:
-    """Mean loss over the last tenth of the steps up to `step` (one step's loss is noise); a DP step
-    that drew no rows has no loss (NaN) and is left out."""
-    if step < 1 or not losses:
-        return None
-    window = [x for x in losses[max(0, step - max(1, step // 10)):step] if not math.isnan(x)]
-    return sum(window) / len(window) if window else None
 
 
 Outcome = tuple[list[dict[str, Any]], str | None, datetime, float]  # snapshot rows, error, start, wall time
@@ -201,18 +194,9 @@ class FineTuneWorker:
 
     def _publish(self, row: dict[str, Any], stage: Path, result: Any) -> list[dict[str, Any]]:
         """Defend the staged snapshots, publish them whole, return their rows (fields besides the common ones)."""
-        defend_snapshots(self.cfg.defense, row["lora_id"], result.snapshots)
-        relative_dir = self.store.lora_relative_dir(row["lora_id"])
-        snapshots = []
-        for step, path in result.snapshots:
-            data = path.read_bytes()
-            snapshots.append({"snapshot_step": step,
-                              "lora_path": f"{relative_dir}/{path.relative_to(stage).as_posix()}",
-                              "lora_bytes": len(data), "lora_sha256": hashlib.sha256(data).hexdigest(),
-                              "loss_at_snapshot": _loss_before(result.losses, step),
-                              "final_loss": result.final_loss})
-        self.store.publish_dir(stage, relative_dir)
-        return snapshots
+        return publish_snapshots(self.store, self.cfg, row["lora_id"], stage, result.snapshots,
+                                 {step: loss_before(result.losses, step) for step, _ in result.snapshots},
+                                 result.final_loss)
 
     def _single(self, row: dict[str, Any], ft: Any, images: list) -> list[dict[str, Any]]:
         with self.store.staging_dir(row["lora_id"]) as stage:
@@ -305,18 +289,8 @@ class FineTuneWorker:
     def _record(self, row: dict[str, Any], ft: Any, snapshot_rows: list[dict[str, Any]], error: str | None,
                 started_at: datetime, wall_time_s: float) -> dict[str, Any]:
         """Write the fine-tune's part; return its result row."""
-        rank, alpha = stored_rank_alpha(ft, self.cfg.defense)
-        common = {
-            "lora_id": row["lora_id"], "identity_id": row["identity_id"], "split": row["split"],
-            "variant": row["variant"], "base_id": self.cfg.base, "base_hash": self.base_hash, "rank": rank,
-            "alpha": alpha, "targets": list(ft.targets), "lr": ft.lr, "seed": ft.seed, "steps": ft.steps,
-            "trigger": ft.trigger_word, "instance_prompt": ft.instance_prompt_text, "class_prompt": ft.class_prompt,
-            "defense": self.cfg.defense.to_manifest(), "num_images": len(row["image_hashes"]),
-            "image_keys": row["image_keys"], "image_hashes": row["image_hashes"],
-            "finetune_config": json.dumps(to_dict(ft)), "status": FAILED if error else DONE, "error": error,
-            "started_at": started_at, "wall_time_s": wall_time_s, "worker": self.name,
-        }
-        write_part(self.store, row["lora_id"], [{**common, **r} for r in snapshot_rows])
+        common = write_fine_tune_part(self.store, self.cfg, self.base_hash, row, ft, snapshot_rows, error,
+                                      started_at, wall_time_s, self.name)
         return {"lora_id": row["lora_id"], "identity_id": row["identity_id"], "status": common["status"],
                 "error": error, "final_loss": snapshot_rows[0].get("final_loss"), "wall_time_s": wall_time_s}
 
@@ -406,8 +380,12 @@ def _loss_stats(losses: list[float]) -> dict[str, float]:
             "final_loss_max": max(losses), "final_loss_std": statistics.pstdev(losses)}
 
 
-def run_plan(cfg: ZooConfig, plan: ZooPlan, show_progress: bool = True) -> dict[str, Any]:
-    """Record the config in the root, run what the plan still lacks, compact the manifest, and summarise."""
+def run_plan(cfg: ZooConfig, plan: ZooPlan, show_progress: bool = True,
+             undefended_twin: str | None = None) -> dict[str, Any]:
+    """Record the config in the root, run what the plan still lacks, compact the manifest, and summarise.
+
+    `undefended_twin`: the root of the same zoo without the defense; a post-hoc-defended zoo derives the
+    fine-tunes it has finished from it instead of training them again (zoo.derive)."""
     store = ZooStore(cfg.root)
     record_zoo_config(cfg)
     finished = finished_lora_ids(store)
@@ -416,14 +394,20 @@ def run_plan(cfg: ZooConfig, plan: ZooPlan, show_progress: bool = True) -> dict[
                 len(plan.fine_tunes) - len(pending), len(pending),
                 f"on {cfg.workers} Ray worker(s)" if cfg.workers else "in this process")
     started = time.perf_counter()
+    to_train, derived, train_s = pending, 0, 0.0
     if pending:
         # One build per root at a time: what a killed one left half-written is removed, never resumed.
         if removed := store.remove_leftovers():
             logger.info("zoo %s: removed %d half-written file(s) of an interrupted build", store.uri, removed)
         store.delete_file(store.manifest_path)  # the compaction is stale from the first new part on
-        sample_class_images_once(cfg, plan, pending, show_progress)
-        for _ in run_fine_tunes(cfg, plan, pending, show_progress):
+        if undefended_twin is not None and cfg.defense.post_hoc:
+            to_train, derived = derive_from_twin(cfg, plan, pending, undefended_twin)
+    if to_train:
+        train_started = time.perf_counter()
+        sample_class_images_once(cfg, plan, to_train, show_progress)
+        for _ in run_fine_tunes(cfg, plan, to_train, show_progress):
             pass
+        train_s = time.perf_counter() - train_started
     run_s = time.perf_counter() - started
     table = compact_manifest(store)
 
@@ -439,11 +423,13 @@ def run_plan(cfg: ZooConfig, plan: ZooPlan, show_progress: bool = True) -> dict[
         "planned": len(plan.fine_tunes),
         "already_done": len(plan.fine_tunes) - len(pending),
         "ran": len(pending),
+        "derived": derived,  # of those that ran: copied from the undefended twin and defended, not trained
+        "trained": len(to_train),
         "done": len(done),
         "failed": len(failed),
         "skipped_identities": [{"identity_id": i, "reason": why} for i, why in plan.skipped_identities],
         "run_time_s": run_s,
-        "fine_tunes_per_minute": len(pending) / run_s * 60 if pending else None,
+        "fine_tunes_per_minute": len(to_train) / train_s * 60 if to_train else None,  # trained ones
         **_loss_stats([r["final_loss"] for r in done]),
         "manifest_rows": table.num_rows,
         "zoo_fine_tunes": len(set(table["lora_id"].to_pylist())),
@@ -452,17 +438,19 @@ def run_plan(cfg: ZooConfig, plan: ZooPlan, show_progress: bool = True) -> dict[
     }
 
 
-def build_zoo(cfg: ZooConfig, show_progress: bool = True) -> dict[str, Any]:
+def build_zoo(cfg: ZooConfig, show_progress: bool = True, undefended_twin: str | None = None) -> dict[str, Any]:
     """Plan the zoo, run every fine-tune not yet done, compact the manifest; tracked in MLflow.
 
-    One build per local root at a time (its folder lock); an object-store root has no lock."""
+    A post-hoc-defended zoo derives what `undefended_twin` (the root of the same zoo with `defense: none`)
+    has finished instead of training it (`run_plan`). One build per local root at a time (its folder lock);
+    an object-store root has no lock."""
     if not ZooStore(cfg.root).is_local:
-        return _build_zoo(cfg, show_progress)
+        return _build_zoo(cfg, show_progress, undefended_twin)
     with folder_lock(ZooStore(cfg.root).path, f"zoo build {cfg.root}"):
-        return _build_zoo(cfg, show_progress)
+        return _build_zoo(cfg, show_progress, undefended_twin)
 
 
-def _build_zoo(cfg: ZooConfig, show_progress: bool) -> dict[str, Any]:
+def _build_zoo(cfg: ZooConfig, show_progress: bool, undefended_twin: str | None) -> dict[str, Any]:
     check_identity_source(cfg)  # before planning, which hashes every image
     started = time.perf_counter()
     store = ZooStore(cfg.root)
@@ -473,14 +461,15 @@ def _build_zoo(cfg: ZooConfig, show_progress: bool) -> dict[str, Any]:
         if run is not None:
             run.log_params(to_dict(cfg))
         plan = plan_zoo(cfg, show_progress)
-        summary = run_plan(cfg, plan, show_progress)
+        summary = run_plan(cfg, plan, show_progress, undefended_twin)
         summary["wall_time_s"] = time.perf_counter() - started
         if run is not None:
             run.log_metrics({k: v for k, v in summary.items()
                              if isinstance(v, (int, float)) and not isinstance(v, bool)})
             run.log_dict(summary, "build_summary.json")
             run.log_dict(zoo_info(cfg.root), "zoo_summary.json")
-    logger.info("zoo %s: %d done, %d failed of %d planned (%d ran, %s fine-tunes/min)", summary["root"],
-                summary["done"], summary["failed"], summary["planned"], summary["ran"],
+    logger.info("zoo %s: %d done, %d failed of %d planned (%d ran: %d trained, %d derived; %s fine-tunes/min)",
+                summary["root"], summary["done"], summary["failed"], summary["planned"], summary["ran"],
+                summary["trained"], summary["derived"],
                 f"{summary['fine_tunes_per_minute']:.1f}" if summary["fine_tunes_per_minute"] else "-")
     return summary

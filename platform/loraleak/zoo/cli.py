@@ -40,7 +40,7 @@ def cmd_zoo_build(args: argparse.Namespace) -> None:
         return
     from .build import build_zoo
 
-    print(json.dumps(build_zoo(cfg), indent=2, default=str))
+    print(json.dumps(build_zoo(cfg, undefended_twin=args.undefended_twin), indent=2, default=str))
 
 
 def cmd_zoo_info(args: argparse.Namespace) -> None:
@@ -81,6 +81,9 @@ def add_zoo_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--root", help="zoo root, a path or URI (overrides root)")
     p.add_argument("--workers", type=int, help="Ray fine-tune workers (overrides workers)")
     p.add_argument("--dry-run", action="store_true", help="plan only: how many fine-tunes would run")
+    p.add_argument("--undefended-twin", metavar="ROOT",
+                   help="the same zoo built without the defense: a post-hoc-defended zoo copies and defends the "
+                        "fine-tunes it has finished instead of training them")
     p.set_defaults(func=cmd_zoo_build)
     p = zoo.add_parser("info", help="summarise a zoo: counts by status, split, rank, steps, base, defense")
     p.add_argument("root", help="zoo root, a path or URI")

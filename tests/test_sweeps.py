@@ -384,7 +384,9 @@ def test_a_two_trial_sweep_through_ray_tune_tracked_and_resumed(ray_local, tmp_p
     [experiment] = [e for e in client.search_experiments() if e.name != "Default"]
     assert experiment.name == "sweep" and parent.info.experiment_id == experiment.experiment_id
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
-    assert {"results.csv", "privacy_utility.png"} <= artifacts
+    assert {"results.csv", "privacy_utility.png", "leak_by_trial.png", "strips_by_trial.png", "report.html"} <= artifacts
+    page = (cfg.directory / "report.html").read_text()
+    assert "strips_by_trial.png" in page and page.count("report.html'") == 2  # a link to each trial's report
     children = child_runs(result.tracking_uri, result.parent_run_id)  # nested by the mlflow.parentRunId tag
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {result.parent_run_id}
@@ -462,6 +464,39 @@ def test_the_sweep_says_how_far_a_running_trials_zoo_is(ray_local, tmp_path):
     copy = pickle.loads(pickle.dumps(watch.start()))
     watch.stop()
     assert copy.labels == watch.labels and copy.thread is None and copy.check() == []
+
+
+def test_strips_show_the_same_identities_in_every_trial_in_the_swept_order(tmp_path):
+    """The strips figure matches victims across trials by identity (their LoRA ids differ with the settings), puts
+    the trials in the swept value's order, and leaves out trials without images."""
+    from loraleak.sweeps.report import strips_by_trial, write_sweep_report
+
+    records = []
+    for rank, shade in ((16, 200), (1, 40)):
+        evaluation = tmp_path / f"evaluation-r{rank}"
+        for identity in ("id-a", "id-b"):
+            lora_id = f"{identity}-r{rank}"  # another LoRA id per trial, as a setting changes it
+            folder = evaluation / "victims" / lora_id
+            folder.mkdir(parents=True)
+            (evaluation / "victims" / f"{lora_id}.json").write_text(json.dumps({"identity_id": identity}))
+            for condition in ("private", "org", "rec"):
+                Image.new("RGB", (8, 8), (shade, 0, 0)).save(folder / f"{condition}-000.png")
+        records.append({"trial_id": f"t{rank}", "label": f"rank={rank}", "status": FINISHED,
+                        "overrides": {"zoo.finetune.rank": rank}, "stage_dirs": {"evaluation": str(evaluation)},
+                        "report": str(evaluation / "report" / "report.html")})
+    records.append({"trial_id": "t4", "label": "rank=4", "status": FAILED, "overrides": {"zoo.finetune.rank": 4}})
+    path = strips_by_trial(records, ["zoo.finetune.rank"], tmp_path / "strips.png", "t")
+    with Image.open(path) as im:
+        assert im.width > im.height > 100  # 2 trials x (2 victims x 3 images)
+        pixels = np.asarray(im.convert("RGB"))
+    # rank 1 (dark) is drawn above rank 16 (bright): the swept order, not the records' order
+    rows = [y for y in range(pixels.shape[0]) if ((pixels[y, :, 0] > 150) & (pixels[y, :, 1] < 30)).sum() > 20]
+    dark = [y for y in range(pixels.shape[0]) if ((pixels[y, :, 0] > 25) & (pixels[y, :, 0] < 60)
+                                                    & (pixels[y, :, 1] < 10)).sum() > 20]
+    assert rows and dark and max(dark) < min(rows)
+    assert strips_by_trial(records[2:], ["zoo.finetune.rank"], tmp_path / "none.png", "t") is None
+    page = write_sweep_report(tmp_path, "t", "<table></table>", [path, None], records).read_text()
+    assert "strips.png" in page and "evaluation-r16/report/report.html" in page and "rank=4" not in page
 
 
 def test_trial_ids_of_the_shipped_sweeps_are_those_of_before_attack_train_identities():

@@ -33,8 +33,10 @@ from ..errors import LoraleakError
 from ..locking import folder_lock
 from ..tracking import end_status
 from .config import SweepConfig
+from .report import REPORT_FILE, STRIPS_FILE, strips_by_trial, write_sweep_report
 from .results import (CURVE_FILE, FAILED, FINISHED, PLOT_FILE, TABLE_FILE, format_table, is_finished,
-                      leak_by_trial_plot, privacy_utility_plot, read_record, record_path, results_frame, write_table)
+                      leak_by_trial_plot, privacy_utility_plot, read_record, record_path, results_frame, table_columns,
+                      write_table)
 from .stages import (Concurrency, builds_per_stage, check_rerun, concurrency, driver_resources, peak_need, waves)
 from .tracking import close_trial_orphans, ensure_experiments, open_parent_run, sweep_experiment, sweep_tracking_uri
 from .trainable import describe_record, trial_payload, trial_trainable
@@ -188,7 +190,12 @@ def summarize(cfg: SweepConfig, trials: Sequence[Trial]) -> tuple[Any, str, Path
     table_path = write_table(frame, cfg.directory / TABLE_FILE)
     plot_path = privacy_utility_plot(frame, cfg.utility, cfg.privacy, cfg.directory / PLOT_FILE,
                                      f"sweep {cfg.name}: privacy against utility ({len(frame)} trials)")
-    leak_by_trial_plot(frame, records, varied, cfg.directory / CURVE_FILE, f"sweep {cfg.name} ({len(frame)} trials)")
+    curve_path = leak_by_trial_plot(frame, records, varied, cfg.directory / CURVE_FILE,
+                                    f"sweep {cfg.name} ({len(frame)} trials)")
+    strips_path = strips_by_trial(records, varied, cfg.directory / STRIPS_FILE, f"sweep {cfg.name}")
+    columns = [c for c in table_columns(frame, cfg.utility, cfg.privacy, cfg.metric) if c in frame.columns]
+    write_sweep_report(cfg.directory, cfg.name, frame[columns].to_html(index=False, float_format="%.3f"),
+                       [plot_path, curve_path, strips_path], records)
     return frame, format_table(frame, cfg.utility, cfg.privacy, cfg.metric), table_path, plot_path
 
 
@@ -263,7 +270,9 @@ def _run_sweep(cfg: SweepConfig, show_progress: bool) -> SweepResult:
                   if (read_record(record_path(directory, t.trial_id)) or {}).get("status") != FINISHED]
         parent.log_artifact(table_path)
         parent.log_artifact(plot_path)
-        parent.log_artifact(directory / CURVE_FILE)
+        for extra in (CURVE_FILE, STRIPS_FILE, REPORT_FILE):  # the strips need a finished trial with images
+            if (directory / extra).is_file():
+                parent.log_artifact(directory / extra)
         finished = int((frame["status"] == FINISHED).sum()) if "status" in frame.columns else 0
         summary = {"trials_finished": finished, "trials_failed": len(failed)}
         if cfg.metric in frame.columns and finished:

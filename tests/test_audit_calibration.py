@@ -55,7 +55,8 @@ def positive(pipe, tmp_path_factory):  # noqa: F811
     g = torch.Generator().manual_seed(0)
     state = {}
     for name, module in pipe.unet.named_modules():
-        if name.endswith(("attn1.to_q", "attn1.to_v", "attn2.to_k", "to_out.0")) and isinstance(module, torch.nn.Linear):
+        if isinstance(module, torch.nn.Linear) and name.endswith(("attn1.to_q", "attn1.to_v", "attn2.to_k",
+                                                                  "to_out.0")):
             state[f"unet.{name}.lora.down.weight"] = torch.randn(RANK, module.in_features, generator=g)
             state[f"unet.{name}.lora.up.weight"] = 0.05 * torch.randn(module.out_features, RANK, generator=g)
     provenance = LoraProvenance(trigger="sks", instance_prompt="A face of sks.", base_fingerprint=None, rank=RANK,

@@ -173,11 +173,12 @@ def privacy_utility_plot(frame, utility: str, privacy: Sequence[str], path: Path
     return path
 
 
-def _order_key(value: Any) -> tuple[int, float, str]:
-    """Numbers in order, then null ("all", "none": the setting's largest or absent case), then the rest."""
+def _order_key(value: Any) -> tuple[int, float]:
+    """Numbers in order, then null ("all", "none": the setting's largest or absent case), then the rest in the
+    order the sweep lists them (the sort is stable: a list of defenses is ordered by its author, not alphabetically)."""
     if _finite(value):
-        return (0, float(value), "")
-    return (1, 0.0, "") if value is None else (2, 0.0, str(value))
+        return (0, float(value))
+    return (1, 0.0) if value is None else (2, 0.0)
 
 
 def trial_order(records: Sequence[Mapping[str, Any]], varied: Sequence[str]) -> list[str]:

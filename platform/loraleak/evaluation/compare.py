@@ -104,12 +104,12 @@ def _find_runs(client, ref: str, tracking_uri: str) -> list:
                                  order_by=["attributes.start_time DESC"], max_results=100) if experiment_ids else []
     study = client.get_experiment_by_name(ref) if not matches else None
     if study is not None:  # a study's name: its newest finished pipeline run, or a sweep's: each trial's
-        matches = client.search_runs([study.experiment_id], filter_string=f"tags.`{STUDY_TAG}` != '' and "
-                                     "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"],
-                                     max_results=5000)
-        trials = _newest_per_trial(matches)
-        if trials:
-            return trials
+        finished = f"tags.`{STUDY_TAG}` != '' and attributes.status = 'FINISHED'"
+        newest = ["attributes.start_time DESC"]
+        matches = client.search_runs([study.experiment_id], filter_string=finished, order_by=newest, max_results=1)
+        if matches and TRIAL_TAG in matches[0].data.tags:  # a sweep's: every trial's run is needed
+            return _newest_per_trial(client.search_runs([study.experiment_id], filter_string=finished,
+                                                        order_by=newest, max_results=5000))
     if not matches:
         raise LoraleakError(f"no MLflow run with id or name {ref!r}, and no study of that name with a finished run, "
                             f"in {tracking_uri}")

@@ -75,7 +75,7 @@ def read_progress(root: str) -> dict[str, float] | None:
 
 
 def describe_progress(summary: Mapping[str, float]) -> str:
-    """"zoo 45% of 9,600 fine-tune steps, about 6 min left" (no estimate before the first steps)."""
+    """One line, e.g. 'zoo 45% of 9,600 fine-tune steps, about 6 min left' (no estimate before the first steps)."""
     total, done, elapsed = summary["total"], summary["done"], summary["elapsed_s"]
     if total <= 0:
         return "zoo: starting"

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.utils import convert_state_dict_to_diffusers
 
+from loraleak.base.attention import attention_processor
 from loraleak.attack import AttackModelConfig, NetworkAutoencoder, collate_lora_matrices, lora_layout, lora_matrices
 from loraleak.lora.batched import epsilon_loss, lora_scale, stack_lora_factors
 from loraleak.finetune.batched import peft_initial_lora
@@ -160,6 +161,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--targets", default="to_q,to_v")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--attention", default="auto", help="auto (as attack training picks it), sdpa or math")
     p.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: 1)")
     p.add_argument("--results", type=Path, default=None, help="also append the table to this file (with the date)")
     return p.parse_args(argv)
@@ -182,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe.to(device)
     pipe.unet.requires_grad_(False)
     amp_dtype = torch.bfloat16 if args.dtype == "bf16" else None
+    pipe.unet.set_attn_processor(attention_processor(args.attention, device, amp_dtype))
     work = Path(tempfile.mkdtemp(prefix="attack-throughput-"))
     try:
         victims = make_victims(pipe, args.batch, args.rank, tuple(args.targets.split(",")), work)
@@ -199,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
 
     memory = "peak alloc MiB" if device.type == "cuda" else "peak RSS MiB"
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} thread(s)"
-    lines = [f"attack_throughput: base {base_name}; device {device} ({where}); {args.dtype}; batch of {args.batch} "
+    lines = [f"attack_throughput: base {base_name}; device {device} ({where}); {args.dtype}, attention "
+             f"{args.attention}; batch of {args.batch} "
              f"victim LoRAs (r={args.rank} on {args.targets}), 1 image each; {args.steps} timed steps per path; "
              f"loss check: batched {batched_loss:.6f} vs swapped {swapped_loss:.6f}",
              f"{'path':<24} {'s/step':>8} {'samples/s':>10} {'x preloaded':>12} {memory:>15}"]

@@ -11,6 +11,7 @@ step: org verified, org top-1 (image and victim), org similarity, strength (org 
 
     python benchmarks/victim_frontier.py --profile quick --steps 100,250,500 --victims 8
     python benchmarks/victim_frontier.py --profile lfw --steps 250,500,1000 --victims 8 --set lr=2e-3
+    python benchmarks/victim_frontier.py --profile lfw --steps 250 --set mixed_precision=bf16 --compile  # faster mode
 
 Same seeds, prompts and samplers as the evaluation stage (`loraleak.evaluation.worker`).
 """
@@ -59,6 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance", default=None,
                    help="classifier-free guidance scales to sample at, e.g. 3,5,7 (default: the profile's)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet of the batched fine-tune")
     p.add_argument("--out", type=Path, default=Path("runs/benchmarks/victim_frontier"))
     p.add_argument("--json", type=Path, help="write the table as JSON here")
     return p.parse_args(argv)
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         results = finetune_lora_batched(pipe, [v.load(resolution) for v in group], cfgs,
                                         [out / v.identity_id for v in group], base_fingerprint=fingerprint,
                                         class_images=[class_images] * len(group) if class_images else None,
-                                        options=BatchedOptions())
+                                        options=BatchedOptions(compile=args.compile))
         runs += list(zip(group, cfgs, results))
     finetune_s = time.perf_counter() - started
     per_step_s = finetune_s / len(victims) / max(steps)

@@ -6,13 +6,17 @@ is `finetune_lora` (peft LoRA, as diffusers' DreamBooth-LoRA example), the batch
 training, snapshot files), after an untimed 1-step warm-up of the same configuration.
 
     python benchmarks/zoo_throughput.py --steps 20 --ks 1,2,4,8              # tiny base, CPU
+    python benchmarks/zoo_throughput.py --profile lfw --steps 20 --ks 8,32 --precisions fp32,bf16
     python benchmarks/zoo_throughput.py --sd14 --device cuda --dtype bf16 --steps 30 --ks 1,8,16,32,max \\
         --results benchmarks/results.md
 
 --sd14: the SD 1.x UNet (diffusers' default UNet2DConditionModel config with SD 1.4's
 cross_attention_dim=768 and sample_size=64: 64x64x4 latents, 77x768 text states) with random
 weights, behind a small VAE (8x downsampling: 512 px images) and a 1-layer 768-wide text encoder,
-which run once per fine-tune. It also reports model FLOP utilisation: FLOPs of one training step
+which run once per fine-tune. --profile NAME takes the base and the fine-tune settings (rank, alpha, targets,
+lr, batch size, prior preservation, wrong triggers) from that pipeline profile's zoo instead. The
+reference is always fp32 (mixed precision "no"); --precisions lists the batched path's (bf16 = autocast
+with fp32 LoRA factors and AdamW state). It also reports model FLOP utilisation: FLOPs of one training step
 (forward + backward, counted by torch.utils.flop_counter.FlopCounterMode) / step time / --peak-tflops.
 (On a CPU FlopCounterMode does not count the SDPA attention kernel, so MFU there is a lower bound.)
 """
@@ -41,6 +45,7 @@ from loraleak.finetune.dreambooth_lora import finetune_lora
 from loraleak.identities.synthetic import SyntheticFaces
 
 H100_BF16_DENSE_TFLOPS = 989.0
+PRECISIONS = {"fp32": "no", "bf16": "bf16"}  # --precisions -> FinetuneConfig.mixed_precision
 
 
 # --- bases ---------------------------------------------------------------------------------------
@@ -58,6 +63,15 @@ def tiny_base(ref: str) -> tuple[Any, str]:
     from loraleak.base.tiny import TinyBaseConfig, build_tiny_pipeline
 
     return build_tiny_pipeline(TinyBaseConfig(), seed=0), "tiny (random weights: shipped weights absent)"
+
+
+def profile_base(profile: str) -> tuple[Any, str, FinetuneConfig]:
+    """The base of a pipeline profile and its zoo's fine-tune settings."""
+    from loraleak.base.loading import load_base_pipeline
+    from loraleak.pipeline.api import load_pipeline_config
+
+    config = load_pipeline_config(profile)
+    return load_base_pipeline(config.base.ref), f"{config.base.ref} (profile {profile})", config.zoo.finetune
 
 
 def sd14_pipeline(text_layers: int = 1) -> Any:
@@ -135,6 +149,9 @@ def step_flops(pipe: Any, cfg: FinetuneConfig, k: int) -> float:
 
 @dataclass
 class Row:
+    """One configuration's timed run; with processes > 1, the slowest of that many concurrent processes,
+    each fine-tuning `fine_tunes` (its peak memory the largest of theirs: per worker)."""
+
     path: str
     k: int
     fine_tunes: int
@@ -143,6 +160,8 @@ class Row:
     steps: int
     peak_mib: float
     flops_per_step: float | None = None
+    processes: int = 1
+    threads: int = 1
 
     @property
     def seconds_per_step(self) -> float:
@@ -150,12 +169,12 @@ class Row:
 
     @property
     def per_hour(self) -> float:
-        return self.fine_tunes * 3600 / self.wall_s
+        return self.processes * self.fine_tunes * 3600 / self.wall_s
 
     def per_hour_at(self, steps: int) -> float:
         """Fine-tunes/hour projected to `steps` steps: the measured setup plus that many measured steps."""
         setup = (self.wall_s - self.train_s) / (self.fine_tunes // self.k)
-        return self.k * 3600 / (setup + steps * self.seconds_per_step)
+        return self.processes * self.k * 3600 / (setup + steps * self.seconds_per_step)
 
 
 def run_reference(pipe: Any, identities: list[list[Image.Image]], cfg: FinetuneConfig, class_images: list,
@@ -188,10 +207,96 @@ def measure(name: str, k: int, n: int, steps: int, device: torch.device, warmup:
     for _ in range(repeats):
         with PeakMemory(device) as memory:
             wall_s, train_s = run()
-        row = Row(name, k, n, wall_s, train_s, steps, memory.peak_mib)
+        row = Row(name, k, n, wall_s, train_s, steps, memory.peak_mib, threads=torch.get_num_threads())
         print(f"  measured {name} K={k}: {wall_s:.1f} s", file=sys.stderr, flush=True)
         best = row if best is None or row.wall_s < best.wall_s else best
     return best
+
+
+@dataclass
+class Setup:
+    """What every measurement of one benchmark run shares."""
+
+    pipe: Any
+    base_name: str
+    cfg: FinetuneConfig  # fp32; each batched row sets its precision
+    options: BatchedOptions
+    identities: list[list[Image.Image]]
+    class_images: list[Image.Image]
+
+
+def prepare(args: argparse.Namespace, device: torch.device, count: int) -> Setup:
+    """The base, the fine-tune settings and `count` identities' images, as --sd14/--profile/--base say."""
+    import diffusers
+
+    diffusers.utils.logging.disable_progress_bar()
+    if args.sd14:
+        pipe, base_name = sd14_pipeline(), "SD 1.x UNet (random weights), 64x64 latents, 77x768 text"
+    elif args.profile:
+        pipe, base_name, profile_cfg = profile_base(args.profile)
+    else:
+        pipe, base_name = tiny_base(args.base)
+    pipe.to(device)
+    resolution = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    if args.profile and not args.sd14:
+        cfg = replace(profile_cfg, steps=args.steps, device=str(device), snapshot_steps=(), class_images_dir=None,
+                      mixed_precision="no")
+        args.rank, args.targets, args.batch_size = cfg.rank, ",".join(cfg.targets), cfg.batch_size
+        args.no_prior = not cfg.prior_preservation
+    else:
+        cfg = FinetuneConfig(steps=args.steps, rank=args.rank, alpha=args.rank, targets=tuple(args.targets.split(",")),
+                             batch_size=args.batch_size, prior_preservation=not args.no_prior, device=str(device),
+                             mixed_precision="no", lr=1e-4)
+    options = BatchedOptions(attention=args.attention, compile=args.compile,
+                             gradient_checkpointing=args.gradient_checkpointing,
+                             channels_last=args.channels_last, loss_sync_every=max(args.steps, 1))
+    faces = SyntheticFaces(count, args.images, seed=0)
+    identities = [identity.load(min(resolution, 128)) for identity in faces.identities()]  # resized as trained
+    # Class images only need the right size here: their content does not change the cost.
+    rng = np.random.default_rng(0)
+    class_images = [Image.fromarray(rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8))
+                    for _ in range(4)]
+    return Setup(pipe, base_name, cfg, options, identities, class_images)
+
+
+def _batched_process(args: argparse.Namespace, precision: str, k: int, start: Any, results: Any) -> None:
+    """One of --processes concurrent workers: prepare, warm up, wait for the others, fine-tune K, report."""
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads or 1)
+    setup = prepare(args, device, k)
+    cfg = replace(setup.cfg, mixed_precision=PRECISIONS[precision])
+    work = Path(tempfile.mkdtemp(prefix="zoo-throughput-"))
+    try:
+        if not args.no_warmup:
+            run_batched(setup.pipe, setup.identities, replace(cfg, steps=1), setup.class_images, work, setup.options)
+        start.wait()
+        with PeakMemory(device) as memory:
+            wall_s, train_s = run_batched(setup.pipe, setup.identities, cfg, setup.class_images, work, setup.options)
+        results.put((wall_s, train_s, memory.peak_mib))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def measure_processes(args: argparse.Namespace, precision: str, k: int) -> Row:
+    """K fine-tunes in each of --processes concurrent processes (the zoo's `workers`), started together."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    start, results = context.Barrier(args.processes), context.Queue()
+    workers = [context.Process(target=_batched_process, args=(args, precision, k, start, results))
+               for _ in range(args.processes)]
+    for worker in workers:
+        worker.start()
+    measured = [results.get() for _ in workers]
+    for worker in workers:
+        worker.join()
+        if worker.exitcode:
+            raise RuntimeError(f"a benchmark process exited with {worker.exitcode}")
+    wall_s = max(m[0] for m in measured)
+    train_s = max(m[1] for m in measured)
+    print(f"  measured batched {precision} {args.processes}x K={k}: {wall_s:.1f} s", file=sys.stderr, flush=True)
+    return Row(f"batched {precision}", k, k, wall_s, train_s, args.steps, max(m[2] for m in measured),
+               processes=args.processes, threads=args.threads or 1)
 
 
 # --- the benchmark -------------------------------------------------------------------------------
@@ -206,7 +311,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="batched K values, comma-separated; 'max': the largest that fits the GPU (find_max_k)")
     p.add_argument("--reference-runs", type=int, default=2, help="fine-tunes timed one after another")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast, fp32 LoRA")
+    p.add_argument("--profile", default=None, help="take the base and fine-tune settings from this pipeline profile "
+                   "(e.g. lfw); --rank/--targets/--batch-size/--no-prior are then ignored")
+    p.add_argument("--precisions", default="fp32", help="batched path's precisions, comma-separated: fp32, bf16 "
+                   "(autocast, fp32 LoRA and optimiser state); the reference is fp32")
+    p.add_argument("--attention", default="auto", help="batched path's attention: auto, sdpa or math (BatchedOptions)")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--targets", default="to_q,to_v", help="LoRA targets (the paper's: to_q,to_v)")
     p.add_argument("--batch-size", type=int, default=1, help="instance images per step (+ as many class images)")
@@ -220,7 +329,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--project-steps", type=int, default=1000, help="also project fine-tunes/hour to this many steps")
     p.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
                    help="device peak for MFU (default: H100 SXM bf16 dense)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per batched worker on CPU (default: 1)")
+    p.add_argument("--reference-threads", type=int, default=None,
+                   help="torch threads of the one-at-a-time reference (default: --threads)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="batched rows run in this many concurrent processes (the zoo's workers), each --threads")
     p.add_argument("--results", type=Path, default=None, help="also append the table to this file (with the date)")
     return p.parse_args(argv)
 
@@ -229,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu":
-        torch.set_num_threads(args.threads or 1)
+        torch.set_num_threads(args.reference_threads or args.threads or 1)
     try:
         requested = [k.strip() for k in args.ks.split(",")]
         if not all(k == "max" or int(k) >= 1 for k in requested):
@@ -237,27 +350,20 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print(f"--ks takes positive integers and 'max', got {args.ks!r}", file=sys.stderr)
         return 2
-    import diffusers
-
-    diffusers.utils.logging.disable_progress_bar()
-    if args.sd14:
-        pipe, base_name = sd14_pipeline(), "SD 1.x UNet (random weights), 64x64 latents, 77x768 text"
-    else:
-        pipe, base_name = tiny_base(args.base)
-    pipe.to(device)
-    resolution = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
-    cfg = FinetuneConfig(steps=args.steps, rank=args.rank, alpha=args.rank, targets=tuple(args.targets.split(",")),
-                         batch_size=args.batch_size, prior_preservation=not args.no_prior, device=str(device),
-                         mixed_precision="bf16" if args.dtype == "bf16" else "no", lr=1e-4)
-    options = BatchedOptions(compile=args.compile, gradient_checkpointing=args.gradient_checkpointing,
-                             channels_last=args.channels_last, loss_sync_every=max(args.steps, 1))
+    precisions = [p.strip() for p in args.precisions.split(",")]
+    if not precisions or any(p not in PRECISIONS for p in precisions):
+        print(f"--precisions takes {', '.join(PRECISIONS)}, got {args.precisions!r}", file=sys.stderr)
+        return 2
+    if args.processes > 1 and (device.type != "cpu" or "max" in requested):
+        print("--processes runs CPU workers side by side; it takes neither a GPU device nor --ks max", file=sys.stderr)
+        return 2
+    count = max([int(k) for k in requested if k != "max"] + [args.reference_runs])
+    setup = prepare(args, device, count)
+    pipe, cfg, options, identities, class_images = (setup.pipe, setup.cfg, setup.options, setup.identities,
+                                                    setup.class_images)
     ks = sorted({find_max_k(pipe, cfg, device, options=options) if k == "max" else int(k) for k in requested})
-    faces = SyntheticFaces(max(ks + [args.reference_runs]), args.images, seed=0)
-    identities = [identity.load(min(resolution, 128)) for identity in faces.identities()]  # resized as trained
-    # Class images only need the right size here: their content does not change the cost.
-    rng = np.random.default_rng(0)
-    class_images = [Image.fromarray(rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8))
-                    for _ in range(4)]
+    if max(ks) > len(identities):
+        identities = prepare(args, device, max(ks)).identities
     warm_cfg = replace(cfg, steps=1)
 
     with PeakMemory(device) as idle:  # what the process holds before any fine-tune (base, images)
@@ -269,12 +375,20 @@ def main(argv: list[str] | None = None) -> int:
             "reference (peft)", 1, args.reference_runs, args.steps, device,
             None if args.no_warmup else lambda: run_reference(pipe, identities[:1], warm_cfg, class_images, work),
             lambda: run_reference(pipe, identities[:args.reference_runs], cfg, class_images, work), args.repeats))
-        for k in ks:
-            rows.append(measure(
-                "batched", k, k, args.steps, device,
-                None if args.no_warmup else lambda: run_batched(pipe, identities[:k], warm_cfg, class_images, work,
-                                                                options),
-                lambda: run_batched(pipe, identities[:k], cfg, class_images, work, options), args.repeats))
+        if device.type == "cpu":
+            torch.set_num_threads(args.threads or 1)
+        for precision in precisions:
+            mixed = replace(cfg, mixed_precision=PRECISIONS[precision])
+            warm = replace(mixed, steps=1)
+            for k in ks:
+                if args.processes > 1:
+                    rows.append(measure_processes(args, precision, k))
+                    continue
+                rows.append(measure(
+                    f"batched {precision}", k, k, args.steps, device,
+                    None if args.no_warmup else lambda: run_batched(pipe, identities[:k], warm, class_images, work,
+                                                                    options),
+                    lambda: run_batched(pipe, identities[:k], mixed, class_images, work, options), args.repeats))
         if args.sd14 or device.type == "cuda":
             reference_flops = step_flops(pipe, cfg, 1)  # peft's step does the same matmuls as K=1
             rows[0].flops_per_step = reference_flops
@@ -283,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    emit(table(args, base_name, device, rows, idle.peak_mib), args.results)
+    emit(table(args, setup.base_name, device, rows, idle.peak_mib), args.results)
     return 0
 
 
@@ -292,25 +406,31 @@ def table(args: argparse.Namespace, base_name: str, device: torch.device, rows: 
     reference = rows[0]
     memory = "peak alloc MiB" if device.type == "cuda" else "peak RSS MiB"
     with_mfu = any(r.flops_per_step for r in rows)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} thread(s)"
-    lines = [f"zoo_throughput: base {base_name}; device {device} ({where}); {args.dtype}; {args.steps} steps; "
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    lines = [f"zoo_throughput: base {base_name}; device {device} ({where}); reference fp32, batched "
+             f"{args.precisions} (attention {args.attention}); {args.steps} steps; "
              f"LoRA r={args.rank} on {args.targets}; batch {args.batch_size}{'' if args.no_prior else ' + class'}; "
              f"{args.images} images per identity; reference = {args.reference_runs} fine-tunes one after another; "
              f"fastest of {args.repeats} run(s); {'allocated' if device.type == 'cuda' else 'RSS'} before the "
              f"first run {idle_mib:.0f} MiB"]
-    header = (f"{'path':<17} {'K':>3} {'wall s':>8} {'s/step':>8} {'fine-tunes/h':>13} {'x ref':>6} "
-              f"{f'ft/h @{args.project_steps}':>12} {memory:>15}")
+    header = (f"{'path':<17} {'workers x threads':>17} {'K':>3} {'wall s':>8} {'s/step':>8} {'fine-tunes/h':>13} "
+              f"{'x ref':>6} {f'ft/h @{args.project_steps}':>12} {'x ref':>6} {memory:>15}")
     lines.append(header + (f" {'TFLOP/step':>11} {'MFU':>6}" if with_mfu else ""))
     for row in rows:
-        line = (f"{row.path:<17} {row.k:>3} {row.wall_s:>8.2f} {row.seconds_per_step:>8.4f} {row.per_hour:>13.1f} "
-                f"{row.per_hour / reference.per_hour:>6.2f} {row.per_hour_at(args.project_steps):>12.1f} "
+        projected = row.per_hour_at(args.project_steps)
+        line = (f"{row.path:<17} {f'{row.processes} x {row.threads}':>17} {row.k:>3} {row.wall_s:>8.2f} "
+                f"{row.seconds_per_step:>8.4f} {row.per_hour:>13.1f} {row.per_hour / reference.per_hour:>6.2f} "
+                f"{projected:>12.1f} {projected / reference.per_hour_at(args.project_steps):>6.2f} "
                 f"{row.peak_mib:>15.0f}")
         if with_mfu and row.flops_per_step:
             achieved = row.flops_per_step / row.seconds_per_step / 1e12
             line += f" {row.flops_per_step / 1e12:>11.3f} {achieved / args.peak_tflops:>6.1%}"
         lines.append(line)
-    best = max(rows[1:], key=lambda r: r.per_hour)
-    lines.append(f"batched K={best.k} : {best.per_hour / reference.per_hour:.1f}x the reference's fine-tunes/hour")
+    best = max(rows[1:], key=lambda r: r.per_hour_at(args.project_steps))
+    lines.append(f"best: batched {best.path.split()[-1]} K={best.k} in {best.processes} worker(s) x {best.threads} "
+                 f"thread(s): {best.per_hour / reference.per_hour:.1f}x the reference's fine-tunes/hour "
+                 f"({best.per_hour_at(args.project_steps) / reference.per_hour_at(args.project_steps):.1f}x at "
+                 f"{args.project_steps} steps); reference {reference.processes} x {reference.threads} thread(s)")
     return lines
 
 

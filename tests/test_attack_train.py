@@ -116,6 +116,18 @@ def other_base(tmp_path_factory) -> str:
     return str(path)
 
 
+def test_the_decoder_attends_unfused_in_bf16_on_a_cpu(zoo, tmp_path):
+    """PyTorch's CPU flash attention is slow in bf16 backward (loraleak.base.attention): bf16 uses the math kernel."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    from loraleak.attack.train import _Decoder
+
+    for precision, kind in (("bf16", AttnProcessor), ("no", AttnProcessor2_0)):
+        cfg = attack_config(zoo, tmp_path / precision, mixed_precision=precision)
+        decoder = _Decoder.load(cfg, torch.device("cpu"))
+        assert {type(p) for p in decoder.unet.attn_processors.values()} == {kind}, precision
+
+
 def test_training_refuses_another_base_or_other_identities_before_starting(zoo, other_base, tmp_path):
     with pytest.raises(InputError, match="not the base the zoo was fine-tuned from"):
         train_attack(attack_config(zoo, tmp_path, base=other_base))

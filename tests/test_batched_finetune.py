@@ -142,6 +142,25 @@ def test_bf16_autocast_matches_the_single_path_in_bf16(runs, tmp_path):
         assert all(t.dtype == torch.float32 for t in state.values())  # fp32 LoRA, bf16 compute
 
 
+def test_the_attention_kernel_is_chosen_by_precision_and_device_and_does_not_change_what_is_learned(runs, tmp_path):
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    auto = BatchedOptions()
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert isinstance(auto.attention_processor(cpu, torch.bfloat16), AttnProcessor)  # CPU flash bf16 backward: slow
+    assert isinstance(auto.attention_processor(cpu, None), AttnProcessor2_0)
+    assert isinstance(auto.attention_processor(cuda, torch.bfloat16), AttnProcessor2_0)
+    assert isinstance(BatchedOptions(attention="sdpa").attention_processor(cpu, torch.bfloat16), AttnProcessor2_0)
+    with pytest.raises(ValueError, match="attention must be one of auto, sdpa, math, got 'flash'"):
+        BatchedOptions(attention="flash")
+    # Math and fused attention compute the same function: the same fp32 fine-tunes up to rounding.
+    results = finetune_lora_batched(runs.pipe, runs.image_sets[:2], runs.cfgs[:2], [tmp_path / "a", tmp_path / "b"],
+                                    options=BatchedOptions(attention="math"), show_progress=False)
+    for result, reference in zip(results, runs.batched[:2]):
+        assert result.losses == pytest.approx(reference.losses, rel=1e-4, abs=1e-6)
+    assert {name: type(p) for name, p in runs.pipe.unet.attn_processors.items()} == runs.processors
+
+
 @pytest.mark.parametrize("change, field", [
     ({"rank": 8}, "rank"), ({"steps": 5}, "steps"), ({"targets": ("to_q",)}, "targets"),
     ({"batch_size": 2}, "batch_size"), ({"prior_preservation": False}, "prior_preservation"),

@@ -28,7 +28,7 @@ from loraleak.lora.io import lora_factors, lora_provenance, lora_summary, read_l
 from loraleak.pipeline.api import load_pipeline_config, run_study
 from loraleak.scoring.facenet_net import InceptionResnetV1
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.sd14]
 
 MIN_FREE_RAM_GB = 16  # the driver, a zoo worker and an evaluation worker can each hold the 4.3 GB base
 MIN_FREE_DISK_GB = 12  # the base (4.3 GB) and the study's folders

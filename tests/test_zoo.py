@@ -230,6 +230,42 @@ def test_class_images_are_sampled_once_with_their_own_bar_before_the_fine_tunes(
     assert "class images:" not in capsys.readouterr().err  # the cache, read back
 
 
+def test_a_remote_zoo_shares_its_class_images_through_the_root_so_no_worker_samples_them(tiny_base, tmp_path,
+                                                                                          monkeypatch):
+    """On remote storage each node has its own cache: the driver's sampled images travel through the root
+    (ROOT/class_images/<name>/, manifest last), and a worker on another node downloads instead of sampling."""
+    from loraleak.base.loading import base_fingerprint, load_base_pipeline
+    from loraleak.finetune import class_images as cache_module
+    from loraleak.finetune.config import FinetuneConfig
+    from loraleak.zoo.class_images import class_images_cache, fetch_class_images, node_class_images, share_class_images
+
+    store = ZooStore("mock:///zoo")  # pyarrow's in-memory filesystem: a root no node sees as a local folder
+    assert not store.is_local
+    pipe, base_hash = load_base_pipeline(tiny_base), base_fingerprint(tiny_base)
+    ft = FinetuneConfig(prior_preservation=True, num_class_images=2, class_inference_steps=2)
+    cfg = zoo_config(tmp_path / "unused", tiny_base)
+    monkeypatch.setenv("HOME", str(tmp_path / "driver-home"))
+    assert class_images_cache(cfg, store) == tmp_path / "driver-home" / ".cache" / "loraleak" / "class_images"
+    sampled = node_class_images(cfg, store, pipe, base_hash, ft)  # the driver: nothing shared yet, so it samples
+    [driver_dir] = class_images_cache(cfg, store).iterdir()
+    share_class_images(store, driver_dir)
+    shared = store.file_sizes(f"class_images/{driver_dir.name}")
+    assert len(shared) == 3 and f"class_images/{driver_dir.name}/manifest.json" in shared
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("a worker sampled class images the driver had shared")
+
+    monkeypatch.setattr(cache_module, "generate_images", no_sampling)
+    monkeypatch.setenv("HOME", str(tmp_path / "worker-home"))  # another node: an empty cache
+    fetched = node_class_images(cfg, store, pipe, base_hash, ft)
+    assert [im.tobytes() for im in fetched] == [im.tobytes() for im in sampled]
+    assert not fetch_class_images(store, class_images_cache(cfg, store) / driver_dir.name)  # there already
+    # A share cut off before its manifest is not fetched (the worker would sample instead of reading half).
+    store.delete_file(store.abs(f"class_images/{driver_dir.name}/manifest.json"))
+    assert not fetch_class_images(store, tmp_path / "third-node" / driver_dir.name)
+    assert not (tmp_path / "third-node" / driver_dir.name).exists()
+
+
 def test_steps_reported_by_ray_workers_reach_the_bar(ray_local):
     """On Ray the workers report their steps to a counter actor, which the driver's thread reads into the bar."""
     import ray

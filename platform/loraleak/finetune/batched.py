@@ -43,12 +43,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-from diffusers.models.attention_processor import AttnProcessor2_0
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
 from torch import nn
 
+from ..base.attention import ATTENTION_CHOICES, attention_processor
 from ..config import to_dict
 from ..defenses.training import NoDefense, training_defense_class
 from ..errors import ConfigError, InputError, LoraleakError
@@ -70,8 +70,10 @@ CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s: coefficient = max_norm / (n
 class BatchedOptions:
     """How the K fine-tunes run on the device. None of these change what a LoRA learns (beyond rounding).
 
-    sdpa: run attention with diffusers' AttnProcessor2_0 (PyTorch scaled_dot_product_attention:
-        flash / memory-efficient kernels on GPU); the UNet's own processors are put back afterwards.
+    attention: "sdpa" runs attention with diffusers' AttnProcessor2_0 (PyTorch's
+        scaled_dot_product_attention: flash / memory-efficient kernels on GPU), "math" with
+        AttnProcessor (baddbmm, softmax, bmm), "auto" picks math for bf16 on a CPU and sdpa otherwise
+        (loraleak.base.attention says why). The UNet's own processors are put back afterwards.
     compile: `torch.compile` the UNet's forward (first steps are slow while it compiles; worth it
         for long fine-tunes on GPU). compile_mode: torch.compile's mode ("max-autotune", ...);
         compile_backend: its backend ("inductor"; "aot_eager" traces without generating kernels).
@@ -83,7 +85,7 @@ class BatchedOptions:
         fine-tune is found at the next read, and named with the step where its loss first went bad.
     """
 
-    sdpa: bool = True
+    attention: str = "auto"
     compile: bool = False
     compile_mode: str | None = None
     compile_backend: str = "inductor"
@@ -94,6 +96,12 @@ class BatchedOptions:
     def __post_init__(self) -> None:
         if self.loss_sync_every < 1:
             raise ValueError(f"loss_sync_every must be >= 1, got {self.loss_sync_every}")
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {self.attention!r}")
+
+    def attention_processor(self, device: torch.device, amp_dtype: torch.dtype | None) -> Any:
+        """The attention processor `attention` names for a step on `device` under autocast to `amp_dtype`."""
+        return attention_processor(self.attention, device, amp_dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,13 +246,12 @@ def clip_grad_norm_per_row_(params: Sequence[nn.Parameter], max_norm: torch.Tens
 
 
 @contextmanager
-def _device_setup(unet: nn.Module, options: BatchedOptions) -> Iterator[Callable[..., Any]]:
-    """Apply the options to the UNet for the block; yields the forward to call (compiled or not)."""
+def _device_setup(unet: nn.Module, options: BatchedOptions, cfg: FinetuneConfig) -> Iterator[Callable[..., Any]]:
+    """Apply the options to the UNet for cfg's fine-tunes in the block; yields the forward to call (compiled or not)."""
     processors = unet.attn_processors
     was_checkpointing = unet.is_gradient_checkpointing
     try:
-        if options.sdpa:
-            unet.set_attn_processor(AttnProcessor2_0())
+        unet.set_attn_processor(options.attention_processor(torch.device(cfg.device), AMP_DTYPES[cfg.mixed_precision]))
         if options.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         if options.channels_last:
@@ -344,7 +351,7 @@ class _BatchedTrainer:
         initial, self.metadata = zip(*(peft_initial_lora(pipe.unet, cfg) for cfg in cfgs))
         self.factors = BatchedLoRAFactors(initial, [cfg.alpha / cfg.rank for cfg in cfgs], self.device)
         self.trainable_parameters = sum(p[0].numel() for p in self.factors.parameters())
-        with self.factors.installed(pipe.unet), _device_setup(pipe.unet, self.options) as forward:
+        with self.factors.installed(pipe.unet), _device_setup(pipe.unet, self.options, cfgs[0]) as forward:
             self.train_step = _BatchedStep(forward, self.factors, cfgs, self.device)
             pipe.unet.train()
             yield self
@@ -444,7 +451,7 @@ def probe_step(pipe: Any, cfg: FinetuneConfig, k: int, options: BatchedOptions, 
         initial, _ = peft_initial_lora(pipe.unet, cfg)
         factors = BatchedLoRAFactors([initial] * k, [cfg.alpha / cfg.rank] * k, device)
         stack.enter_context(factors.installed(pipe.unet))
-        forward = stack.enter_context(_device_setup(pipe.unet, options))
+        forward = stack.enter_context(_device_setup(pipe.unet, options, cfg))
         train_step = _BatchedStep(forward, factors, cfgs, device)
         for _ in range(steps):
             latents = torch.randn(latent_shape, device=device)

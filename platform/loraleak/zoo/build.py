@@ -47,13 +47,14 @@ from ..cluster import connect_ray, warn_if_short
 from ..config import from_dict, to_dict
 from ..errors import ConfigError, InputError, LoraleakError
 from ..finetune.batched import SHARED_FIELDS, check_batchable, finetune_lora_batched
-from ..finetune.class_images import load_or_sample_class_images, pipeline_resolution
+from ..finetune.class_images import pipeline_resolution
 from ..finetune.config import FinetuneConfig
 from ..finetune.dreambooth_lora import finetune_lora
 from ..identities import image_sha256
 from ..locking import folder_lock
 from ..lora.io import loaded_adapters
 from ..tracking import FOLDER_TAG, mlflow_run
+from .class_images import node_class_images, sample_class_images_once
 from .config import ZooConfig, check_identity_source, record_zoo_config
 from .derive import derive_from_twin
 from .inspect import zoo_info
@@ -108,33 +109,6 @@ def batch_groups(fts: list[Any]) -> list[list[int]]:
     return groups
 
 
-def class_images_cache(cfg: ZooConfig, store: ZooStore) -> Path:
-    """Where a zoo's prior-preservation images are cached (keyed inside by base and settings)."""
-    return cfg.finetune.class_images_dir or (Path(store.path) / "class_images" if store.is_local
-                                             else Path.home() / ".cache" / "loraleak" / "class_images")
-
-
-def sample_class_images_once(cfg: ZooConfig, plan: ZooPlan, pending: list, show_progress: bool) -> None:
-    """Sample the pending fine-tunes' class images in the driver, once, with a progress bar, into the cache
-    the workers read: without this every worker samples the same images at start, silently, side by side.
-    A zoo on remote storage leaves it to the workers (each node has its own cache)."""
-    store = ZooStore(cfg.root)
-    if not store.is_local and cfg.finetune.class_images_dir is None:
-        return
-    settings = {(ft.finetune.class_prompt, ft.finetune.num_class_images, ft.finetune.class_images_seed,
-                 ft.finetune.class_inference_steps, ft.finetune.class_guidance_scale)
-                for ft in pending if ft.finetune.prior_preservation}
-    if not settings:
-        return
-    pipe = load_base_pipeline(cfg.base)
-    for prompt, count, seed, steps, guidance in sorted(settings):
-        logger.info("zoo %s: %d class images of %r, sampled once for every worker", store.uri, count, prompt)
-        load_or_sample_class_images(pipe, class_images_cache(cfg, store), prompt=prompt, count=count, seed=seed,
-                                    num_inference_steps=steps, guidance_scale=guidance,
-                                    base_fingerprint=plan.base_hash, show_progress=show_progress)
-    del pipe
-
-
 class FineTuneWorker:
     """A Ray Data actor: holds the base pipeline, runs the planned fine-tunes of each batch of rows.
 
@@ -170,11 +144,7 @@ class FineTuneWorker:
         key = (ft.class_prompt, ft.num_class_images, ft.class_images_seed, ft.class_inference_steps,
                ft.class_guidance_scale)
         if key not in self._class_images:
-            cache = class_images_cache(self.cfg, self.store)
-            self._class_images[key], _ = load_or_sample_class_images(
-                self.pipe, cache, prompt=ft.class_prompt, count=ft.num_class_images, seed=ft.class_images_seed,
-                num_inference_steps=ft.class_inference_steps, guidance_scale=ft.class_guidance_scale,
-                base_fingerprint=self.base_hash, show_progress=False)
+            self._class_images[key] = node_class_images(self.cfg, self.store, self.pipe, self.base_hash, ft)
         return self._class_images[key]
 
     def _finetune_config(self, row: dict[str, Any]) -> Any:

@@ -1,0 +1,27 @@
+"""Which attention kernel a UNet trains with, chosen by device and precision.
+
+PyTorch's fused scaled_dot_product_attention (diffusers' AttnProcessor2_0, the UNet's default) is
+the right kernel on a GPU and for fp32 on a CPU. Its CPU flash kernel in bf16 is not: at the tiny
+lfw base's shapes its backward took 8x its fp32 time, and made a bf16 fine-tune *slower* than an
+fp32 one, while the unfused math (diffusers' AttnProcessor: baddbmm, softmax, bmm) runs at bf16
+speed (benchmarks/zoo_step_profile.py). "auto" picks math for bf16 on a CPU and sdpa otherwise.
+Both compute the same function; only rounding differs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+ATTENTION_CHOICES = ("auto", "sdpa", "math")
+
+
+def attention_processor(choice: str, device: torch.device, amp_dtype: torch.dtype | None) -> Any:
+    """The diffusers attention processor `choice` names for training on `device` under autocast to `amp_dtype`."""
+    if choice not in ATTENTION_CHOICES:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {choice!r}")
+    if choice == "auto":
+        choice = "math" if device.type == "cpu" and amp_dtype == torch.bfloat16 else "sdpa"
+    return AttnProcessor2_0() if choice == "sdpa" else AttnProcessor()

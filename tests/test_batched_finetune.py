@@ -153,6 +153,13 @@ def test_the_attention_kernel_is_chosen_by_precision_and_device_and_does_not_cha
     assert isinstance(BatchedOptions(attention="sdpa").attention_processor(cpu, torch.bfloat16), AttnProcessor2_0)
     with pytest.raises(ValueError, match="attention must be one of auto, sdpa, math, got 'flash'"):
         BatchedOptions(attention="flash")
+    # inductor zeroed every LoRA gradient of the math processor under bf16: auto keeps sdpa there, math is refused.
+    compiled = BatchedOptions(compile=True)
+    assert isinstance(compiled.attention_processor(cpu, torch.bfloat16), AttnProcessor2_0)
+    with pytest.raises(ValueError, match="trains nothing"):
+        BatchedOptions(compile=True, attention="math").attention_processor(cpu, torch.bfloat16)
+    traced = BatchedOptions(compile=True, compile_backend="aot_eager", attention="math")  # right under aot_eager
+    assert isinstance(traced.attention_processor(cpu, torch.bfloat16), AttnProcessor)
     # Math and fused attention compute the same function: the same fp32 fine-tunes up to rounding.
     results = finetune_lora_batched(runs.pipe, runs.image_sets[:2], runs.cfgs[:2], [tmp_path / "a", tmp_path / "b"],
                                     options=BatchedOptions(attention="math"), show_progress=False)

@@ -72,8 +72,8 @@ class BatchedOptions:
 
     attention: "sdpa" runs attention with diffusers' AttnProcessor2_0 (PyTorch's
         scaled_dot_product_attention: flash / memory-efficient kernels on GPU), "math" with
-        AttnProcessor (baddbmm, softmax, bmm), "auto" picks math for bf16 on a CPU and sdpa otherwise
-        (loraleak.base.attention says why). The UNet's own processors are put back afterwards.
+        AttnProcessor (baddbmm, softmax, bmm), "auto" picks math for bf16 on a CPU unless compiled, and
+        sdpa otherwise (loraleak.base.attention says why). The UNet's own processors are put back afterwards.
     compile: `torch.compile` the UNet's forward (first steps are slow while it compiles; worth it
         for long fine-tunes on GPU). compile_mode: torch.compile's mode ("max-autotune", ...);
         compile_backend: its backend ("inductor"; "aot_eager" traces without generating kernels).
@@ -101,7 +101,7 @@ class BatchedOptions:
 
     def attention_processor(self, device: torch.device, amp_dtype: torch.dtype | None) -> Any:
         """The attention processor `attention` names for a step on `device` under autocast to `amp_dtype`."""
-        return attention_processor(self.attention, device, amp_dtype)
+        return attention_processor(self.attention, device, amp_dtype, self.compile_backend if self.compile else None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -99,7 +99,16 @@ class ZooConfig:
         if self.batched_options:
             if self.fine_tunes_per_pass == 1:
                 raise ValueError("batched_options apply only with fine_tunes_per_pass > 1")
-            self.batched_run_options()  # validates them: a ConfigError naming the bad key
+            options = self.batched_run_options()  # validates them: a ConfigError naming the bad key
+            import torch
+
+            from ..finetune.loop import AMP_DTYPES
+
+            try:  # and with the fine-tunes' precision (some kernels do not train under some compilers)
+                device, amp_dtype = torch.device(self.finetune.device), AMP_DTYPES[self.finetune.mixed_precision]
+                options.attention_processor(device, amp_dtype)
+            except ValueError as e:
+                raise ValueError(f"batched_options: {e}") from None
         if self.finetune.defense.kind != "none":
             raise ValueError("set the zoo's `defense`, not finetune.defense: the zoo gives it to every fine-tune "
                              "and records it in the manifest")

@@ -83,6 +83,12 @@ def cpu_sizes(base: Path, facenet: Path) -> dict[str, object]:
         "attack.max_steps": 2, "attack.batch_size": 1, "attack.mixed_precision": "no", "attack.use_gpu": False,
         "attack.num_workers": 1, "attack.resources_per_worker": None, "attack.loader_workers": 0,
         "attack.checkpoint_every": 1, "attack.val_every": 1, "attack.val_fraction": 0,
+        # The paper's baselines; matching model updates with 2 inversion steps on 1 dummy image at 2 timesteps
+        # (its 200 double-backward steps through SD 1.4's UNet take about an hour per victim on a CPU core).
+        "baselines": [{"name": "nearest_neighbour", "kind": "nearest_neighbour", "settings": {}},
+                      {"name": "pca_map", "kind": "pca_map", "settings": {"components": 32}},
+                      {"name": "matching_updates", "kind": "matching_updates",
+                       "settings": {"steps": 2, "num_images": 1, "timesteps": [250, 750]}}],
         "evaluation.scorer": "facenet", "evaluation.scorer_path": str(facenet),
         "evaluation.n_images": 1, "evaluation.sample_steps": 2, "evaluation.workers": 1,
         "evaluation.num_cpus_per_worker": 1, "evaluation.num_gpus_per_worker": 0,

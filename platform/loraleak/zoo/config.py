@@ -100,7 +100,7 @@ class ZooConfig:
             if self.fine_tunes_per_pass == 1:
                 raise ValueError("batched_options apply only with fine_tunes_per_pass > 1")
             options = self.batched_run_options()  # validates them: a ConfigError naming the bad key
-            import torch
+            import torch  # only with batched_options, as batched_run_options: the torch-free path stays so
 
             from ..finetune.loop import AMP_DTYPES
 

@@ -119,7 +119,8 @@ def test_config_rejects_bad_variations(vary, message):
     ({"batched_options": {"compile": True}}, "batched_options apply only with fine_tunes_per_pass > 1"),
     ({"fine_tunes_per_pass": 2, "batched_options": {"sdpa_typo": True}}, "batched_options: unknown key 'sdpa_typo'"),
     ({"fine_tunes_per_pass": 2, "finetune": {"mixed_precision": "bf16"},
-      "batched_options": {"compile": True, "attention": "math"}}, "batched_options: attention 'math' .* trains nothing"),
+      "batched_options": {"compile": True, "attention": "math"}},
+     "batched_options: attention 'math' .* trains nothing"),
 ])
 def test_config_rejects_bad_defenses_and_batching(settings, message):
     with pytest.raises(ConfigError, match=message):

@@ -135,6 +135,8 @@ def test_the_whole_study_runs_and_reports_the_headline(study):
                                       "evaluation"}
     record = json.loads((cfg.out_dir / "pipeline.json").read_text())
     assert record["metrics"] == result.metrics and record["config"] == json.loads(json.dumps(to_dict(cfg)))
+    # The record also lives with the evaluation it reports (the copy in OUT is the folder's single writer's).
+    assert json.loads((Path(result.stage_dirs["evaluation"]) / "pipeline.json").read_text()) == record
 
 
 @pytest.mark.slow

@@ -375,6 +375,13 @@ def test_a_two_trial_sweep_through_ray_tune_tracked_and_resumed(ray_local, tmp_p
         assert Path(record["stage_dirs"]["zoo"]).name == predicted["zoo"]
         assert Path(record["stage_dirs"]["attack"]).parent.name == predicted["attack"]  # <folder>/attack
         assert Path(record["stage_dirs"]["evaluation"]).name == predicted["evaluation"]
+        # Each trial's record and report are its own, in its evaluation folder, whichever trial ended last.
+        own = json.loads((Path(record["stage_dirs"]["evaluation"]) / "pipeline.json").read_text())
+        assert own["metrics"] == record["metrics"] and record["report"] == own["evaluation_report"]
+        assert Path(record["report"]).parent.parent.name == predicted["evaluation"]
+    # The stage folder the trials share gets no study-level copies: no trial's overwrites another's.
+    assert not (cfg.directory / "stages" / "pipeline.json").exists()
+    assert not (cfg.directory / "stages" / "report.html").exists()
 
     assert result.tracking_uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"  # beside the sweep's folder
     client = MlflowClient(result.tracking_uri)

@@ -11,9 +11,10 @@ the early stages (a sweep over attack settings) share their outputs too.
     OUT/zoo-<key>/             the LoRA zoo (manifest, LoRA files)
     OUT/attack-<key>/attack/   the trained network autoencoder (OUT/attack-<key>/ray: checkpoints)
     OUT/baseline-<name>-<key>/ each fitted baseline
-    OUT/evaluation-<key>/      per-victim results, report/report.html and its figures
-    OUT/report.html            a copy of the latest report
-    OUT/pipeline.json          the latest result: headline numbers, stage folders, MLflow run ids
+    OUT/evaluation-<key>/      per-victim results, report/report.html and its figures, and pipeline.json:
+                               the study's record (headline numbers, stage folders, MLflow run ids, config)
+    OUT/report.html            copies of the report and the record of the study last run on OUT as its only
+    OUT/pipeline.json          writer (`loraleak run`); a sweep's trials, which share OUT, leave them alone
     OUT/../mlflow.db           MLflow, shared by the studies beside this one (unless --tracking-uri,
                                tracking_uri or MLFLOW_TRACKING_URI says otherwise): loraleak.pipeline.tracking
 
@@ -27,7 +28,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import uuid
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -116,12 +119,12 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool = True, lock: bool = T
     line); a sweep's trials share their stage folder by design and pass lock=False (each stage they build
     is still locked), and `parent`: their pipeline run nests under the sweep's run."""
     if not lock:
-        return _run_pipeline(cfg, show_progress, parent)
+        return _run_pipeline(cfg, show_progress, parent, publish=False)
     with folder_lock(cfg.out_dir) as out:
         _close_orphan_runs(cfg, out)
         if removed := remove_study_leftovers(out):
             logger.info("removed %d temporary or unregistered folder(s) left by a killed run", len(removed))
-        return _run_pipeline(cfg, show_progress, parent)
+        return _run_pipeline(cfg, show_progress, parent, publish=True)
 
 
 def _close_orphan_runs(cfg: PipelineConfig, out: Path) -> None:
@@ -146,7 +149,26 @@ def _all_complete(stages: StudyStages) -> bool:
     return all(stage.is_complete() for stage in stages if stage.name != "identities")
 
 
-def _run_pipeline(cfg: PipelineConfig, show_progress: bool, parent: NestUnder | None) -> PipelineResult:
+def _ended_once(out: Path, stages: StudyStages) -> bool:
+    """Whether a study of these stages ended once, its record written (in its evaluation folder; folders made
+    before the record moved there have it in OUT only)."""
+    return (stages.evaluation.folder / RESULT_FILE).is_file() or (out / RESULT_FILE).is_file()
+
+
+def _replace_atomically(path: Path, write) -> None:
+    """Write `path` through a temporary file beside it (`write(tmp)`) and a rename: a reader sees the old file
+    or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _run_pipeline(cfg: PipelineConfig, show_progress: bool, parent: NestUnder | None,
+                  publish: bool) -> PipelineResult:
+    """The study; with `publish` (the run holds OUT's lock) its record and report are also copied to OUT."""
     started = time.perf_counter()
     out = cfg.out_dir.expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -158,7 +180,7 @@ def _run_pipeline(cfg: PipelineConfig, show_progress: bool, parent: NestUnder | 
     # (Only a study that ended once, with its record written, can be complete: a new one plans no stage here,
     # before the identities' check.)
     earlier = earlier_study_run(uri, experiment, out, stages.evaluation.folder) \
-        if cfg.tracking and (out / RESULT_FILE).is_file() and _all_complete(stages) else None
+        if cfg.tracking and _ended_once(out, stages) and _all_complete(stages) else None
     stage_keys = {"stage": {"keys": {"base": keys["base"], "attack": keys["attack"],
                                      **{f"upstream.{k}": v for k, v in keys["upstream"].items()},
                                      "evaluation": keys["evaluation"]}}}
@@ -183,7 +205,9 @@ def _run_pipeline(cfg: PipelineConfig, show_progress: bool, parent: NestUnder | 
 
         progress.start("report", "headline numbers, MLflow")
         report = Path(summary["report"])
-        shutil.copyfile(report, out / REPORT_FILE)
+        shown = out / REPORT_FILE if publish else report
+        if publish:
+            _replace_atomically(shown, lambda tmp: shutil.copyfile(report, tmp))
         stage_dirs = {"base": results[stages.base], "zoo": zoo.config.root, "attack": str(attack.directory),
                       **{f"baseline {k}": str(v) for k, v in stages.evaluation.attacks.items()},
                       "evaluation": str(report.parent.parent)}
@@ -191,17 +215,21 @@ def _run_pipeline(cfg: PipelineConfig, show_progress: bool, parent: NestUnder | 
                    "evaluation": summary.get("mlflow_run_id")}
         if study is not None or earlier is not None:
             run_ids["pipeline"] = study.run_id if study is not None else earlier
-        result = PipelineResult(out, dict(summary["headline"]), out / REPORT_FILE, summary["table"],
+        result = PipelineResult(out, dict(summary["headline"]), shown, summary["table"],
                                 summary.get("best_control"), run_ids, uri, stage_dirs, progress.skipped,
                                 experiment=experiment if cfg.tracking else None)
         result.wall_time_s = time.perf_counter() - started
-        record = out / RESULT_FILE
-        record.write_text(json.dumps({
+        text = json.dumps({
             "metrics": result.metrics, "best_control": result.best_control, "report": str(result.report),
             "evaluation_report": str(report), "stage_dirs": stage_dirs, "mlflow_run_ids": run_ids,
             "tracking_uri": uri, "experiment": experiment, "skipped": result.skipped,
-            "wall_time_s": result.wall_time_s, "config": to_dict(cfg)}, indent=1))
+            "wall_time_s": result.wall_time_s, "config": to_dict(cfg)}, indent=1)
+        # The record lives with the evaluation it reports (one study per evaluation key), so studies sharing OUT
+        # (a sweep's trials) never overwrite each other's; OUT's copy is the single writer's.
+        record = stages.evaluation.folder / RESULT_FILE
+        for path in (record, out / RESULT_FILE) if publish else (record,):
+            _replace_atomically(path, lambda tmp: tmp.write_text(text))
         if study is not None:
-            study.finish(result.metrics, [out / REPORT_FILE, record])
+            study.finish(result.metrics, [shown, record])
         progress.done(f"{result.report}")
     return result

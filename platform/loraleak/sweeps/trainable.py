@@ -71,8 +71,7 @@ def run_trial(trial: Mapping[str, Any], common: Mapping[str, Any]) -> dict[str, 
         record.update(status=FINISHED, metrics=result.metrics, best_control=result.best_control,
                       stage_dirs=result.stage_dirs, skipped=result.skipped,
                       mlflow_run_id=result.mlflow_run_ids.get("pipeline"),
-                      # The trial's own report (the stage folder's report.html is the latest trial's).
-                      report=str(Path(result.stage_dirs["evaluation"]) / "report" / "report.html"),
+                      report=str(result.report),  # the trial's own: its evaluation's (trials share OUT)
                       wall_time_s=time.perf_counter() - started)
     except BaseException as e:
         lines = str(e).strip().splitlines()

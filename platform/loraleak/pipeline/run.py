@@ -26,17 +26,15 @@ keeping the earlier one, and evaluates it.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import shutil
-import uuid
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import to_dict
+from ..finetune.record import write_json_atomically
 from ..leftovers import remove_study_leftovers
 from ..locking import folder_lock
 from .config import PipelineConfig
@@ -155,17 +153,6 @@ def _ended_once(out: Path, stages: StudyStages) -> bool:
     return (stages.evaluation.folder / RESULT_FILE).is_file() or (out / RESULT_FILE).is_file()
 
 
-def _replace_atomically(path: Path, write) -> None:
-    """Write `path` through a temporary file beside it (`write(tmp)`) and a rename: a reader sees the old file
-    or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _run_pipeline(cfg: PipelineConfig, show_progress: bool, parent: NestUnder | None,
                   publish: bool) -> PipelineResult:
     """The study; with `publish` (the run holds OUT's lock) its record and report are also copied to OUT."""
@@ -207,7 +194,7 @@ def _run_pipeline(cfg: PipelineConfig, show_progress: bool, parent: NestUnder | 
         report = Path(summary["report"])
         shown = out / REPORT_FILE if publish else report
         if publish:
-            _replace_atomically(shown, lambda tmp: shutil.copyfile(report, tmp))
+            shutil.copyfile(report, shown)
         stage_dirs = {"base": results[stages.base], "zoo": zoo.config.root, "attack": str(attack.directory),
                       **{f"baseline {k}": str(v) for k, v in stages.evaluation.attacks.items()},
                       "evaluation": str(report.parent.parent)}
@@ -219,16 +206,16 @@ def _run_pipeline(cfg: PipelineConfig, show_progress: bool, parent: NestUnder | 
                                 summary.get("best_control"), run_ids, uri, stage_dirs, progress.skipped,
                                 experiment=experiment if cfg.tracking else None)
         result.wall_time_s = time.perf_counter() - started
-        text = json.dumps({
+        data = {
             "metrics": result.metrics, "best_control": result.best_control, "report": str(result.report),
             "evaluation_report": str(report), "stage_dirs": stage_dirs, "mlflow_run_ids": run_ids,
             "tracking_uri": uri, "experiment": experiment, "skipped": result.skipped,
-            "wall_time_s": result.wall_time_s, "config": to_dict(cfg)}, indent=1)
+            "wall_time_s": result.wall_time_s, "config": to_dict(cfg)}
         # The record lives with the evaluation it reports (one study per evaluation key), so studies sharing OUT
         # (a sweep's trials) never overwrite each other's; OUT's copy is the single writer's.
         record = stages.evaluation.folder / RESULT_FILE
         for path in (record, out / RESULT_FILE) if publish else (record,):
-            _replace_atomically(path, lambda tmp: tmp.write_text(text))
+            write_json_atomically(path, data)
         if study is not None:
             study.finish(result.metrics, [shown, record])
         progress.done(f"{result.report}")

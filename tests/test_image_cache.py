@@ -2,10 +2,14 @@
 sampling settings read the images of every unchanged condition back instead of generating them, byte for byte
 what a fresh generation gives; a damaged entry is generated again; another sampling setting is a miss."""
 
+import io
 import json
 import logging
+import shutil
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from loraleak.config import from_dict
 from loraleak.evaluation.config import CONTROLS, EvaluationConfig
@@ -140,3 +144,27 @@ def test_the_pipeline_wires_the_cache_beside_its_stages(tmp_path):
     assert plan_stages(cfg).evaluation.config.image_cache == (tmp_path / "study").resolve() / "image-cache"
     with pytest.raises(Exception, match="image_cache"):  # wired, not a setting of the study's evaluation
         from_dict(PipelineConfig, {"out_dir": str(tmp_path / "study"), "evaluation": {"image_cache": "x"}})
+
+
+def test_a_bf16_evaluation_samples_its_own_images_within_rounding_of_fp32s(study, first, tmp_path):
+    """Sampling under bf16 autocast (issue 22's faster evaluation) misses the fp32 entries and the fp32 results,
+    and draws the same images up to rounding."""
+    out1, _ = first
+    out = tmp_path / "bf16"
+    result = evaluate(config(study, out, cache="shared", controls=[], mixed_precision="bf16"), show_progress=False)
+    assert json.loads((out / "evaluation.json").read_text())["image_sets"] == {"reused": 0, "generated": VICTIMS * 3}
+    fp32_folder = tmp_path / "fp32-results"  # a copy: the module's other tests read `first`'s folder
+    shutil.copytree(out1, fp32_folder)
+    assert evaluate(config(study, fp32_folder, cache=None, mixed_precision="bf16"), show_progress=False).evaluated \
+        == VICTIMS  # fp32 results are not results of a bf16 evaluation
+    diffs = []
+    for lora_id in records(out):
+        for name in ("org", "rec", "base"):
+            for a, b in zip(pngs(out, lora_id, name), pngs(out1, lora_id, name), strict=True):
+                pixels = [np.asarray(Image.open(io.BytesIO(x)), dtype=np.float64) for x in (a, b)]
+                diffs.append(np.abs(pixels[0] - pixels[1]).mean())
+    assert max(diffs) > 0  # bf16 did run: not the fp32 bytes
+    assert np.mean(diffs) < 2.0, diffs  # rounding, not other images (levels of 255; measured 0.5-0.6)
+    again = evaluate(config(study, tmp_path / "bf16-again", cache="shared", controls=[], mixed_precision="bf16"),
+                     show_progress=False)
+    assert again.metrics["org"].similarity.value == result.metrics["org"].similarity.value

@@ -113,6 +113,8 @@ def test_the_shipped_tune_configs_load_and_expand():
         check_rerun(cfg.rerun, trials, name)
     step = expand_trials(load_sweep_config(REPO / "tune_configs" / "step_embedding.yaml"), "sqlite:///u.db")
     assert builds_per_stage(step)["zoo"] == 1 and builds_per_stage(step)["attack"] == 5
+    seeds = expand_trials(load_sweep_config(REPO / "tune_configs" / "attack_seeds.yaml"), "sqlite:///u.db")
+    assert len(seeds) == 6 and builds_per_stage(seeds)["zoo"] == 2 and builds_per_stage(seeds)["attack"] == 6
 
 
 def test_the_learning_curve_shares_one_zoo_and_trains_one_attack_per_training_set_size(lfw_root):

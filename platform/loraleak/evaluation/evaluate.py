@@ -171,6 +171,8 @@ def settings_key(cfg: EvaluationConfig, candidates: Sequence[str], attacks: Mapp
            "sample_steps": cfg.sample_steps, "guidance_scale": cfg.guidance_scale, "controls": list(cfg.controls),
            "scorer": cfg.scorer, "scorer_path": str(cfg.scorer_path), "reference_size": cfg.reference_size,
            "candidates": list(candidates), "attacks": dict(attacks if attacks is not None else attack_keys(cfg))}
+    if cfg.mixed_precision != "no":  # only then: results evaluated before the setting existed stay current
+        key["mixed_precision"] = cfg.mixed_precision
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -77,11 +77,16 @@ def _version(package: str) -> str | None:
         return None
 
 
-def generation_context(pipe: Any) -> dict[str, Any]:
-    """What every condition's images depend on besides the condition: the loaded pipeline and the code.
-    Computed once per worker (hashing SD 1.4's weights takes seconds)."""
+def generation_context(pipe: Any, autocast: torch.dtype | None = None) -> dict[str, Any]:
+    """What every condition's images depend on besides the condition: the loaded pipeline and the code
+    (`autocast`: the dtype it samples under autocast, None for none). Computed once per worker (hashing SD
+    1.4's weights takes seconds)."""
     device = pipe.device
-    return {"pipeline": pipeline_fingerprint(pipe), "resolution": pipeline_resolution(pipe),
+    # Only when set: the keys of images sampled without autocast stay those they had before it existed.
+    precision = {} if autocast is None else {"autocast": str(autocast),
+                                             "attention": type(pipe.unet.attn_processors[next(iter(
+                                                 pipe.unet.attn_processors))]).__name__}
+    return {**precision, "pipeline": pipeline_fingerprint(pipe), "resolution": pipeline_resolution(pipe),
             "scheduler": {"class": type(pipe.scheduler).__name__, **dict(pipe.scheduler.config)},
             "dtype": str(pipe.unet.dtype),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,

@@ -25,9 +25,11 @@ from PIL import Image
 
 from ..attack.api import LoraInput
 from ..attack.loading import load_attack
+from ..base.attention import attention_processor
 from ..base.loading import load_base_pipeline
 from ..errors import InputError
 from ..finetune.class_images import pipeline_resolution
+from ..finetune.loop import AMP_DTYPES
 from ..finetune.triggers import random_trigger
 from ..generate import generate_images, lora_loaded
 from ..identities import image_sha256, make_source
@@ -88,7 +90,8 @@ class EvaluationWorker:
         self.cfg, self.references = cfg, references
         # Ray gives a GPU worker its device(s) through CUDA_VISIBLE_DEVICES; "cuda" is the first.
         device = "cuda" if cfg.num_gpus_per_worker > 0 else "cpu"
-        self.pipe = load_base_pipeline(cfg.base, device=device)
+        self.amp_dtype = AMP_DTYPES[cfg.mixed_precision]
+        self.pipe = self._load_pipeline(device)
         self.resolution = pipeline_resolution(self.pipe)
         self.attacks = {}
         if cfg.attack is not None:
@@ -99,9 +102,23 @@ class EvaluationWorker:
         self.identities = {i.identity_id: i for i in make_source(cfg.identities).identities()}
         # The image cache: attack_keys names each attack's saved folder by its content (the driver hashed them).
         self.cache = ImageCache(cfg.image_cache) if cfg.image_cache is not None else None
-        self.context = generation_context(self.pipe) if self.cache is not None else {}
+        self.context = generation_context(self.pipe, self.amp_dtype) if self.cache is not None else {}
         self.attack_code = attack_code() if self.cache is not None else ""
         self.attack_keys = dict(attack_keys or {})
+
+    def _load_pipeline(self, device: str | torch.device) -> Any:
+        """The base pipeline; under bf16 its UNet and VAE attend with the kernel that is fast in bf16 on this
+        device (loraleak.base.attention: on a CPU, the unfused one)."""
+        pipe = load_base_pipeline(self.cfg.base, device=device)
+        if self.amp_dtype is not None:
+            for model in (pipe.unet, pipe.vae):
+                model.set_attn_processor(attention_processor("auto", pipe.device, self.amp_dtype))
+        return pipe
+
+    def _sampling(self) -> Any:
+        """The autocast every image of this worker is sampled under (none for mixed_precision 'no')."""
+        return torch.autocast(self.pipe.device.type, dtype=self.amp_dtype or torch.bfloat16,
+                              enabled=self.amp_dtype is not None)
 
     def evaluate(self, victim: Mapping[str, Any]) -> dict[str, Any]:
         """Images and scores of one victim; a failure is returned as {"error": ...}, never raised, so
@@ -155,7 +172,8 @@ class EvaluationWorker:
         reused = set(images)
 
         def generate(name: str, **text: Any) -> None:
-            images[name] = [png_bytes(im) for im in generate_images(self.pipe, **text, **sample)]
+            with self._sampling():
+                images[name] = [png_bytes(im) for im in generate_images(self.pipe, **text, **sample)]
 
         missing = [name for name in self.attacks if name not in images]
         lora = LoraInput.from_file(lora_path, step=victim["step"]) if missing else None
@@ -198,7 +216,7 @@ class EvaluationWorker:
     def _recover(self) -> None:
         """Leave the pipeline clean for the next victim after one failed midway."""
         if loaded_adapters(self.pipe):
-            self.pipe = load_base_pipeline(self.cfg.base, device=self.pipe.device)
+            self.pipe = self._load_pipeline(self.pipe.device)
 
 
 def victim_record(row: Mapping[str, Any], seed: int) -> dict[str, Any]:

@@ -138,7 +138,7 @@ def expand_trials(cfg: SweepConfig, tracking_uri: str) -> list:
         # The id is over the settings as the pipeline file gave them (its experiment too, usually unset), so
         # the ids of trials run before the sweep set the experiment are unchanged.
         settings = {k: v for k, v in to_dict(config).items() if k not in ("out_dir", "tracking_uri")}
-        for section in ("attack", "identities"):  # ids of earlier sweeps kept
+        for section in ("attack", "identities", "evaluation"):  # ids of earlier sweeps kept
             settings[section] = without_added_defaults(section, settings[section])
         trial_id = _key(settings)
         if trial_id in seen:  # two points that name the same settings (a value equal to the default...)

@@ -237,3 +237,26 @@ def test_pretrain_command_line_parses_into_a_validated_config(tmp_path):
     assert cfg.unet_steps == 30 and cfg.tiny.resolution == 64 and cfg.time_limit_min == 25.0
     with pytest.raises(ConfigError, match="unet_steps"):
         parse_args(["--out-dir", str(tmp_path), "--unet-steps", "many"])
+
+
+def test_bf16_on_a_device_without_bf16_units_is_warned_about_once(caplog):
+    """bf16 autocast is emulated (slower than fp32) on CPUs without AMX / AVX-512 BF16: one warning per kind of
+    work, none for fp32 or where the units exist (this machine's own answer decides which branch runs)."""
+    import logging
+
+    import torch
+
+    from loraleak.base import precision
+
+    cpu = torch.device("cpu")
+    native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert precision.native_bf16(cpu) is native
+    what = f"test work {id(caplog)}"
+    with caplog.at_level(logging.WARNING, logger="loraleak.base.precision"):
+        assert precision.warn_if_emulated_bf16(cpu, None, what) is False
+        assert precision.warn_if_emulated_bf16(cpu, torch.bfloat16, what) is (not native)
+        assert precision.warn_if_emulated_bf16(cpu, torch.bfloat16, what) is (not native)
+    warnings = [r.getMessage() for r in caplog.records if what in r.getMessage()]
+    assert len(warnings) == (0 if native else 1)
+    if not native:
+        assert "no bf16 units" in warnings[0] and torch.backends.cpu.get_cpu_capability() in warnings[0]

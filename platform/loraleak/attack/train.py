@@ -37,6 +37,7 @@ from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
 from ..base.attention import attention_processor
+from ..base.precision import warn_if_emulated_bf16
 from ..base.loading import BUILTIN_BASES, base_fingerprint, load_base_pipeline
 from ..cluster import connect_ray
 from ..config import from_dict, load_yaml, to_dict
@@ -169,6 +170,7 @@ class _Decoder:
         install_batched_lora(unet, sorted({spec.module for spec in selection.layout}))  # once, for the whole run
         # bf16 on a CPU: the unfused attention (loraleak.base.attention says why).
         amp_dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else None
+        warn_if_emulated_bf16(device, amp_dtype, "attack training")
         unet.set_attn_processor(attention_processor("auto", device, amp_dtype))
         noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         images = ImageLatents(pipe.vae, cfg.identities, pipeline_resolution(pipe), device)

@@ -27,6 +27,7 @@ from ..attack.api import LoraInput
 from ..attack.loading import load_attack
 from ..base.attention import attention_processor
 from ..base.loading import load_base_pipeline
+from ..base.precision import warn_if_emulated_bf16
 from ..errors import InputError
 from ..finetune.class_images import pipeline_resolution
 from ..finetune.loop import AMP_DTYPES
@@ -110,6 +111,7 @@ class EvaluationWorker:
         """The base pipeline; under bf16 its UNet and VAE attend with the kernel that is fast in bf16 on this
         device (loraleak.base.attention: on a CPU, the unfused one)."""
         pipe = load_base_pipeline(self.cfg.base, device=device)
+        warn_if_emulated_bf16(pipe.device, self.amp_dtype, "evaluation sampling")
         if self.amp_dtype is not None:
             for model in (pipe.unet, pipe.vae):
                 model.set_attn_processor(attention_processor("auto", pipe.device, self.amp_dtype))

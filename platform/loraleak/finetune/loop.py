@@ -28,6 +28,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..base.loading import base_fingerprint as fingerprint_of_base
+from ..base.precision import warn_if_emulated_bf16
 from ..defenses.training import training_defense
 from ..errors import ConfigError, LoraleakError
 from ..lora.io import LoraProvenance, loaded_adapters
@@ -144,6 +145,7 @@ def run_finetunes(pipe: Any, image_sets: Sequence[list[Image.Image]], cfgs: Sequ
     for d in out_dirs:
         d.mkdir(parents=True, exist_ok=True)
     device = torch.device(cfgs[0].device)
+    warn_if_emulated_bf16(device, AMP_DTYPES[cfgs[0].mixed_precision], "fine-tune")
     pipe.to(device)
     resolution = pipeline_resolution(pipe)
     if base_fingerprint is None and base_ref is not None:

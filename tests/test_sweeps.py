@@ -105,7 +105,7 @@ def test_other_sweep_settings_are_checked(tmp_path):
 
 
 def test_the_shipped_tune_configs_load_and_expand():
-    expected = {"rank.yaml": 4, "dp_epsilon.yaml": 8, "step_embedding.yaml": 5, "defenses.yaml": 6}
+    expected = {"rank.yaml": 4, "dp_epsilon.yaml": 11, "step_embedding.yaml": 5, "defenses.yaml": 6}
     for name, count in expected.items():
         cfg = load_sweep_config(REPO / "tune_configs" / name)
         trials = expand_trials(cfg, "sqlite:///unused.db")

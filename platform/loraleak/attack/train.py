@@ -37,8 +37,8 @@ from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
 from ..base.attention import attention_processor
-from ..base.precision import warn_if_emulated_bf16
 from ..base.loading import BUILTIN_BASES, base_fingerprint, load_base_pipeline
+from ..base.precision import warn_if_emulated_bf16
 from ..cluster import connect_ray
 from ..config import from_dict, load_yaml, to_dict
 from ..errors import ConfigError, LoraleakError

@@ -2,8 +2,8 @@
 
 bf16 autocast is the fast mode on GPUs and on CPUs with bf16 matmul units (Intel AMX or AVX-512 BF16:
 the lfw zoo 1.9x, `benchmarks/zoo_throughput.py`). On a CPU without them (an AVX2-only AMD EPYC, say)
-oneDNN converts and computes in fp32 and pays for the conversions: evaluation sampling ran 4x slower
-there (`benchmarks/evaluation_sampling.py`). The results stay right either way (only rounding differs),
+oneDNN converts and computes in fp32 and pays for the conversions: evaluation sampling ran 16x slower
+there (`benchmarks/evaluation_sampling.py`: 0.06x). The results stay right either way (only rounding differs),
 so this warns instead of refusing: a setting chosen on one machine may run on another.
 """
 

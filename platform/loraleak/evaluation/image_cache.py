@@ -83,9 +83,8 @@ def generation_context(pipe: Any, autocast: torch.dtype | None = None) -> dict[s
     1.4's weights takes seconds)."""
     device = pipe.device
     # Only when set: the keys of images sampled without autocast stay those they had before it existed.
-    precision = {} if autocast is None else {"autocast": str(autocast),
-                                             "attention": type(pipe.unet.attn_processors[next(iter(
-                                                 pipe.unet.attn_processors))]).__name__}
+    precision = {} if autocast is None else {
+        "autocast": str(autocast), "attention": type(next(iter(pipe.unet.attn_processors.values()))).__name__}
     return {**precision, "pipeline": pipeline_fingerprint(pipe), "resolution": pipeline_resolution(pipe),
             "scheduler": {"class": type(pipe.scheduler).__name__, **dict(pipe.scheduler.config)},
             "dtype": str(pipe.unet.dtype),

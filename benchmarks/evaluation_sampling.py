@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
-import json
 import sys
 import tempfile
 import time
@@ -45,14 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def pixels(folder: Path) -> dict[tuple[str, str], np.ndarray]:
     """(lora_id, png name) -> its pixels, for every image an evaluation wrote."""
-    return {(png.parent.name, png.name): np.asarray(Image.open(io.BytesIO(png.read_bytes())), dtype=np.float64)
+    return {(png.parent.name, png.name): np.asarray(Image.open(png), dtype=np.float64)
             for png in sorted((folder / RESULTS_DIR).glob("*/*.png")) if not png.name.startswith("private")}
-
-
-def victim_similarity(record: dict, condition: str) -> float:
-    """A victim's mean similarity to its own photos under one condition (images without a face left out)."""
-    values = [np.nan if x is None else x for x in record["scores"][condition]["similarity"]]
-    return float(np.nanmean(values)) if not np.all(np.isnan(values)) else float("nan")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,10 +66,9 @@ def main(argv: list[str] | None = None) -> int:
             result = evaluate(dataclasses.replace(reference, out_dir=out, workdir=out, mixed_precision=precision),
                               show_progress=False)
             wall = time.perf_counter() - started
-            records = {p.stem: json.loads(p.read_text()) for p in sorted((out / RESULTS_DIR).glob("*.json"))}
-            runs[precision] = {"wall": wall, "result": result, "records": records, "pixels": pixels(out)}
-            print(f"{'fp32' if precision == 'no' else 'bf16'}: {len(records)} victims in {wall:.1f} s, "
-                  f"{wall / max(1, len(records)):.1f} s per victim", flush=True)
+            runs[precision] = {"wall": wall, "result": result, "pixels": pixels(out)}
+            print(f"{'fp32' if precision == 'no' else 'bf16'}: {result.evaluated} victims in {wall:.1f} s, "
+                  f"{wall / max(1, result.evaluated):.1f} s per victim", flush=True)
     fp32, bf16 = runs["no"], runs["bf16"]
     print(f"\nbf16 / fp32 speed: {fp32['wall'] / bf16['wall']:.2f}x "
           f"({args.victims} victims, {reference.n_images} images x {len(reference.conditions)} conditions, "
@@ -87,12 +78,14 @@ def main(argv: list[str] | None = None) -> int:
           f"(max per image {np.max(diffs):.2f})")
     print(f"\n{'condition':24s} {'fp32':>7s} {'bf16':>7s} {'max |change| per victim':>24s}")
     for name in reference.conditions:
-        per_victim = [abs(victim_similarity(r, name) - victim_similarity(bf16["records"][v], name))
-                      for v, r in fp32["records"].items() if name in r["scores"]]
-        if not per_victim:
+        if name not in fp32["result"].metrics:
             continue
+        # Per victim (the evaluation's own summaries, images without a face left out): the largest change.
+        bf16_victims = {v.victim_id: v.similarity for v in bf16["result"].metrics[name].victims}
+        per_victim = [abs(v.similarity - bf16_victims[v.victim_id]) for v in fp32["result"].metrics[name].victims
+                      if v.similarity is not None and bf16_victims.get(v.victim_id) is not None]
         print(f"{name:24s} {fp32['result'].metrics[name].similarity.value:7.3f} "
-              f"{bf16['result'].metrics[name].similarity.value:7.3f} {max(per_victim):24.3f}")
+              f"{bf16['result'].metrics[name].similarity.value:7.3f} {max(per_victim, default=float('nan')):24.3f}")
     return 0
 
 

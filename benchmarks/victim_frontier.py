@@ -39,9 +39,9 @@ from loraleak.evaluation.metrics import score_images, summarise
 from loraleak.evaluation.regime import BOUND_MARGIN, STRONG_TOP1_VICTIM, STRONG_VERIFIED, study_regime
 from loraleak.evaluation.worker import victim_seed, wrong_trigger
 from loraleak.finetune.batched import BatchedOptions, finetune_lora_batched
-from loraleak.finetune.dreambooth_lora import finetune_lora
 from loraleak.finetune.class_images import load_or_sample_class_images, pipeline_resolution
 from loraleak.finetune.config import FinetuneConfig
+from loraleak.finetune.dreambooth_lora import finetune_lora
 from loraleak.generate import generate_images, lora_loaded
 from loraleak.identities import make_source
 from loraleak.imaging import save_grid
@@ -111,8 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     # A training-time defense (DP-SGD, DPGM) clips per sample: those fine-tunes run one at a time, as in the zoo.
     one_at_a_time = ft.defense.kind != "none"
-    for first in range(0, len(victims), 1 if one_at_a_time else args.k):
-        group = victims[first: first + (1 if one_at_a_time else args.k)]
+    per_pass = 1 if one_at_a_time else args.k
+    for first in range(0, len(victims), per_pass):
+        group = victims[first: first + per_pass]
         cfgs = [dataclasses.replace(ft, seed=1000 + first + j) for j in range(len(group))]
         if one_at_a_time:
             runs.append((group[0], cfgs[0], finetune_lora(pipe, group[0].load(resolution), cfgs[0],
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                           out / f"{victim.identity_id}-step{step}-g{g:g}.png", ncols=n_images, scale=2)
 
     rows = []
-    print(f"\nfine-tune: {per_step_s * 1000:.1f} ms per step per victim ({1 if one_at_a_time else args.k} per pass, {args.threads} threads); "
+    print(f"\nfine-tune: {per_step_s * 1000:.1f} ms per step per victim ({per_pass} per pass, {args.threads} threads); "
           f"{len(references)} candidates, chance top-1 {1 / len(references):.3f}; images in {out}")
     print(f"{'steps':>6}{'cfg':>5}{'s/victim':>9}{'verified':>9}{'top1 img':>9}{'top1 vic':>9}{'org sim':>8}"
           f"{'strength [95% CI]':>26}{'binding [95% CI]':>26}  control - base")

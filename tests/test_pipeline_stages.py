@@ -83,3 +83,20 @@ def test_a_smaller_attack_training_set_is_another_attack_and_the_default_keeps_t
     fewer = stage_keys(with_overrides(quick, {"attack.train_identities": 8}))
     assert fewer["zoo"] == QUICK["zoo"] and fewer["baselines"] == QUICK["baselines"]  # the zoo is shared
     assert fewer["attack"] != QUICK["attack"] and fewer["evaluation"] != QUICK["evaluation"]
+
+
+def test_one_folder_of_photos_is_one_key_however_the_command_spells_it(tmp_path, monkeypatch):
+    # `loraleak run --profile lfw` from the repository root reads ../shared/...; a sweep's trials (Ray tasks,
+    # another working directory) read the same folder from /. Both must find the same stage folders, so that
+    # `loraleak sweep ... --stages runs/lfw` reuses the study's zoo instead of training a second one.
+    photos = tmp_path / "shared" / "faces"
+    photos.mkdir(parents=True)
+    (tmp_path / "repo").mkdir()
+    monkeypatch.chdir(tmp_path / "repo")
+    quick = load_pipeline_config("quick", out=tmp_path / "out")
+    spelled = [with_overrides(quick, {"identities.kind": "folder", "identities.root": root})
+               for root in ("../shared/faces", str(photos), str(tmp_path / "repo" / ".." / "shared" / "faces"))]
+    keys = [stage_keys(cfg) for cfg in spelled]
+    assert keys[0] == keys[1] == keys[2]
+    other = with_overrides(quick, {"identities.kind": "folder", "identities.root": str(tmp_path / "elsewhere")})
+    assert stage_keys(other)["zoo"] != keys[0]["zoo"]  # another folder is another population

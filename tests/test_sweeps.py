@@ -20,7 +20,7 @@ from loraleak.sweeps.config import SweepConfig, load_sweep_config
 from loraleak.sweeps.results import (FAILED, FINISHED, format_table, leak_by_trial_plot, privacy_utility_plot,
                                      results_frame, trial_order, write_table)
 from loraleak.sweeps.stages import builds_per_stage, check_rerun, concurrency, peak_need, stage_folders, waves
-from loraleak.sweeps.trials import expand_trials, points
+from loraleak.sweeps.trials import base_pipeline_config, expand_trials, points
 from studies import SMALLEST_NO_BASELINES as SMALLEST
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,6 +115,25 @@ def test_the_shipped_tune_configs_load_and_expand():
     assert builds_per_stage(step)["zoo"] == 1 and builds_per_stage(step)["attack"] == 5
     seeds = expand_trials(load_sweep_config(REPO / "tune_configs" / "attack_seeds.yaml"), "sqlite:///u.db")
     assert len(seeds) == 6 and builds_per_stage(seeds)["zoo"] == 2 and builds_per_stage(seeds)["attack"] == 6
+    # Another zoo seed is another zoo (victims included); seed 0 is the quick study's, as are its stages.
+    zoo_seeds = expand_trials(load_sweep_config(REPO / "tune_configs" / "zoo_seeds.yaml"), "sqlite:///u.db")
+    assert len(zoo_seeds) == 6 and builds_per_stage(zoo_seeds)["zoo"] == 6
+    check_rerun(("zoo", "attack", "baselines", "evaluation"), zoo_seeds, "zoo_seeds.yaml")
+    assert stage_folders(zoo_seeds[0].config) == stage_folders(seeds[0].config)
+
+
+def test_the_lfw_defenses_sweep_starts_from_the_lfw_study_and_derives_every_defended_zoo(lfw_root):
+    cfg = load_sweep_config(REPO / "tune_configs" / "defenses_lfw.yaml")
+    trials = expand_trials(cfg, "sqlite:///unused.db")
+    check_rerun(cfg.rerun, trials, "defenses_lfw.yaml")
+    # `--stages runs/lfw`: the `none` trial is `loraleak run --profile lfw` itself, not a twin of it.
+    study = stage_folders(base_pipeline_config(cfg))
+    none, *defended = trials
+    assert none.config.zoo.defense.kind == "none" and stage_folders(none.config) == study
+    assert [t.config.zoo.defense.kind for t in defended] == ["output_noise"] * 2 + ["rank_truncation"] * 2
+    # Output noise is scored against the attack trained undefended too; each defended zoo is its own folder.
+    assert {stage_folders(t.config).get("undefended zoo") for t in defended[:2]} == {study["zoo"]}
+    assert len({stage_folders(t.config)["zoo"] for t in trials}) == 5
 
 
 def test_the_learning_curve_shares_one_zoo_and_trains_one_attack_per_training_set_size(lfw_root):

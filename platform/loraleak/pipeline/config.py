@@ -200,6 +200,22 @@ def local_folder(path: Path, what: str) -> Path:
                      f"every Ray node sees (NFS, a mounted bucket); {scheme}:// is not supported")
 
 
+def with_absolute_paths(cfg: PipelineConfig) -> PipelineConfig:
+    """cfg with its local input paths (the identities' root, a base given as a folder) made absolute. A stage's
+    key covers its settings, paths included: `../shared/datasets/lfw/private` and the same folder spelled from
+    `/` would otherwise key two zoos of one population, and `loraleak run` would not find the stages a sweep
+    (whose trials run in Ray tasks with another working directory, so always absolute) built, nor the other
+    way round."""
+    identities, base = cfg.identities, cfg.base
+    if identities.root is not None:
+        identities = dataclasses.replace(identities, root=identities.root.expanduser().resolve())
+    if base.pretrain is None and Path(base.ref).expanduser().exists():
+        base = dataclasses.replace(base, ref=str(Path(base.ref).expanduser().resolve()))
+    if identities == cfg.identities and base == cfg.base:
+        return cfg
+    return dataclasses.replace(cfg, identities=identities, base=base)
+
+
 def with_overrides(cfg: PipelineConfig, overrides: Mapping[str, Any]) -> PipelineConfig:
     """cfg with dotted keys replaced: {"zoo.finetune.rank": 8, "attack.model.step_embedding": False}."""
     data = to_dict(cfg)

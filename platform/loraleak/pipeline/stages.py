@@ -40,7 +40,8 @@ from ..zoo.manifest import finished_lora_ids
 from ..zoo.plan import base_resolution, plan_zoo
 from ..zoo.storage import ZooStore
 from . import config as pipeline_config
-from .config import UNDEFENDED_CONDITION, PipelineConfig, stage_config, with_overrides, without_added_defaults
+from .config import (UNDEFENDED_CONDITION, PipelineConfig, stage_config, with_absolute_paths, with_overrides,
+                     without_added_defaults)
 from .tracking import StudyRun, earlier_run, nested, study_experiment, study_tracking_uri, study_workdir
 
 logger = logging.getLogger(__name__)
@@ -586,6 +587,7 @@ def plan_stages(cfg: PipelineConfig, out: Path | None = None) -> StudyStages:
     """The stages of the study `cfg`, keyed and placed under `out` (default: cfg.out_dir, resolved), without
     running anything."""
     out = out if out is not None else cfg.out_dir.expanduser().resolve()
+    cfg = with_absolute_paths(cfg)  # one key per folder of photos, however the command spelled it
     base_key = stage_key(cfg.base.ref) if cfg.base.pretrain is None else stage_key(without_added_defaults("pretrain", to_dict(cfg.base.pretrain)))
     base = BaseStage(cfg, out, base_key)
     identities = without_added_defaults("identities", to_dict(cfg.identities))

@@ -19,7 +19,7 @@ from typing import Any
 from ..config import load_yaml, to_dict
 from ..errors import ConfigError
 from ..keys import content_key
-from ..pipeline.config import PipelineConfig, with_overrides, without_added_defaults
+from ..pipeline.config import PipelineConfig, with_absolute_paths, with_overrides, without_added_defaults
 from .config import SweepConfig, resolve_pipeline_file, split_paths
 from .tracking import sweep_experiment
 
@@ -111,18 +111,6 @@ def pipeline_dir(cfg: SweepConfig, trial_id: str) -> Path:
     return cfg.stages_directory if cfg.share_stages else cfg.directory / "trials" / trial_id / "stages"
 
 
-def _absolute_paths(config):
-    """The trial runs in a Ray task whose working directory need not be this one: local paths made absolute."""
-    identities, base = config.identities, config.base
-    if identities.root is not None:
-        identities = dataclasses.replace(identities, root=identities.root.expanduser().resolve())
-    if base.pretrain is None and Path(base.ref).expanduser().exists():
-        base = dataclasses.replace(base, ref=str(Path(base.ref).expanduser().resolve()))
-    if identities is config.identities and base is config.base:
-        return config
-    return dataclasses.replace(config, identities=identities, base=base)
-
-
 def expand_trials(cfg: SweepConfig, tracking_uri: str) -> list:
     """Every trial of the sweep, validated; ConfigError (one line, naming the value) on the first bad one.
     Each trial's study logs to the sweep's store (`tracking_uri`) and experiment."""
@@ -144,7 +132,7 @@ def expand_trials(cfg: SweepConfig, tracking_uri: str) -> list:
         if trial_id in seen:  # two points that name the same settings (a value equal to the default...)
             continue
         seen.add(trial_id)
-        config = dataclasses.replace(_absolute_paths(config), out_dir=pipeline_dir(cfg, trial_id),
+        config = dataclasses.replace(with_absolute_paths(config), out_dir=pipeline_dir(cfg, trial_id),
                                      tracking_uri=tracking_uri, experiment=experiment)
         trials.append(Trial(trial_id, trial_label(point), point, config))
     return trials

@@ -109,6 +109,10 @@ def test_a_defended_study_is_also_attacked_by_the_attack_trained_without_the_def
     assert rows and all(trained[r["identity_id"], r["snapshot_step"]] == r["started_at"] for r in rows)
     for condition in ("rec", UNDEFENDED_CONDITION):  # adaptive, and trained on undefended LoRAs
         assert 0 <= result.metrics[f"{condition}.top1_image"] <= 1
+    # Run again, every stage is found complete; the undefended study's are named as such.
+    again = run_pipeline(cfg, show_progress=False)
+    assert again.skipped == ["base", "zoo", "attack", "baselines", "undefended zoo", "undefended attack",
+                             "evaluation"]
     assert result.stage_dirs["evaluation"].endswith(f"evaluation-{keys['evaluation']}")
     # The undefended study itself, run now, reuses the zoo and attack the defended one built.
     undefended = run_pipeline(with_overrides(cfg, {"zoo.defense": {"kind": "none"}}), show_progress=False)

@@ -83,22 +83,23 @@ class _Progress:
 
     def __init__(self, show: bool) -> None:
         self.show, self.index, self.started = show, 0, 0.0
-        self.skipped: list[str] = []  # stages whose output was complete
+        self.skipped: list[str] = []  # stages whose output was complete, by Stage.label
 
     def _print(self, text: str) -> None:
         if self.show:
             print(text, flush=True)
         logger.debug(text)
 
-    def start(self, name: str, detail: str) -> None:
+    def start(self, name: str, detail: str, label: str | None = None) -> None:
         self.index, self.name, self.started = STAGES.index(name) + 1, name, time.perf_counter()
+        self.label = label or name
         self._print(f"[{self.index}/{len(STAGES)}] {name}: {detail}")
 
     def done(self, detail: str, skipped: bool = False) -> None:
         took = time.perf_counter() - self.started
         when = "complete, skipped" if skipped else f"done in {duration_text(took)}"
         if skipped:
-            self.skipped.append(self.name)
+            self.skipped.append(self.label)
         self._print(f"[{self.index}/{len(STAGES)}] {self.name}: {when}: {detail}")
 
 
@@ -177,7 +178,7 @@ def _run_pipeline(cfg: PipelineConfig, show_progress: bool, parent: NestUnder | 
         ctx = RunContext(out, cfg.tracking, uri, show_progress, study)
         results = {}
         for stage in stages:
-            progress.start(stage.name, stage.note + stage.describe())
+            progress.start(stage.name, stage.note + stage.describe(), stage.label)
             if stage.is_complete():
                 progress.done(stage.summary(), skipped=True)
                 results[stage] = stage.load_result(ctx)

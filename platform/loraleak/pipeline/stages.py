@@ -142,6 +142,12 @@ class Stage:
     def folder(self) -> Path | None:
         return None if self.prefix is None else self.out / f"{self.prefix}-{self.key}"
 
+    @property
+    def label(self) -> str:
+        """Its name in the lists of stages skipped: the undefended study's (the only stages with a note) are
+        told apart from the defended study's own, so that reusing them is not read as reusing the others."""
+        return f"undefended {self.name}" if self.note else self.name
+
     def describe(self) -> str:
         raise NotImplementedError
 

@@ -109,7 +109,7 @@ def describe_record(record: Mapping[str, Any], utility: str, privacy: tuple[str,
     # Stages found complete, i.e. built by an earlier trial (the pipeline also "skips" the shipped base
     # and baselines when none are configured: those are not reuse).
     has_baselines = any(k.startswith("baseline ") for k in record.get("stage_dirs") or {})
-    reused = [s for s in record.get("skipped") or []
-              if s in ("zoo", "attack", "evaluation") or (s == "baselines" and has_baselines)]
+    reused = [s for s in record.get("skipped") or [] if s.removeprefix("undefended ") in ("zoo", "attack", "evaluation")
+              or (s == "baselines" and has_baselines)]
     return f"{record['label']}: {numbers}" + (f" (reused: {', '.join(reused)})" if reused else "") \
         + f" [{record.get('wall_time_s', 0.0):.0f} s]"

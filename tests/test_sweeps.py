@@ -142,12 +142,12 @@ def test_the_lfw_rank_sweep_reuses_the_study_as_rank_16_and_trains_a_zoo_per_oth
     check_rerun(cfg.rerun, trials, "rank_lfw.yaml")
     assert [(t.config.zoo.finetune.rank, t.config.zoo.finetune.alpha) for t in trials] == [(4, 4), (16, 16), (64, 64)]
     # `--stages runs/lfw`: rank 16 is `loraleak run --profile lfw` itself; the others are zoos of their own.
-    study = stage_folders(base_pipeline_config(cfg))
-    assert stage_folders(trials[1].config) == study
+    study_config = base_pipeline_config(cfg)
+    assert stage_folders(trials[1].config) == stage_folders(study_config)
     assert len({stage_folders(t.config)["zoo"] for t in trials}) == 3
     # Rank 64 trains at its own lr (the one that gives rank 16's victim strength), rank 4 at the study's.
-    assert [t.config.zoo.finetune.lr for t in trials] == [study_lr := base_pipeline_config(cfg).zoo.finetune.lr,
-                                                          study_lr, 3.0e-4]
+    study_lr = study_config.zoo.finetune.lr
+    assert [t.config.zoo.finetune.lr for t in trials] == [study_lr, study_lr, 3.0e-4]
 
 
 def test_the_learning_curve_shares_one_zoo_and_trains_one_attack_per_training_set_size(lfw_root):

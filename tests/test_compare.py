@@ -150,3 +150,13 @@ def test_a_sweep_is_named_by_its_experiment_and_every_trial_is_shown(tmp_path, c
     assert main(["compare", "dp", "--workdir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "epsilon=inf" in out and "epsilon=10" in out and "metrics.rec_undefended.similarity" in out
+
+
+def test_the_paired_comparison_needs_runs_that_report_an_evaluation(store):
+    """`--against`: a stage's run (no evaluation of its own) is named as such, with what to name instead."""
+    from loraleak.evaluation.compare import evaluation_folders
+
+    uri, _ = store
+    with pytest.raises(LoraleakError, match=r"run attack-r4 \(\w+\) reports no evaluation: name a study or a sweep "
+                                            r"by its experiment \(its out folder's name, e\.g\. attack\)"):
+        evaluation_folders(["attack-r4"], uri)

@@ -41,10 +41,30 @@ def cmd_compare(args: argparse.Namespace) -> None:
     uri = resolve_tracking_uri(args.tracking_uri, args.workdir)
     params = [p for p in args.params.split(",") if p] if args.params is not None else None
     metrics = None if args.all_metrics else [m for m in args.metrics.split(",") if m] if args.metrics else HEADLINE
+    if args.against is not None:
+        print_paired(args.runs, args.against, uri)
+        return
     table = compare_runs(args.runs, uri, params, metrics)
     print(format_table(table))
     if args.plot is not None:
         print(f"plot: {comparison_plot(table, args.plot, metrics or HEADLINE)}")
+
+
+def print_paired(runs: list[str], against: str, uri: str) -> None:
+    from ..errors import LoraleakError
+    from .compare import evaluation_folders
+    from .paired import VictimFigures, format_paired, paired_differences
+
+    references = evaluation_folders([against], uri)
+    if len(references) != 1:
+        raise LoraleakError(f"--against names {len(references)} evaluations ({against} is a sweep); name one "
+                            f"study, trial run or evaluation folder")
+    (reference_name, reference_folder), = references
+    reference = VictimFigures.read(reference_folder)
+    rows = [(name, paired_differences(VictimFigures.read(folder), reference))
+            for name, folder in evaluation_folders(runs, uri)]
+    print(f"reference: {reference_name} ({reference_folder})")
+    print(format_paired(rows, reference_name))
 
 
 def add_evaluation_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -71,6 +91,10 @@ def add_evaluation_commands(subparsers: argparse._SubParsersAction) -> None:
                                      "rec/org/base similarity and top-1, rec over the best control, chance, regime)")
     p.add_argument("--all-metrics", action="store_true", help="show every metric")
     p.add_argument("--plot", type=Path, metavar="FILE", help="also draw the metrics as bars to FILE (.png, .pdf, .svg)")
+    p.add_argument("--against", metavar="REF",
+                   help="instead, compare each run with REF victim by victim (a study, a run or an evaluation "
+                        "folder; RUN may also be an evaluation folder): the paired change of leak, strength, "
+                        "binding, rec and org, with intervals over victims")
     p.set_defaults(func=cmd_compare)
 
 

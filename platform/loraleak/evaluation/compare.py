@@ -8,6 +8,8 @@ run, in the order the trials started, so `loraleak compare dp_epsilon` prints th
 id, name, experiment, status, the params that differ between the runs (or the ones asked for) as
 `params.<key>`, and the metrics (all, or the ones asked for, e.g. `HEADLINE`) as `metrics.<key>`,
 the column names `mlflow.search_runs` uses. `comparison_plot` draws the headline as bars.
+`evaluation_folders` finds the evaluation each run reports, for the paired per-victim comparison
+(`loraleak compare RUN... --against REF`, loraleak.evaluation.paired).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 INTERVAL_SUFFIXES = ("_lo", "_hi")  # how ConditionMetrics.flat names an interval's ends
 STUDY_TAG = "loraleak.study"  # a pipeline run's tag (loraleak.pipeline.tracking; not imported: no stage here)
 TRIAL_TAG = "loraleak.trial_id"  # a sweep trial's pipeline run (loraleak.sweeps.tracking)
+EVALUATION_TAG = "loraleak.evaluation"  # a pipeline run's evaluation folder (loraleak.pipeline.tracking)
 LABEL_TAG = "loraleak.label"  # the trial's settings in words, e.g. "defense=dp_sgd epsilon=10"
 # What `loraleak compare` shows by default: what the attack recovers against what needs no attack, the
 # identification rates against chance, and whether the victims were worth attacking (the regime).
@@ -73,6 +76,37 @@ def compare_runs(runs: Sequence[str], tracking_uri: str, params: Sequence[str] |
     return pd.DataFrame(rows)
 
 
+def evaluation_folders(refs: Sequence[str], tracking_uri: str) -> list[tuple[str, Path]]:
+    """(name, evaluation folder) of each ref: a folder (an evaluation, a study's or a sweep's out folder:
+    `paired.evaluations_in`), else the evaluation a study's (or each of a sweep's trials') pipeline run
+    reports. The store is opened only when a ref is not a folder."""
+    from .paired import evaluations_in
+
+    out: list[tuple[str, Path]] = []
+    client = None
+    for ref in refs:
+        if Path(ref).is_dir():
+            out.extend(evaluations_in(ref))
+            continue
+        client = client or _client(tracking_uri)
+        try:
+            runs = _find_runs(client, ref, tracking_uri, study_first=True)
+        except LoraleakError:
+            raise
+        except Exception as e:
+            raise LoraleakError(f"reading MLflow store {tracking_uri} failed: {_first_line(e)}") from None
+        for run in runs:
+            name = run.data.tags.get(LABEL_TAG) or run.info.run_name or run.info.run_id[:8]
+            folder = run.data.tags.get(EVALUATION_TAG)
+            if folder is None:
+                experiment = client.get_experiment(run.info.experiment_id).name
+                raise LoraleakError(f"run {name} ({run.info.run_id}) reports no evaluation: name a study or a sweep "
+                                    f"by its experiment (its out folder's name, e.g. {experiment}), a trial's run "
+                                    f"or an evaluation folder")
+            out.append((name, Path(folder)))
+    return out
+
+
 def _client(tracking_uri: str):
     """An MlflowClient for a store that exists and answers; LoraleakError otherwise."""
     if tracking_uri.startswith("sqlite:///"):
@@ -89,8 +123,9 @@ def _client(tracking_uri: str):
         raise LoraleakError(f"cannot open MLflow store {tracking_uri}: {_first_line(e)}") from None
 
 
-def _find_runs(client, ref: str, tracking_uri: str) -> list:
-    """The run(s) `ref` names: one run, or every trial of a sweep."""
+def _find_runs(client, ref: str, tracking_uri: str, study_first: bool = False) -> list:
+    """The run(s) `ref` names: one run, or every trial of a sweep. A run name is looked for before a study's
+    name unless `study_first` (a sweep's parent run carries the sweep's name; its evaluations are its trials')."""
     from mlflow.exceptions import MlflowException
 
     if RUN_ID.match(ref):
@@ -98,24 +133,34 @@ def _find_runs(client, ref: str, tracking_uri: str) -> list:
             return [client.get_run(ref)]
         except MlflowException:
             pass  # not an id after all: try it as a name
-    quote = "'" if "'" not in ref else '"'
-    experiment_ids = [e.experiment_id for e in client.search_experiments()]
-    matches = client.search_runs(experiment_ids, filter_string=f"attributes.run_name = {quote}{ref}{quote}",
-                                 order_by=["attributes.start_time DESC"], max_results=100) if experiment_ids else []
-    study = client.get_experiment_by_name(ref) if not matches else None
-    if study is not None:  # a study's name: its newest finished pipeline run, or a sweep's: each trial's
-        finished = f"tags.`{STUDY_TAG}` != '' and attributes.status = 'FINISHED'"
-        newest = ["attributes.start_time DESC"]
-        matches = client.search_runs([study.experiment_id], filter_string=finished, order_by=newest, max_results=1)
-        if matches and TRIAL_TAG in matches[0].data.tags:  # a sweep's: every trial's run is needed
-            return _newest_per_trial(client.search_runs([study.experiment_id], filter_string=finished,
-                                                        order_by=newest, max_results=5000))
+    study = client.get_experiment_by_name(ref) if study_first else None
+    matches = _study_runs(client, study) if study is not None else []
+    if not matches:
+        quote = "'" if "'" not in ref else '"'
+        experiment_ids = [e.experiment_id for e in client.search_experiments()]
+        matches = client.search_runs(experiment_ids, filter_string=f"attributes.run_name = {quote}{ref}{quote}",
+                                     order_by=["attributes.start_time DESC"], max_results=100) if experiment_ids else []
+        study = client.get_experiment_by_name(ref) if not matches else None
+        if study is not None:
+            matches = _study_runs(client, study)
     if not matches:
         raise LoraleakError(f"no MLflow run with id or name {ref!r}, and no study of that name with a finished run, "
                             f"in {tracking_uri}")
     if len(matches) > 1 and study is None:
         log.info("%d runs are named %r; comparing the newest (%s)", len(matches), ref, matches[0].info.run_id)
-    return [matches[0]]
+        return [matches[0]]
+    return matches
+
+
+def _study_runs(client, study) -> list:
+    """A study's newest finished pipeline run, or a sweep's: each trial's (its experiment's runs are its trials')."""
+    finished = f"tags.`{STUDY_TAG}` != '' and attributes.status = 'FINISHED'"
+    newest = ["attributes.start_time DESC"]
+    matches = client.search_runs([study.experiment_id], filter_string=finished, order_by=newest, max_results=1)
+    if matches and TRIAL_TAG in matches[0].data.tags:  # a sweep's: every trial's run is needed
+        return _newest_per_trial(client.search_runs([study.experiment_id], filter_string=finished,
+                                                    order_by=newest, max_results=5000))
+    return matches
 
 
 def _newest_per_trial(runs: list) -> list:

@@ -150,6 +150,16 @@ def test_the_lfw_rank_sweep_reuses_the_study_as_rank_16_and_trains_a_zoo_per_oth
     assert [t.config.zoo.finetune.lr for t in trials] == [study_lr, study_lr, 3.0e-4]
 
 
+def test_the_lfw_zoo_seed_sweep_reuses_the_study_as_seed_0_and_trains_a_zoo_per_other_seed(lfw_root):
+    cfg = load_sweep_config(REPO / "tune_configs" / "zoo_seeds_lfw.yaml")
+    trials = expand_trials(cfg, "sqlite:///unused.db")
+    check_rerun(cfg.rerun, trials, "zoo_seeds_lfw.yaml")
+    assert [t.config.zoo.finetune.seed for t in trials] == [0, 1, 2]
+    assert stage_folders(trials[0].config) == stage_folders(base_pipeline_config(cfg))
+    folders = [stage_folders(t.config) for t in trials]
+    assert all(len({f[stage] for f in folders}) == 3 for stage in ("zoo", "attack", "evaluation"))
+
+
 def test_the_learning_curve_shares_one_zoo_and_trains_one_attack_per_training_set_size(lfw_root):
     cfg = load_sweep_config(REPO / "tune_configs" / "learning_curve.yaml")
     trials = expand_trials(cfg, "sqlite:///unused.db")

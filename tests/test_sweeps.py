@@ -104,6 +104,24 @@ def test_other_sweep_settings_are_checked(tmp_path):
     check_rerun(("zoo", "attack", "baselines", "evaluation"), trials, "sweep t")
 
 
+def test_the_reference_trial_is_picked_by_its_values_and_a_bad_pick_is_one_line(tmp_path, capsys):
+    from loraleak.sweeps.trials import reference_trial
+
+    space = {"zoo.finetune.rank, zoo.finetune.alpha": [[4, 4], [16, 16]], "attack.seed": [0, 1]}
+    cfg = sweep(tmp_path, search_space=space, reference={"zoo.finetune.rank": 16})
+    trials = expand_trials(cfg, "sqlite:///unused.db")
+    assert reference_trial(cfg, trials).overrides == {"zoo.finetune.rank": 16, "zoo.finetune.alpha": 16,
+                                                      "attack.seed": 0}
+    assert reference_trial(sweep(tmp_path, search_space=space), trials) is trials[0]  # none given: the first
+    with pytest.raises(ConfigError, match=r"reference: 'zoo.finetune.lr' is not in search_space"):
+        sweep(tmp_path, search_space=space, reference={"zoo.finetune.lr": 1e-3})
+    data = {"search_space": space, "reference": {"zoo.finetune.rank": 8}}
+    assert main(["sweep", str(write_sweep(tmp_path, data)), "--dry-run"]) == 2
+    error = one_line_error(capsys)
+    assert "reference {'zoo.finetune.rank': 8} matches no trial (the trials: " in error and "rank=16 alpha=16" in error
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_shipped_tune_configs_load_and_expand():
     expected = {"rank.yaml": 4, "dp_epsilon.yaml": 11, "step_embedding.yaml": 5, "defenses.yaml": 6}
     for name, count in expected.items():
@@ -476,6 +494,9 @@ def test_a_two_trial_sweep_through_ray_tune_tracked_and_resumed(ray_local, tmp_p
     out = capsys.readouterr().out
     assert "2 finished before, 0 to run" in out and "finished before (not rerun): 2" in out
     assert "privacy-utility plot:" in out and "step_embedding=true" in out
+    # The reference (the first trial: none is named) is paired with the other, in the printout and the report.
+    assert f"paired per victim with the reference trial ({records[0]['label']})" in out
+    assert f"<h2>paired per victim with {records[0]['label']}</h2>" in (cfg.directory / "report.html").read_text()
     assert sorted((cfg.directory / "ray").iterdir()) == tune_runs
     assert [c.info.run_id for c in child_runs(result.tracking_uri, result.parent_run_id)] == \
         [c.info.run_id for c in children]

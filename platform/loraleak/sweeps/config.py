@@ -76,6 +76,10 @@ class SweepConfig:
     mode: Literal["min", "max"] = "min"  # min: the best trial leaks least
     utility: str = "org.similarity"  # the plot's x axis: what the owner still gets
     privacy: tuple[str, ...] = ("rec.similarity", "rec.top1_image")  # the plot's y axes: what leaks
+    # The trial every other is paired with victim by victim in the report (loraleak.evaluation.paired): the
+    # search-space values that pick it, e.g. {zoo.defense: {kind: none}}; the first trial that has them.
+    # None: the first trial.
+    reference: dict[str, Any] | None = None
     # MLflow, chosen as `loraleak run` chooses it: tracking_uri None -> $MLFLOW_TRACKING_URI, else the store
     # beside the sweep's folder, sqlite:///<its parent>/mlflow.db (runs/sweeps/mlflow.db by default).
     tracking_uri: str | None = None
@@ -104,6 +108,10 @@ class SweepConfig:
             check_override_path(path, "overrides")
             if path in varied:
                 raise ValueError(f"overrides: {path!r} is also in search_space; set it in one place")
+        for path in self.reference or {}:
+            if path not in varied:
+                raise ValueError(f"reference: {path!r} is not in search_space; pick the reference trial by the "
+                                 f"values it varies ({', '.join(varied)})")
         if self.num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
         # Every trial is a whole study, planned (stage keys, resources) before anything runs.

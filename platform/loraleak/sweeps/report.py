@@ -3,7 +3,8 @@
     <sweep>/strips_by_trial.png  one row per finished trial (in the swept value's order): for a few victims
                                  (the same identities in every trial), a private photo, the owner's image
                                  (org: the victim's LoRA with its trigger) and the attack's (rec)
-    <sweep>/report.html          the table, the three figures, and a link to each trial's own report
+    <sweep>/report.html          the table, each trial paired per victim with the reference trial, the three
+                                 figures, and a link to each trial's own report
 
 The images are those the trials' evaluations saved (evaluation/<victim>/{private,org,rec}-000.png): nothing is
 generated here. Victims are matched across trials by identity, since a LoRA's id changes with its settings.
@@ -17,6 +18,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ..errors import LoraleakError
+from ..evaluation.paired import MEASURES, PairedDifference, VictimFigures, format_paired, paired_differences
 from .results import FINISHED, _figure, trial_order
 
 STRIPS_FILE = "strips_by_trial.png"
@@ -75,13 +78,63 @@ def strips_by_trial(records: Sequence[Mapping[str, Any]], varied: Sequence[str],
     return path
 
 
+def paired_with_reference(records: Sequence[Mapping[str, Any]], reference_id: str
+                          ) -> tuple[str, list[tuple[str, list[PairedDifference]]]] | None:
+    """Each other finished trial paired victim by victim with the reference trial: (the reference's label, one
+    row per trial); None when the reference has no finished evaluation to pair with."""
+    def evaluation(record: Mapping[str, Any]) -> VictimFigures | None:
+        folder = (record.get("stage_dirs") or {}).get("evaluation")
+        if record.get("status") != FINISHED or folder is None:
+            return None
+        try:
+            return VictimFigures.read(folder)
+        except LoraleakError:
+            return None  # an evaluation folder removed since: the trial is left out of the pairing
+
+    reference = next((r for r in records if r.get("trial_id") == reference_id), None)
+    figures = evaluation(reference) if reference is not None else None
+    if figures is None:
+        return None
+    rows = []
+    for record in records:
+        other = evaluation(record) if record is not reference else None
+        if other is not None:
+            rows.append((str(record["label"]), paired_differences(other, figures)))
+    return str(reference["label"]), rows
+
+
+def format_paired_text(paired: tuple[str, list] | None) -> str:
+    if paired is None or not paired[1]:
+        return ""
+    return f"paired per victim with the reference trial ({paired[0]}):\n" + format_paired(paired[1], "reference")
+
+
+def _paired_html(paired: tuple[str, list] | None) -> str:
+    if paired is None or not paired[1]:
+        return ""
+    label, rows = paired
+    cell = lambda p: "-" if p.difference.value is None else (  # noqa: E731
+        f"{p.difference.value:+.3f} [{p.difference.low:+.3f}, {p.difference.high:+.3f}] "
+        f"<small>{p.n_lower}/{p.n_victims} lower</small>")
+    head = "".join(f"<th>{m}</th>" for m in MEASURES)
+    body = "".join(f"<tr><td>{html.escape(name)}</td>{''.join(f'<td>{cell(p)}</td>' for p in diffs)}</tr>"
+                   for name, diffs in rows)
+    return (f"<h2>paired per victim with {html.escape(label)}</h2><p>Each trial's per-victim figure minus the "
+            f"reference trial's, mean over the victims both scored [bootstrap 95% over victims], and how many went "
+            f"down. leak = rec − best control, strength = org − base, binding = org − the victim's best control "
+            f"(loraleak compare SWEEP --against REF prints the same).</p><table><tr><th>trial</th>{head}</tr>"
+            f"{body}</table>")
+
+
 def write_sweep_report(directory: Path, name: str, table_html: str, figures: Sequence[Path | None],
-                       records: Sequence[Mapping[str, Any]]) -> Path:
-    """The sweep's one page: its table, its figures and each finished trial's own report (relative links)."""
+                       records: Sequence[Mapping[str, Any]],
+                       paired: tuple[str, list[tuple[str, list[PairedDifference]]]] | None = None) -> Path:
+    """The sweep's one page: its table, the paired comparison with the reference trial, its figures and each
+    finished trial's own report (relative links)."""
     parts = [f"<!doctype html><meta charset='utf-8'><title>sweep {html.escape(name)}</title>",
              "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:12px}"
              "td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}</style>",
-             f"<h1>sweep {html.escape(name)}</h1>", table_html]
+             f"<h1>sweep {html.escape(name)}</h1>", table_html, _paired_html(paired)]
     for figure in figures:
         if figure is not None and figure.is_file():
             parts.append(f"<h2>{html.escape(figure.stem.replace('_', ' '))}</h2><img src='{html.escape(figure.name)}'>")

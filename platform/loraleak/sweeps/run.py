@@ -33,7 +33,8 @@ from ..errors import LoraleakError
 from ..locking import folder_lock
 from ..tracking import end_status
 from .config import SweepConfig
-from .report import REPORT_FILE, STRIPS_FILE, strips_by_trial, write_sweep_report
+from .report import (REPORT_FILE, STRIPS_FILE, format_paired_text, paired_with_reference, strips_by_trial,
+                     write_sweep_report)
 from .results import (CURVE_FILE, FAILED, FINISHED, PLOT_FILE, TABLE_FILE, format_table, is_finished,
                       leak_by_trial_plot, privacy_utility_plot, read_record, record_path, results_frame, table_columns,
                       write_table)
@@ -41,7 +42,7 @@ from .stages import (Concurrency, builds_per_stage, check_rerun, concurrency, dr
 from .tracking import close_trial_orphans, ensure_experiments, open_parent_run, sweep_experiment, sweep_tracking_uri
 from .trainable import describe_record, trial_payload, trial_trainable
 from .watch import TrialWatch
-from .trials import Trial, expand_trials
+from .trials import Trial, expand_trials, reference_trial
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ def plan_sweep(cfg: SweepConfig) -> SweepPlan:
     uri = sweep_tracking_uri(cfg.tracking_uri, cfg.directory)
     trials = expand_trials(cfg, uri)
     check_rerun(cfg.rerun, trials, f"sweep {cfg.name}")
+    reference_trial(cfg, trials)  # a reference that picks no trial is one line now, not after the trials
     finished = [t.trial_id for t in trials if is_finished(read_record(record_path(cfg.directory, t.trial_id)))]
     return SweepPlan(cfg, uri, sweep_experiment(cfg.experiment, cfg.directory), trials, finished,
                      builds_per_stage(trials))
@@ -194,9 +196,12 @@ def summarize(cfg: SweepConfig, trials: Sequence[Trial]) -> tuple[Any, str, Path
                                     f"sweep {cfg.name} ({len(frame)} trials)")
     strips_path = strips_by_trial(records, varied, cfg.directory / STRIPS_FILE, f"sweep {cfg.name}")
     columns = [c for c in table_columns(frame, cfg.utility, cfg.privacy, cfg.metric) if c in frame.columns]
+    paired = paired_with_reference(records, reference_trial(cfg, list(trials)).trial_id)
     write_sweep_report(cfg.directory, cfg.name, frame[columns].to_html(index=False, float_format="%.3f"),
-                       [plot_path, curve_path, strips_path], records)
-    return frame, format_table(frame, cfg.utility, cfg.privacy, cfg.metric), table_path, plot_path
+                       [plot_path, curve_path, strips_path], records, paired)
+    table = format_table(frame, cfg.utility, cfg.privacy, cfg.metric)
+    paired_text = format_paired_text(paired)
+    return frame, table + ("\n\n" + paired_text if paired_text else ""), table_path, plot_path
 
 
 def run_sweep(cfg: SweepConfig, show_progress: bool = True) -> SweepResult:

@@ -136,3 +136,14 @@ def expand_trials(cfg: SweepConfig, tracking_uri: str) -> list:
                                      tracking_uri=tracking_uri, experiment=experiment)
         trials.append(Trial(trial_id, trial_label(point), point, config))
     return trials
+
+
+def reference_trial(cfg: SweepConfig, trials: list[Trial]) -> Trial:
+    """The trial the report pairs every other with: the first whose values are `cfg.reference`'s."""
+    if not cfg.reference:
+        return trials[0]
+    for trial in trials:
+        if all(trial.overrides.get(path) == value for path, value in cfg.reference.items()):
+            return trial
+    raise ConfigError(f"sweep {cfg.name}: reference {cfg.reference} matches no trial (the trials: "
+                      f"{'; '.join(t.label for t in trials[:5])}{' ...' if len(trials) > 5 else ''})")

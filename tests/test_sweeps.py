@@ -520,3 +520,78 @@ def test_a_two_trial_sweep_through_ray_tune_tracked_and_resumed(ray_local, tmp_p
         assert len(cells) == 6  # leak, strength, binding, rec, org (and what follows the last)
         if all_faces:
             assert cells[3].split()[0] == f"{rec_change:+.3f}"
+
+
+def test_the_sweep_says_how_far_a_running_trials_zoo_is(ray_local, tmp_path):
+    """A trial's zoo build publishes its steps in a Ray actor named after the zoo's folder; the sweep's watch reads
+    it for each running trial and says one line when it moved (and nothing for a trial that ended)."""
+    import ray
+
+    from loraleak.sweeps.watch import TrialWatch, zoo_roots
+    from loraleak.zoo.progress import StepCounter, progress_actor_name, step_reporter
+
+    trial = expand_trials(sweep(tmp_path), "sqlite:///unused.db")[0]
+    [root] = zoo_roots(trial)
+    assert Path(root).name == stage_folders(trial.config)["zoo"]
+    counter = ray.remote(StepCounter).options(num_cpus=0, name=progress_actor_name(root)).remote()
+    ray.get(counter.start.remote({"a": 100, "b": 100}))
+    step_reporter(counter, ["a", "b"])(30)  # a pass of two fine-tunes at step 30 (sent at once: first report)
+    said: list[str] = []
+    watch = TrialWatch([trial], said.append, every_s=3600)
+    assert watch.check() == []  # not running yet: nothing said
+    watch.running(trial.trial_id)
+    deadline = time.monotonic() + 60
+    while not said and time.monotonic() < deadline:  # the report is asynchronous
+        watch.check()
+        time.sleep(0.2)
+    assert len(said) == 1 and said[0].startswith(f"[running] {trial.label}: zoo 30% of 200 fine-tune steps, about ")
+    assert watch.check() == []  # unchanged: not said again
+    watch.ended(trial.trial_id)
+    ray.get(counter.report.remote({"a": 100}))
+    assert watch.check() == []  # ended trials are not watched
+    ray.kill(counter)
+    import pickle  # Tune pickles its callbacks, which hold the watch: a copy keeps its settings, not its thread
+    copy = pickle.loads(pickle.dumps(watch.start()))
+    watch.stop()
+    assert copy.labels == watch.labels and copy.thread is None and copy.check() == []
+
+
+def test_strips_show_the_same_identities_in_every_trial_in_the_swept_order(tmp_path):
+    """The strips figure matches victims across trials by identity (their LoRA ids differ with the settings), puts
+    the trials in the swept value's order, and leaves out trials without images."""
+    from loraleak.sweeps.report import strips_by_trial, write_sweep_report
+
+    records = []
+    for rank, shade in ((16, 200), (1, 40)):
+        evaluation = tmp_path / f"evaluation-r{rank}"
+        for identity in ("id-a", "id-b"):
+            lora_id = f"{identity}-r{rank}"  # another LoRA id per trial, as a setting changes it
+            folder = evaluation / "victims" / lora_id
+            folder.mkdir(parents=True)
+            (evaluation / "victims" / f"{lora_id}.json").write_text(json.dumps({"identity_id": identity}))
+            for condition in ("private", "org", "rec"):
+                Image.new("RGB", (8, 8), (shade, 0, 0)).save(folder / f"{condition}-000.png")
+        records.append({"trial_id": f"t{rank}", "label": f"rank={rank}", "status": FINISHED,
+                        "overrides": {"zoo.finetune.rank": rank}, "stage_dirs": {"evaluation": str(evaluation)},
+                        "report": str(evaluation / "report" / "report.html")})
+    records.append({"trial_id": "t4", "label": "rank=4", "status": FAILED, "overrides": {"zoo.finetune.rank": 4}})
+    path = strips_by_trial(records, ["zoo.finetune.rank"], tmp_path / "strips.png", "t")
+    with Image.open(path) as im:
+        assert im.width > im.height > 100  # 2 trials x (2 victims x 3 images)
+        pixels = np.asarray(im.convert("RGB"))
+    # rank 1 (dark) is drawn above rank 16 (bright): the swept order, not the records' order
+    rows = [y for y in range(pixels.shape[0]) if ((pixels[y, :, 0] > 150) & (pixels[y, :, 1] < 30)).sum() > 20]
+    dark = [y for y in range(pixels.shape[0]) if ((pixels[y, :, 0] > 25) & (pixels[y, :, 0] < 60)
+                                                    & (pixels[y, :, 1] < 10)).sum() > 20]
+    assert rows and dark and max(dark) < min(rows)
+    assert strips_by_trial(records[2:], ["zoo.finetune.rank"], tmp_path / "none.png", "t") is None
+    page = write_sweep_report(tmp_path, "t", "<table></table>", [path, None], records).read_text()
+    assert "strips.png" in page and "evaluation-r16/report/report.html" in page and "rank=4" not in page
+
+
+def test_trial_ids_of_the_shipped_sweeps_are_those_of_before_attack_train_identities():
+    # Computed at 4ad6da9, before AttackTrainConfig.train_identities existed: a finished trial on disk is
+    # found again (pipeline.config.ADDED_SETTINGS leaves the new setting out of the id at its default).
+    ids = [t.trial_id for t in expand_trials(load_sweep_config(REPO / "tune_configs" / "step_embedding.yaml"),
+                                             "sqlite:///u.db")]
+    assert ids == ["d78022aa0b", "1dae4a724e", "462cfe508f", "bdf333bf18", "b57df24583"]

@@ -82,6 +82,17 @@ def test_the_interval_is_over_victims_and_spans_zero_when_victims_disagree(tmp_p
     assert leak.difference.low < 0 < leak.difference.high
 
 
+def test_rounding_is_no_change(tmp_path):
+    write_evaluation(tmp_path / "ref", REFERENCE)
+    summary = json.loads((tmp_path / "ref" / "evaluation.json").read_text())
+    for victim in summary["metrics"]["org"]["victims"]:
+        victim["similarity"] -= 1e-9  # as the same images scored again may differ
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "evaluation.json").write_text(json.dumps(summary))
+    [org] = paired_differences(VictimFigures.read(tmp_path / "a"), VictimFigures.read(tmp_path / "ref"), ["org"])
+    assert org.n_victims == 4 and org.n_lower == 0
+
+
 def test_folders_name_their_evaluations_and_bad_ones_fail_in_one_line(tmp_path):
     write_evaluation(tmp_path / "runs" / "study" / "evaluation-1", REFERENCE)
     study = tmp_path / "runs" / "study"

@@ -118,3 +118,25 @@ def test_the_file_names_are_those_the_stages_write():
     from loraleak.sweeps.run import SWEEP_FILE
 
     assert (paired.SUMMARY_FILE, paired.STUDY_FILE, paired.SWEEP_FILE) == (SUMMARY_FILE, RESULT_FILE, SWEEP_FILE)
+
+
+def test_a_sweep_folder_names_each_finished_trial_and_cannot_be_the_reference(tmp_path, capsys):
+    from loraleak.cli import main
+    from loraleak.sweeps.results import record_path, write_record
+
+    sweep = tmp_path / "sweep"
+    trials = [{"trial_id": f"t{i}", "label": f"rank={r}"} for i, r in enumerate((4, 16, 64))]
+    (sweep).mkdir()
+    (sweep / "sweep.json").write_text(json.dumps({"trials": trials}))
+    for i, status in ((0, "finished"), (1, "finished"), (2, "failed")):  # the failed one has no evaluation
+        write_evaluation(tmp_path / f"evaluation-{i}", {**REFERENCE, "rec": [d + 0.01 * i for d in REFERENCE["rec"]]})
+        write_record(record_path(sweep, f"t{i}"), {**trials[i], "status": status, "metrics": {},
+                                                  "stage_dirs": {"evaluation": str(tmp_path / f"evaluation-{i}")}})
+    assert evaluations_in(sweep) == [("rank=4", tmp_path / "evaluation-0"), ("rank=16", tmp_path / "evaluation-1")]
+    assert evaluations_in(record_path(sweep, "t1").parent) == [("rank=16", tmp_path / "evaluation-1")]
+    assert main(["compare", str(sweep), "--against", str(record_path(sweep, "t1").parent)]) == 0
+    out = capsys.readouterr().out
+    [row] = [line for line in out.splitlines() if line.startswith("rank=4 ")]
+    assert row.split()[1:5] == ["+0.010", "[+0.010,", "+0.010]", "0/4"]  # rec nearer by 0.01: the leak up by 0.01
+    assert main(["compare", str(tmp_path / "evaluation-2"), "--against", str(sweep)]) == 2
+    assert "--against names 2 evaluations" in capsys.readouterr().err

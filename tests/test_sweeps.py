@@ -115,6 +115,9 @@ def test_the_reference_trial_is_picked_by_its_values_and_a_bad_pick_is_one_line(
     assert reference_trial(sweep(tmp_path, search_space=space), trials) is trials[0]  # none given: the first
     with pytest.raises(ConfigError, match=r"reference: 'zoo.finetune.lr' is not in search_space"):
         sweep(tmp_path, search_space=space, reference={"zoo.finetune.lr": 1e-3})
+    good = {"search_space": space, "reference": {"zoo.finetune.rank": 16}}
+    assert main(["sweep", str(write_sweep(tmp_path, good)), "--dry-run"]) == 0
+    assert "paired per victim with: seed=0 rank=16 alpha=16 (reference)" in capsys.readouterr().out
     data = {"search_space": space, "reference": {"zoo.finetune.rank": 8}}
     assert main(["sweep", str(write_sweep(tmp_path, data)), "--dry-run"]) == 2
     error = one_line_error(capsys)

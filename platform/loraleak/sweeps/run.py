@@ -74,6 +74,9 @@ class SweepPlan:
                          + (f"; shared by every trial: {', '.join(shared)}" if shared else ""))
         else:
             lines.append("  stage outputs: every trial its own (share_stages: false)")
+        if len(self.trials) > 1:
+            how = "reference" if cfg.reference else "the first trial; reference: to choose"
+            lines.append(f"  paired per victim with: {reference_trial(cfg, self.trials).label} ({how})")
         return "\n".join(lines)
 
 

@@ -79,6 +79,29 @@ def test_every_heldout_victim_under_every_condition(study, evaluated):
         assert len(pngs) == 3 + 2 * len(CONDITIONS)
 
 
+def test_identity_noise_gives_a_person_the_same_noise_whatever_its_lora(study, evaluated, tmp_path):
+    """victim_noise "identity": each victim's seed (its images' noise and its wrong trigger) comes from its identity,
+    so another LoRA of the same person (a defense, a rank, another zoo) is sampled with the same noise; the results
+    are kept under another settings key, and the default ("lora") keeps the key of before the setting existed."""
+    from loraleak.evaluation.worker import victim_record
+
+    lora_cfg, _ = evaluated
+    cfg = eval_config(study, tmp_path / "identity", victim_noise="identity", controls=["victim_wrong_trigger"])
+    evaluate(cfg, show_progress=False)
+    records = [json.loads(p.read_text()) for p in sorted((cfg.out_dir / RESULTS_DIR).glob("*.json"))]
+    assert len(records) == 3
+    for record in records:
+        assert record["seed"] == victim_seed(cfg.seed, record["identity_id"]) != victim_seed(cfg.seed, record["lora_id"])
+    row = next(r for r in read_manifest(study[1].root).to_pylist() if r["split"] == "heldout")
+    other_lora = {**row, "lora_id": "another-lora-of-the-same-person"}
+    assert victim_record(row, 7, "identity")["seed"] == victim_record(other_lora, 7, "identity")["seed"]
+    assert victim_record(row, 7)["seed"] != victim_record(other_lora, 7)["seed"]  # the default: by LoRA
+    summary = lambda c: json.loads((c.out_dir / "evaluation.json").read_text())  # noqa: E731
+    assert summary(cfg)["settings_key"] != summary(lora_cfg)["settings_key"]
+    with pytest.raises(ConfigError, match="victim_noise: 'victim' is not one of 'lora', 'identity'"):
+        eval_config(study, tmp_path / "x", victim_noise="victim")
+
+
 def test_report_and_mlflow_run(evaluated):
     cfg, result = evaluated
     html = result.report.read_text()

@@ -17,7 +17,11 @@ Conditions per victim LoRA (see /work/shared/docs/design.md, section 5):
     victim_wrong_trigger   the victim's model with a random wrong trigger  } fine-tune shows anyway
 
 Every condition of one victim samples from the same per-victim seed (paired noise), so the
-conditions differ only in what conditions the model.
+conditions differ only in what conditions the model. `victim_noise` says what that seed is drawn from:
+the victim's LoRA (its lora_id, the default, as every study so far) or its identity, so that two
+evaluations of one victim under different settings (a defense, a rank, another zoo) sample the same
+noise and the same wrong trigger: common random numbers, for comparisons paired victim by victim
+(loraleak.evaluation.paired) and base images read back from the image cache in every trial.
 """
 
 from __future__ import annotations
@@ -54,6 +58,9 @@ class EvaluationConfig:
     # the images differ from fp32's by rounding, so they are cached under their own keys.
     mixed_precision: Literal["no", "bf16"] = "no"
     seed: int = 1234  # each victim's seed is drawn from (seed, lora_id) and recorded with its results
+    # What each victim's seed is drawn from besides `seed`: "lora" (its lora_id, which any setting of its
+    # fine-tune changes) or "identity" (the same noise for that person in every evaluation).
+    victim_noise: Literal["lora", "identity"] = "lora"
     # A folder of condition images kept by content (evaluation/image_cache.py), shared by every evaluation
     # that names it: a condition whose inputs are unchanged is read back, not generated. None: no cache
     # (`loraleak evaluate` writes only its out_dir); the pipeline wires its study's <out>/image-cache.
@@ -90,6 +97,8 @@ class EvaluationConfig:
             raise ValueError("report_victims, workers and max_retries must be >= 0")
         if self.mixed_precision not in ("no", "bf16"):
             raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
+        if self.victim_noise not in ("lora", "identity"):
+            raise ValueError(f"victim_noise must be 'lora' or 'identity', got {self.victim_noise!r}")
         if self.guidance_scale < 1.0:
             raise ValueError(f"guidance_scale must be >= 1 (1 = no guidance), got {self.guidance_scale}")
         if self.rank is not None and self.rank < 1:

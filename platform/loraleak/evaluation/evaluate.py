@@ -119,7 +119,7 @@ def select_victims(cfg: EvaluationConfig) -> tuple[list[dict[str, Any]], list[st
     rows.sort(key=lambda r: r["lora_id"])
     if cfg.max_victims is not None:
         rows = rows[: cfg.max_victims]
-    return [victim_record(r, cfg.seed) for r in rows], candidates
+    return [victim_record(r, cfg.seed, cfg.victim_noise) for r in rows], candidates
 
 
 def reference_embeddings(cfg: EvaluationConfig, scorer: Any, candidates: Sequence[str]) -> dict[str, list]:
@@ -173,6 +173,8 @@ def settings_key(cfg: EvaluationConfig, candidates: Sequence[str], attacks: Mapp
            "candidates": list(candidates), "attacks": dict(attacks if attacks is not None else attack_keys(cfg))}
     if cfg.mixed_precision != "no":  # only then: results evaluated before the setting existed stay current
         key["mixed_precision"] = cfg.mixed_precision
+    if cfg.victim_noise != "lora":  # idem
+        key["victim_noise"] = cfg.victim_noise
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 

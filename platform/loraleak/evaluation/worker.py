@@ -42,9 +42,10 @@ from .image_cache import ImageCache, attack_code, condition_key, file_sha256, ge
 from .metrics import score_images
 
 
-def victim_seed(seed: int, lora_id: str) -> int:
-    """The seed of every condition of one victim: fixed by (seed, lora_id), different across victims."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{lora_id}".encode()).digest()[:4], "big")
+def victim_seed(seed: int, source: str) -> int:
+    """The seed of every condition of one victim: fixed by (seed, source), different across victims. `source`
+    is the victim's lora_id, or its identity_id (EvaluationConfig.victim_noise)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{source}".encode()).digest()[:4], "big")
 
 
 def wrong_trigger(seed: int, true_trigger: str) -> str:
@@ -221,11 +222,12 @@ class EvaluationWorker:
             self.pipe = self._load_pipeline(self.pipe.device)
 
 
-def victim_record(row: Mapping[str, Any], seed: int) -> dict[str, Any]:
-    """A manifest row (a final snapshot) as the plain mapping a worker evaluates."""
+def victim_record(row: Mapping[str, Any], seed: int, noise: str = "lora") -> dict[str, Any]:
+    """A manifest row (a final snapshot) as the plain mapping a worker evaluates; its seed drawn from its
+    lora_id (noise "lora") or its identity ("identity")."""
     finetune = json.loads(row["finetune_config"] or "{}")
     return {"lora_id": row["lora_id"], "identity_id": row["identity_id"], "lora_path": row["lora_path"],
             "step": row["snapshot_step"], "steps": row["steps"], "rank": row["rank"],
             "instance_prompt": row["instance_prompt"], "class_prompt": row["class_prompt"],
             "trigger": row["trigger"], "instance_template": finetune.get("instance_prompt", "A face of {trigger}."),
-            "image_hashes": list(row["image_hashes"]), "seed": victim_seed(seed, row["lora_id"])}
+            "image_hashes": list(row["image_hashes"]), "seed": victim_seed(seed, row["identity_id" if noise == "identity" else "lora_id"])}

@@ -50,7 +50,7 @@ _PRETRAIN_DEFAULTS = {f.name: (f.default if f.default is not MISSING else f.defa
                       for f in dataclasses.fields(PretrainConfig) if f.init and f.name != "out_dir"}
 ADDED_SETTINGS = {
     "attack": {"train_identities": None},
-    "evaluation": {"mixed_precision": "no"},
+    "evaluation": {"mixed_precision": "no", "victim_noise": "lora"},
     "identities": {"train_min_images": None},
     "pretrain": {k: _PRETRAIN_DEFAULTS[k] for k in ("images_per_identity", "captions", "named_prompt",
                                                      "named_fraction", "train_text_encoder", "text_encoder_lr",

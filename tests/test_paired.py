@@ -8,6 +8,7 @@ the end-to-end path (a real sweep's trials, found through MLflow) is in test_swe
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -115,9 +116,12 @@ def test_the_file_names_are_those_the_stages_write():
     from loraleak.evaluation import paired
     from loraleak.evaluation.evaluate import SUMMARY_FILE
     from loraleak.pipeline.run import RESULT_FILE
+    from loraleak.sweeps.results import FINISHED, record_path
     from loraleak.sweeps.run import SWEEP_FILE
 
     assert (paired.SUMMARY_FILE, paired.STUDY_FILE, paired.SWEEP_FILE) == (SUMMARY_FILE, RESULT_FILE, SWEEP_FILE)
+    assert paired.TRIAL_RECORD.format(trial_id="t1") == str(record_path(Path(""), "t1"))
+    assert paired.FINISHED == FINISHED
 
 
 def test_a_sweep_folder_names_each_finished_trial_and_cannot_be_the_reference(tmp_path, capsys):

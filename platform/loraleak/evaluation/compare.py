@@ -24,6 +24,7 @@ import pandas as pd
 
 from ..errors import LoraleakError
 from ..tracking import check_reachable
+from .paired import evaluations_in
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,6 @@ def evaluation_folders(refs: Sequence[str], tracking_uri: str) -> list[tuple[str
     """(name, evaluation folder) of each ref: a folder (an evaluation, a study's or a sweep's out folder:
     `paired.evaluations_in`), else the evaluation a study's (or each of a sweep's trials') pipeline run
     reports. The store is opened only when a ref is not a folder."""
-    from .paired import evaluations_in
-
     out: list[tuple[str, Path]] = []
     client = None
     for ref in refs:

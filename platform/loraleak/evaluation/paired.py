@@ -32,18 +32,19 @@ from ..errors import LoraleakError
 from .config import CONTROLS
 from .metrics import Estimate
 
-# Not imported from the modules that write them: those pull in Ray and the scorers. tests/test_paired.py checks.
+# Not imported from the modules that write them: those pull in Ray and the scorers, and the pipeline and the
+# sweeps sit above the evaluation (ARCHITECTURE.md). tests/test_paired.py checks they are the same.
 SUMMARY_FILE = "evaluation.json"  # loraleak.evaluation.evaluate.SUMMARY_FILE
 STUDY_FILE = "pipeline.json"  # loraleak.pipeline.run.RESULT_FILE
 SWEEP_FILE = "sweep.json"  # loraleak.sweeps.run.SWEEP_FILE
+TRIAL_RECORD = "trials/{trial_id}/result.json"  # loraleak.sweeps.results.record_path
+FINISHED = "finished"  # loraleak.sweeps.results.FINISHED
 MEASURES = ("leak", "strength", "binding", "rec", "org")
 SAME = 1e-6  # per-victim differences smaller than this are no change (float rounding)
 
 
 def evaluations_in(folder: str | Path) -> list[tuple[str, Path]]:
     """(name, evaluation folder) of each evaluation `folder` is or reports, in the sweep's trial order."""
-    from ..sweeps.results import RECORD_FILE, is_finished, read_record, record_path
-
     folder = Path(folder)
     if (folder / SUMMARY_FILE).is_file():
         return [(folder.name, folder)]
@@ -51,15 +52,26 @@ def evaluations_in(folder: str | Path) -> list[tuple[str, Path]]:
         return [(folder.name, Path(_read_json(folder / STUDY_FILE)["stage_dirs"]["evaluation"]))]
     if (folder / SWEEP_FILE).is_file():
         trials = _read_json(folder / SWEEP_FILE)["trials"]
-        records = [read_record(record_path(folder, t["trial_id"])) for t in trials]
-        found = [(r["label"], Path(r["stage_dirs"]["evaluation"])) for r in records if is_finished(r)]
+        records = [_trial_record(folder / TRIAL_RECORD.format(trial_id=t["trial_id"])) for t in trials]
+        found = [r for r in records if r is not None]
         if not found:
             raise LoraleakError(f"sweep {folder} has no finished trial")
         return found
-    record = read_record(folder / RECORD_FILE)
-    if is_finished(record):
-        return [(record["label"], Path(record["stage_dirs"]["evaluation"]))]
+    record = _trial_record(folder / Path(TRIAL_RECORD).name)
+    if record is not None:
+        return [record]
     raise LoraleakError(f"{folder} is not an evaluation, a study, a sweep or a finished sweep trial folder")
+
+
+def _trial_record(path: Path) -> tuple[str, Path] | None:
+    """(label, evaluation folder) of a finished trial's record; None for a missing, unfinished or damaged one."""
+    try:
+        record = json.loads(path.read_text())
+        if record["status"] == FINISHED:
+            return str(record["label"]), Path(record["stage_dirs"]["evaluation"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
 
 
 def _read_json(path: Path) -> dict:

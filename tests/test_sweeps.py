@@ -157,6 +157,19 @@ def test_the_lfw_defenses_sweep_starts_from_the_lfw_study_and_derives_every_defe
     assert len({stage_folders(t.config)["zoo"] for t in trials}) == 5
 
 
+def test_the_lfw_common_noise_sweep_reevaluates_the_lfw_defense_trials_only(lfw_root):
+    """Common random numbers for the LFW defenses: the same zoos, attacks and baselines as defenses_lfw.yaml's none
+    and rank-1 trials (nothing retrained), another evaluation (each victim's noise from its identity)."""
+    common = expand_trials(load_sweep_config(REPO / "tune_configs" / "defenses_lfw_common_noise.yaml"), "sqlite:///u.db")
+    defenses = expand_trials(load_sweep_config(REPO / "tune_configs" / "defenses_lfw.yaml"), "sqlite:///u.db")
+    assert {t.config.evaluation.victim_noise for t in common} == {"identity"}
+    for trial, twin in zip(common, (defenses[0], defenses[-1])):
+        assert trial.config.zoo.defense == twin.config.zoo.defense
+        ours, theirs = stage_folders(trial.config), stage_folders(twin.config)
+        assert {k: ours[k] for k in ("zoo", "attack", "baselines")} == {k: theirs[k] for k in ("zoo", "attack", "baselines")}
+        assert ours["evaluation"] != theirs["evaluation"]
+
+
 def test_the_lfw_rank_sweep_reuses_the_study_as_rank_16_and_trains_a_zoo_per_other_rank(lfw_root):
     cfg = load_sweep_config(REPO / "tune_configs" / "rank_lfw.yaml")
     trials = expand_trials(cfg, "sqlite:///unused.db")

@@ -168,6 +168,13 @@ def test_the_lfw_common_noise_sweep_reevaluates_the_lfw_defense_trials_only(lfw_
         ours, theirs = stage_folders(trial.config), stage_folders(twin.config)
         assert {k: ours[k] for k in ("zoo", "attack", "baselines")} == {k: theirs[k] for k in ("zoo", "attack", "baselines")}
         assert ours["evaluation"] != theirs["evaluation"]
+    # The rank comparison with common noise: rank_lfw.yaml's stages, and rank 16's evaluation is the none trial's.
+    ranks = expand_trials(load_sweep_config(REPO / "tune_configs" / "rank_lfw_common_noise.yaml"), "sqlite:///u.db")
+    for trial, twin in zip(ranks, expand_trials(load_sweep_config(REPO / "tune_configs" / "rank_lfw.yaml"), "u")):
+        ours, theirs = stage_folders(trial.config), stage_folders(twin.config)
+        assert ours["zoo"] == theirs["zoo"] and ours["attack"] == theirs["attack"]
+        assert ours["evaluation"] != theirs["evaluation"]
+    assert stage_folders(ranks[1].config)["evaluation"] == stage_folders(common[0].config)["evaluation"]
 
 
 def test_the_lfw_rank_sweep_reuses_the_study_as_rank_16_and_trains_a_zoo_per_other_rank(lfw_root):

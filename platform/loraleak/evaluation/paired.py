@@ -31,6 +31,7 @@ import numpy as np
 from ..errors import LoraleakError
 from .config import CONTROLS
 from .metrics import Estimate
+from .regime import mean_with_interval
 
 # Not imported from the modules that write them: those pull in Ray and the scorers, and the pipeline and the
 # sweeps sit above the evaluation (ARCHITECTURE.md). tests/test_paired.py checks they are the same.
@@ -144,15 +145,9 @@ def paired_differences(a: VictimFigures, reference: VictimFigures, measures: Seq
         x, y = a.per_victim(measure), reference.per_victim(measure)
         victims = sorted(set(x) & set(y))
         d = np.array([x[v] - y[v] for v in victims], dtype=np.float64)
-        if not d.size:
-            out.append(PairedDifference(measure, Estimate(None, None, None), 0, 0))
-            continue
-        boot = d[np.random.default_rng(seed).integers(0, d.size, size=(n_boot, d.size))].mean(axis=1)
-        low, high = np.percentile(boot, [2.5, 97.5])
         # "Lower" by more than float rounding: images read back from the image cache score the same victim
         # with differences of 1e-9, which are not a change.
-        out.append(PairedDifference(measure, Estimate(float(d.mean()), float(low), float(high)), d.size,
-                                    int((d < -SAME).sum())))
+        out.append(PairedDifference(measure, mean_with_interval(d, n_boot, seed), d.size, int((d < -SAME).sum())))
     return out
 
 
@@ -161,7 +156,7 @@ def format_paired(rows: Sequence[tuple[str, Sequence[PairedDifference]]], refere
     if not rows:
         return "(no runs)"
     measures = [p.measure for p in rows[0][1]]
-    cells = [[name] + [_cell(p) for p in paired] for name, paired in rows]
+    cells = [[name] + [difference_text(p) for p in paired] for name, paired in rows]
     header = [f"A − {reference}"] + list(measures)
     widths = [max(len(r[i]) for r in [header, *cells]) for i in range(len(header))]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
@@ -172,7 +167,7 @@ def format_paired(rows: Sequence[tuple[str, Sequence[PairedDifference]]], refere
     return "\n".join(lines)
 
 
-def _cell(p: PairedDifference) -> str:
+def difference_text(p: PairedDifference) -> str:
     e = p.difference
     if e.value is None:
         return "-"

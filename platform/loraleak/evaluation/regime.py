@@ -101,7 +101,7 @@ def _similarities(m: ConditionMetrics) -> np.ndarray:
     return np.array([np.nan if v.similarity is None else v.similarity for v in m.victims], dtype=np.float64)
 
 
-def _mean_with_interval(values: np.ndarray, n_boot: int, seed: int) -> Estimate:
+def mean_with_interval(values: np.ndarray, n_boot: int, seed: int) -> Estimate:
     """Mean over victims of per-victim values (NaN left out), with a bootstrap 95% interval over victims."""
     values = values[~np.isnan(values)]
     if not values.size:
@@ -131,7 +131,7 @@ def study_regime(metrics: Mapping[str, ConditionMetrics], n_boot: int = 1000, se
             binding[i] = org_sim[i] - control_sims[j, i]
         victims.append(VictimRegime(victim_id, None if np.isnan(strength[i]) else float(strength[i]),
                                     None if np.isnan(binding[i]) else float(binding[i]), best))
-    over_base = {c: _mean_with_interval(_similarities(metrics[c]) - base_sim, n_boot, seed) for c in controls}
+    over_base = {c: mean_with_interval(_similarities(metrics[c]) - base_sim, n_boot, seed) for c in controls}
     verified, top1 = org.verified.value, org.top1_victim.value
     if verified is None or top1 is None or verified < STRONG_VERIFIED or top1 < STRONG_TOP1_VICTIM:
         regime = WEAK
@@ -139,5 +139,5 @@ def study_regime(metrics: Mapping[str, ConditionMetrics], n_boot: int = 1000, se
         regime = UNBOUND
     else:
         regime = STRONG_BOUND
-    return StudyRegime(regime, MEANING[regime], verified, top1, _mean_with_interval(strength, n_boot, seed),
-                       _mean_with_interval(binding, n_boot, seed), over_base, tuple(victims))
+    return StudyRegime(regime, MEANING[regime], verified, top1, mean_with_interval(strength, n_boot, seed),
+                       mean_with_interval(binding, n_boot, seed), over_base, tuple(victims))

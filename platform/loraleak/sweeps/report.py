@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..errors import LoraleakError
-from ..evaluation.paired import MEASURES, PairedDifference, VictimFigures, format_paired, paired_differences
+from ..evaluation.paired import (MEASURES, PairedDifference, VictimFigures, difference_text, format_paired,
+                                 paired_differences)
 from .results import FINISHED, _figure, trial_order
 
 STRIPS_FILE = "strips_by_trial.png"
@@ -113,11 +114,8 @@ def _paired_html(paired: tuple[str, list] | None) -> str:
     if paired is None or not paired[1]:
         return ""
     label, rows = paired
-    cell = lambda p: "-" if p.difference.value is None else (  # noqa: E731
-        f"{p.difference.value:+.3f} [{p.difference.low:+.3f}, {p.difference.high:+.3f}] "
-        f"<small>{p.n_lower}/{p.n_victims} lower</small>")
     head = "".join(f"<th>{m}</th>" for m in MEASURES)
-    body = "".join(f"<tr><td>{html.escape(name)}</td>{''.join(f'<td>{cell(p)}</td>' for p in diffs)}</tr>"
+    body = "".join(f"<tr><td>{html.escape(name)}</td>{''.join(f'<td>{html.escape(difference_text(p))}</td>' for p in diffs)}</tr>"
                    for name, diffs in rows)
     return (f"<h2>paired per victim with {html.escape(label)}</h2><p>Each trial's per-victim figure minus the "
             f"reference trial's, mean over the victims both scored [bootstrap 95% over victims], and how many went "
